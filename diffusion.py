@@ -1,0 +1,107 @@
+"""Gaussian diffusion for the DiT generator (App. C): 1000 steps, linear β, v-prediction, DDIM, guided by MDT's schedule.
+
+Notation as DDPM [18]: ᾱ_t = Π_{s≤t} (1 − β_s), x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε. The model predicts
+v = √ᾱ_t ε − √(1−ᾱ_t) x_0 (Salimans & Ho 2022, "Progressive distillation", §4). Timesteps are 0-indexed,
+t ∈ {0, …, T−1}, as in DiT's code; the paper's β_1 … β_1000 are betas[0] … betas[999].
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+def cfg_scale(t, w: float, T: int = 1000, scale_pow: float = 4.0, schedule: str = "power-cosine") -> torch.Tensor:
+    """Guidance scale at timestep(s) t (App. C: the guidance schedule of MDT [12]).
+
+    'power-cosine' (MDT's code, forward_with_cfg): w_t = 1 + (w − 1) · (1 − cos(π · (1 − t/T) ** scale_pow)) / 2,
+    which rises from ≈1 at t = T−1 (pure noise) to w at t = 0. 'constant': w_t = w. Returns float32, t's shape.
+    """
+    t = torch.as_tensor(t, dtype=torch.float32)
+    if schedule == "constant":
+        return torch.full_like(t, float(w))
+    if schedule != "power-cosine":
+        raise ValueError(f"unknown guidance schedule {schedule!r}: choose 'power-cosine' or 'constant'")
+    return 1 + (w - 1) * (1 - torch.cos(math.pi * (1 - t / T) ** scale_pow)) / 2
+
+
+class Diffusion:
+    """Discrete-time Gaussian diffusion with a v-prediction model (App. C)."""
+
+    def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        self.num_timesteps = num_timesteps
+        # App. C: linear schedule from β = 1e-4 to 0.02 over 1000 steps (DDPM [18] §4); float64 for the schedule
+        # math, cast to the data's dtype where used.
+        self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # ᾱ_t = Π_{s≤t} (1 − β_s), DDPM Eq. 4
+
+    def _coefs(self, t, x):
+        """(√ᾱ_t, √(1−ᾱ_t)) for timesteps t [B], shaped [B, 1, …] like x, in x's dtype and on x's device."""
+        a = self.alphas_cumprod[torch.as_tensor(t).cpu()]
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        return (a.sqrt().to(x.device, x.dtype).view(shape), (1 - a).sqrt().to(x.device, x.dtype).view(shape))
+
+    def q_sample(self, x0, t, noise):
+        """Noise x0 to step t: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (DDPM Eq. 4)."""
+        a, s = self._coefs(t, x0)
+        return a * x0 + s * noise
+
+    def v_target(self, x0, noise, t):
+        """v = √ᾱ_t ε − √(1−ᾱ_t) x0 (Salimans & Ho 2022, §4): the training target (App. C: v-prediction)."""
+        a, s = self._coefs(t, x0)
+        return a * noise - s * x0
+
+    def x0_from_v(self, x_t, v, t):
+        """x0 = √ᾱ_t x_t − √(1−ᾱ_t) v (inverts DDPM Eq. 4 and the v definition, using ᾱ + (1−ᾱ) = 1)."""
+        a, s = self._coefs(t, x_t)
+        return a * x_t - s * v
+
+    def eps_from_v(self, x_t, v, t):
+        """ε = √(1−ᾱ_t) x_t + √ᾱ_t v (same inversion, for the noise)."""
+        a, s = self._coefs(t, x_t)
+        return s * x_t + a * v
+
+    def training_loss(self, model, x0, model_kwargs=None, t=None, noise=None):
+        """MSE between model(x_t, t, **model_kwargs) and the v target, t uniform in {0, …, T−1} (App. C).
+
+        x0: [B, N, d] clean tokens. `t` ([B] long) and `noise` (like x0) are drawn when not given.
+        Returns the mean over all elements (a scalar).
+        """
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],))  # on the CPU: gathers need no device sync
+        if noise is None:
+            noise = torch.randn_like(x0)
+        x_t = self.q_sample(x0, t, noise)
+        v = model(x_t, t.to(x0.device), **(model_kwargs or {}))
+        return F.mse_loss(v.float(), self.v_target(x0, noise, t).float())
+
+    def sample_timesteps(self, steps: int) -> list[int]:
+        """The DDIM timesteps, descending: `steps` evenly spaced integers from T−1 down to 0, both included.
+
+        This is ADM's `space_timesteps(T, [steps])` respacing that DiT's sample.py uses (round(i · (T−1)/(steps−1)));
+        ADM's "ddimN" variant (stride T//N from 0) would never visit T−1. steps = T gives every timestep.
+        """
+        T = self.num_timesteps
+        if not 1 <= steps <= T:
+            raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
+        if steps == 1:
+            return [T - 1]
+        return [round(i * (T - 1) / (steps - 1)) for i in reversed(range(steps))]
+
+    @torch.no_grad()
+    def ddim_sample(self, model_fn, shape, steps: int = 250, device="cpu", generator=None, progress=False):
+        """Deterministic DDIM (η = 0) from x_{T−1} ~ N(0, I) to x0 (App. C: DDIM, 250 steps).
+
+        model_fn(x [B, …] float32, t [B] long) returns v; for guidance pass e.g.
+        `lambda x, t: model.forward_with_cfg(x, t, cfg_scale(t, w), y=y)`. `generator` must live on `device`.
+        Each step is DDIM Eq. 12 with σ_t = 0: x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev) ε̂, with ᾱ_prev = 1 after t = 0.
+        """
+        ts = self.sample_timesteps(steps)
+        x = torch.randn(shape, generator=generator, device=device)
+        for i, t in enumerate(tqdm(ts, disable=not progress, desc="DDIM")):
+            t_cpu = torch.full((shape[0],), t, dtype=torch.long)
+            v = model_fn(x, t_cpu.to(device)).float()
+            x0, eps = self.x0_from_v(x, v, t_cpu), self.eps_from_v(x, v, t_cpu)
+            a_prev = self.alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        return x

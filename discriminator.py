@@ -1,0 +1,163 @@
+"""StyleGAN discriminator and the GAN losses used to train TexTok (§3.2, §4.1, App. C).
+
+The paper follows MaskGIT / MAGVIT: a StyleGAN discriminator (~24M parameters at 256 px, §4.1),
+non-saturating GAN losses, LeCAM regularisation (Tseng et al., 2021) and an R1 gradient penalty.
+The layout reproduces MAGVIT's `videogvt/models/stylegan_discriminator_2d.py` with MaskGIT's
+blur-pool resampling (`maskgit/nets/discriminator.py`, `blur_resample=True`).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _leaky_relu(x):
+    return F.leaky_relu(x, negative_slope=0.2)
+
+
+class BlurPool2d(nn.Module):
+    """Depthwise [1,3,3,1] outer-product blur, then stride-2 subsampling (Zhang et al., 2019)."""
+
+    def __init__(self):
+        super().__init__()
+        taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        kernel = taps[:, None] * taps[None, :]
+        # A fixed filter, not a weight: rebuilt at construction, so kept out of checkpoints.
+        self.register_buffer("kernel", (kernel / kernel.sum())[None, None], persistent=False)
+
+    def forward(self, x):
+        channels = x.shape[1]
+        kernel = self.kernel.to(x.dtype).expand(channels, 1, 4, 4)
+        # padding 1 on each side is what JAX 'SAME' gives a 4-tap, stride-2 filter on even sizes.
+        return F.conv2d(x, kernel, stride=2, padding=1, groups=channels)
+
+
+class ResBlock(nn.Module):
+    """StyleGAN D residual block: 3x3 conv, blur-pool on both paths, 1x1 skip, sum / sqrt(2)."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.blur = BlurPool2d()
+
+    def forward(self, x):
+        residual = self.skip(self.blur(x))
+        x = self.blur(_leaky_relu(self.conv1(x)))
+        x = _leaky_relu(self.conv2(x))
+        return (residual + x) / math.sqrt(2)
+
+
+class StyleGANDiscriminator(nn.Module):
+    """StyleGAN discriminator: images [B, 3, H, W] in [-1, 1] -> logits [B].
+
+    One stride-2 ResBlock per channel multiplier, so the final feature map is
+    image_size / 2**len(channel_multipliers) on a side. Defaults are App. C at 256 px
+    (24,192,385 parameters, the paper's ~24M); at 512 px App. C uses multipliers
+    (0.5, 1, 2, 4, 4, 4, 4).
+    """
+
+    def __init__(self, image_size=256, base_channels=128, channel_multipliers=(1, 2, 4, 4, 4, 4)):
+        super().__init__()
+        num_blocks = len(channel_multipliers)
+        if num_blocks == 0 or image_size % 2**num_blocks:
+            raise ValueError(
+                f"StyleGANDiscriminator: image_size {image_size} must be divisible by "
+                f"2**len(channel_multipliers) = {2**num_blocks}"
+            )
+        self.image_size = image_size
+        self.conv_in = nn.Conv2d(3, base_channels, 3, padding=1)
+        blocks, channels = [], base_channels
+        for multiplier in channel_multipliers:
+            out_channels = int(base_channels * multiplier)
+            blocks.append(ResBlock(channels, out_channels))
+            channels = out_channels
+        self.blocks = nn.Sequential(*blocks)
+        self.conv_out = nn.Conv2d(channels, channels, 3, padding=1)
+        final_size = image_size // 2**num_blocks
+        self.fc = nn.Linear(channels * final_size**2, channels)
+        self.logit = nn.Linear(channels, 1)
+        # Reference init: xavier-uniform kernels (flax default_kernel_init), zero biases.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, images):
+        if images.ndim != 4 or images.shape[1:] != (3, self.image_size, self.image_size):
+            raise ValueError(
+                f"StyleGANDiscriminator expects images [B, 3, {self.image_size}, {self.image_size}], "
+                f"got {tuple(images.shape)}"
+            )
+        x = _leaky_relu(self.conv_in(images))
+        x = self.blocks(x)
+        x = _leaky_relu(self.conv_out(x))
+        x = _leaky_relu(self.fc(x.flatten(1)))
+        return self.logit(x).squeeze(1)
+
+
+def generator_loss(logits_fake):
+    """Non-saturating generator loss (App. C): mean(softplus(-D(fake))) = -mean(log sigmoid(D(fake))).
+
+    MaskGIT/MAGVIT `generator_loss(loss_type='non-saturating')`: sigmoid cross-entropy against label 1.
+    """
+    return F.softplus(-logits_fake.float()).mean()
+
+
+def discriminator_loss(logits_real, logits_fake):
+    """Non-saturating discriminator loss: mean(softplus(-D(real))) + mean(softplus(D(fake))).
+
+    MaskGIT/MAGVIT `discriminator_loss(loss_type='non-saturating')` (their configs' choice):
+    sigmoid cross-entropy with label 1 for real and 0 for fake, each averaged separately.
+    """
+    return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()
+
+
+class LeCAM(nn.Module):
+    """LeCAM regulariser (Tseng et al., 2021; weight 0.0001 in App. C) with EMAs of the mean logits.
+
+    The EMAs are buffers, so they are saved with the discriminator state. They start at 0 and
+    follow ema <- decay * ema + (1 - decay) * mean(logits), as in MAGVIT's trainer.
+    """
+
+    def __init__(self, decay=0.999):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, logits_real, logits_fake):
+        """Move the EMAs towards this step's mean real / fake logits."""
+        self.ema_real.lerp_(logits_real.detach().float().mean(), 1 - self.decay)
+        self.ema_fake.lerp_(logits_fake.detach().float().mean(), 1 - self.decay)
+
+    def penalty(self, logits_real, logits_fake):
+        """mean(relu(D(real) - ema_fake)^2) + mean(relu(ema_real - D(fake))^2), before the weight.
+
+        Applied per logit as in the LeCAM authors' code; MAGVIT's `lecam_reg` applies the same formula
+        to the batch-mean logits (pass `logits.mean()[None]` to reproduce that).
+        """
+        real_term = F.relu(logits_real.float() - self.ema_fake).pow(2).mean()
+        fake_term = F.relu(self.ema_real - logits_fake.float()).pow(2).mean()
+        return real_term + fake_term
+
+
+def r1_penalty(discriminator, real_images):
+    """R1 gradient penalty on real images: mean over the batch of ||grad_x D(x)||^2.
+
+    Returns (logits_real [B], penalty), so the real logits can feed the D loss without a second
+    forward pass. The graph is kept (create_graph=True), so the penalty trains D. App. C's
+    "r1 with cost 10" is applied by the caller as 10 * penalty: MaskGIT/MAGVIT
+    `r1_gradient_penalty` multiply the mean squared gradient norm by `penalty_cost` directly,
+    without StyleGAN's gamma / 2.
+    """
+    images = real_images.detach().requires_grad_(True)
+    logits = discriminator(images)
+    (grad,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
+    penalty = grad.float().pow(2).flatten(1).sum(1).mean()
+    return logits, penalty

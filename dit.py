@@ -1,0 +1,246 @@
+"""The DiT generator over 1D TexTok tokens (§3.2 "Generation stage", §4.1, App. C).
+
+Class-conditional generation uses the original DiT [32]: adaLN-Zero blocks, a sinusoidal timestep embedder, a label
+embedder with a null class for classifier-free guidance and a final adaLN layer. TexTok tokens Z [B, N, d] are 1D, so
+patch size 1 (App. C) is a linear projection of the d channels plus a fixed 1D sin-cos position embedding.
+
+DiT-T2I (§4.1, after PixArt-α [5]) adds a multi-head cross-attention layer after the self-attention of every block,
+attending to the frozen T5 embeddings [B, L, C] with their padding mask. Its conditioning vector c is the timestep
+embedding alone (as PixArt-α); the caption enters only through cross-attention, and a learned null text is the
+unconditional input for guidance.
+
+The model predicts v (App. C: v-prediction), with no learned variance.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, with per-sample [B, D] shift and scale broadcast over the tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
+    """Fixed 1D sin-cos position embedding [num_tokens, dim] (DiT/MAE form: sines then cosines)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = torch.arange(num_tokens, dtype=torch.float64)[:, None] * omega[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Timestep t -> 256 sinusoidal frequencies -> two-layer SiLU MLP -> [B, D] (DiT)."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+class Attention(nn.Module):
+    """Multi-head attention via scaled_dot_product_attention; cross-attention when `context` is given."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, mask=None):
+        """x: [B, N, D]; context: [B, L, D] or None (self-attention); mask: [B, L] bool, True = attend."""
+        B, N, D = x.shape
+        context = x if context is None else context
+        q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero DiT block; with `cross_attn` a cross-attention layer (own LayerNorm) follows self-attention (§4.1)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, cross_attn: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6) if cross_attn else None
+        self.cross_attn = Attention(hidden_size, num_heads) if cross_attn else None
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_hidden, hidden_size))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c, context=None, context_mask=None):
+        """x: [B, N, D]; c: [B, D]; context: [B, L, D] with mask [B, L] (DiT-T2I only)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """Final adaLN (shift, scale) then a linear map back to the d token channels (DiT)."""
+
+    def __init__(self, hidden_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """DiT over N TexTok tokens of d channels (patch size 1, App. C); class-conditional, or DiT-T2I if `text_dim`."""
+
+    def __init__(self, num_tokens: int, in_channels: int = 8, hidden_size: int = 1152, depth: int = 28,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, text_dim: int | None = None):
+        super().__init__()
+        if hidden_size % num_heads or hidden_size % 2:
+            raise ValueError(f"hidden_size {hidden_size} must be even and divisible by num_heads {num_heads}")
+        self.num_tokens, self.in_channels, self.text_dim = num_tokens, in_channels, text_dim
+        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
+        self.x_embedder = nn.Linear(in_channels, hidden_size)  # patch size 1: one token in, one token out
+        self.register_buffer("pos_embed", sincos_pos_embed(num_tokens, hidden_size)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if text_dim is None:
+            # Row `num_classes` is the null class used for classifier-free guidance (DiT).
+            self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)
+        else:
+            # PixArt-α [5]: a two-layer GELU MLP projects the text embeddings to the DiT width.
+            self.text_proj = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
+                                           nn.Linear(hidden_size, hidden_size))
+            self.null_text = nn.Parameter(torch.randn(1, text_dim) / text_dim ** 0.5)  # one-token null caption
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, cross_attn=text_dim is not None)
+                                     for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT initialisation: xavier linears, N(0, 0.02) embedders, adaLN-Zero (zero modulation and output)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        if self.text_dim is None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross_attn is not None:  # PixArt-α [5]: cross-attention output starts at zero too
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _drop_ids(self, batch: int, device, force_drop_ids):
+        """[B] bool: samples given the null condition (forced, or with prob. class_dropout_prob in training)."""
+        if force_drop_ids is not None:
+            return force_drop_ids.to(device).bool()
+        if self.training and self.class_dropout_prob > 0:
+            return torch.rand(batch, device=device) < self.class_dropout_prob
+        return None
+
+    def _condition(self, B, device, y, text, text_mask, force_drop_ids):
+        """The adaLN input's class part [B, D] (or 0 for T2I) and the cross-attention context and mask."""
+        drop = self._drop_ids(B, device, force_drop_ids)
+        if self.text_dim is None:
+            if y is None:
+                raise ValueError("class-conditional DiT needs labels y [B]")
+            if drop is not None:
+                y = torch.where(drop, self.num_classes, y)
+            return self.y_embedder(y), None, None
+        if text is None or text_mask is None:
+            raise ValueError("DiT-T2I needs text [B, L, C] and text_mask [B, L]")
+        if text.dim() != 3 or text.shape[-1] != self.text_dim or text_mask.shape != text.shape[:2]:
+            raise ValueError(f"text {tuple(text.shape)} / text_mask {tuple(text_mask.shape)}: "
+                             f"expected [B, L, {self.text_dim}] and [B, L]")
+        text_mask = text_mask.bool()
+        if drop is not None:
+            # The null text: a one-token caption `null_text`, padded to L with masked-out positions.
+            L = text.shape[1]
+            null = F.pad(self.null_text.to(text.dtype), (0, 0, 0, L - 1)).expand_as(text)
+            null_mask = torch.arange(L, device=device) == 0
+            text = torch.where(drop[:, None, None], null, text)
+            text_mask = torch.where(drop[:, None], null_mask, text_mask)
+        if not text_mask.any(dim=1).all():
+            raise ValueError("every text_mask row needs at least one valid (True) token")
+        return 0, self.text_proj(text), text_mask
+
+    def forward(self, x, t, y=None, text=None, text_mask=None, force_drop_ids=None):
+        """Predict v.
+
+        x: [B, N, d] noisy tokens; t: [B] timesteps in [0, 1000); y: [B] long labels (class-conditional);
+        text: [B, L, C] frozen text embeddings with text_mask [B, L] bool, True = valid (DiT-T2I);
+        force_drop_ids: [B] (1/True = use the null condition). Returns v: [B, N, d].
+        """
+        B, N, d = x.shape
+        if (N, d) != (self.num_tokens, self.in_channels):
+            raise ValueError(f"x {tuple(x.shape)}: expected [B, {self.num_tokens}, {self.in_channels}]")
+        h = self.x_embedder(x) + self.pos_embed
+        cond, context, context_mask = self._condition(B, x.device, y, text, text_mask, force_drop_ids)
+        c = self.t_embedder(t) + cond
+        for block in self.blocks:
+            h = block(h, c, context, context_mask)
+        return self.final_layer(h, c)
+
+    def forward_with_cfg(self, x, t, scale, y=None, text=None, text_mask=None):
+        """Classifier-free guidance (DiT §3.1): uncond + scale * (cond - uncond), both in one batched forward.
+
+        scale: a float or a [B] tensor (e.g. diffusion.cfg_scale(t, w)). Returns guided v: [B, N, d].
+        """
+        B = x.shape[0]
+        drop = torch.arange(2 * B, device=x.device) >= B  # first half conditional, second half null
+
+        def twice(a):
+            return None if a is None else torch.cat([a, a])
+
+        out = self.forward(twice(x), twice(t), twice(y), twice(text), twice(text_mask), force_drop_ids=drop)
+        cond, uncond = out.chunk(2)
+        if torch.is_tensor(scale):
+            scale = scale.to(out.dtype).view(-1, 1, 1)
+        return uncond + scale * (cond - uncond)
+
+
+# Sizes as in the DiT paper (Table 1): depth / hidden size / heads. DiT-T is not in the paper: a CPU-sized model
+# for the `tiny` preset.
+def DiT_T(**kwargs):
+    return DiT(depth=4, hidden_size=192, num_heads=3, **kwargs)
+
+
+def DiT_S(**kwargs):
+    return DiT(depth=12, hidden_size=384, num_heads=6, **kwargs)
+
+
+def DiT_B(**kwargs):
+    return DiT(depth=12, hidden_size=768, num_heads=12, **kwargs)
+
+
+def DiT_L(**kwargs):
+    return DiT(depth=24, hidden_size=1024, num_heads=16, **kwargs)
+
+
+def DiT_XL(**kwargs):
+    return DiT(depth=28, hidden_size=1152, num_heads=16, **kwargs)
+
+
+DiT_models = {"DiT-T": DiT_T, "DiT-S": DiT_S, "DiT-B": DiT_B, "DiT-L": DiT_L, "DiT-XL": DiT_XL}

@@ -1,0 +1,578 @@
+"""The ADM evaluation suite (FID, sFID, IS, precision, recall) plus PSNR, SSIM, LPIPS and reconstruction FID (§4.2).
+
+    python metrics.py REF.npz SAMPLE.npz                   # gFID, gIS, precision, recall: the ADM evaluator's report
+    python metrics.py --tokenizer CKPT [--data DIR]        # rFID, rIS, PSNR, SSIM, LPIPS of TexTok reconstructions
+
+The ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py) runs TensorFlow's 2015 Inception-v3 graph.
+Here the same network runs as the PyTorch port that pytorch-fid publishes (`pt_inception-2015-12-05-6726825d.pth`),
+with pytorch-fid's preprocessing (bilinear resize to 299, x / 127.5 - 1), so the features match pytorch-fid's; they
+are close to, not bit-identical with, the TF graph's (its legacy resize and its (x - 128) / 128 scaling differ).
+"""
+import argparse
+import os
+import sys
+import warnings
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
+INCEPTION_ENV = "TEXTOK_INCEPTION"  # path of the weights file, overridden by --inception
+SPATIAL_CHANNELS = 7  # sFID: the evaluator keeps mixed_6/conv[..., :7]
+STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (17 * 17 * SPATIAL_CHANNELS,),
+               "sigma_s": (17 * 17 * SPATIAL_CHANNELS,) * 2}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FID Inception-v3. Module names are those of the weights file (torchvision's Inception3 names); the TF graph names
+# its blocks mixed, mixed_1, ..., mixed_10, which are Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c here.
+
+class _ConvBN(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, as the TF graph) -> ReLU."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool(x):
+    """3x3 average pool, stride 1; TF's average excludes the zero padding."""
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+class _BlockA(nn.Module):
+    """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 (TF mixed .. mixed_2)."""
+
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = _ConvBN(cin, 64, 1)
+        self.branch5x5_1 = _ConvBN(cin, 48, 1)
+        self.branch5x5_2 = _ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = _ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = _ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = _ConvBN(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg_pool(x))], 1)
+
+
+class _BlockB(nn.Module):
+    """35 -> 17 reduction: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2 (TF mixed_3)."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = _ConvBN(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = _ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = _ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+
+class _BlockC(nn.Module):
+    """17x17 block with factorised 7x7 convolutions (TF mixed_4 .. mixed_7)."""
+
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = _ConvBN(cin, 192, 1)
+        self.branch7x7_1 = _ConvBN(cin, c7, 1)
+        self.branch7x7_2 = _ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = _ConvBN(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = _ConvBN(cin, c7, 1)
+        self.branch7x7dbl_2 = _ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = _ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = _ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = _ConvBN(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = _ConvBN(cin, 192, 1)
+
+    def branches(self, x):
+        """The four branch outputs; the first (1x1) is TF's `mixed_k/conv`."""
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d7 = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            d7 = conv(d7)
+        return [self.branch1x1(x), b7, d7, self.branch_pool(_avg_pool(x))]
+
+    def forward(self, x):
+        return torch.cat(self.branches(x), 1)
+
+
+class _BlockD(nn.Module):
+    """17 -> 8 reduction: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2 (TF mixed_8)."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = _ConvBN(cin, 192, 1)
+        self.branch3x3_2 = _ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = _ConvBN(cin, 192, 1)
+        self.branch7x7x3_2 = _ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = _ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = _ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
+
+
+class _BlockE(nn.Module):
+    """8x8 block with split 1x3 / 3x1 outputs (TF mixed_9, mixed_10)."""
+
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool  # the TF graph's mixed_10 pools with max where the paper says average
+        self.branch1x1 = _ConvBN(cin, 320, 1)
+        self.branch3x3_1 = _ConvBN(cin, 384, 1)
+        self.branch3x3_2a = _ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = _ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = _ConvBN(cin, 448, 1)
+        self.branch3x3dbl_2 = _ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = _ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = _ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = _ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pooled)], 1)
+
+
+class InceptionFeatures(nn.Module):
+    """The FID Inception-v3 (TF inception-2015-12-05, 1008 classes): uint8 images -> pool, spatial and logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = _ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = _ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = _ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = _ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = _ConvBN(80, 192, 3)
+        self.Mixed_5b = _BlockA(192, 32)
+        self.Mixed_5c = _BlockA(256, 64)
+        self.Mixed_5d = _BlockA(288, 64)
+        self.Mixed_6a = _BlockB(288)
+        self.Mixed_6b = _BlockC(768, 128)
+        self.Mixed_6c = _BlockC(768, 160)
+        self.Mixed_6d = _BlockC(768, 160)
+        self.Mixed_6e = _BlockC(768, 192)
+        self.Mixed_7a = _BlockD(768)
+        self.Mixed_7b = _BlockE(1280, max_pool=False)
+        self.Mixed_7c = _BlockE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+        # Real use loads the weights file; He init keeps random weights (tests, bench) at unit-scale activations.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+    def forward(self, images):
+        """uint8 [B, H, W, 3] -> (pool [B, 2048], spatial [B, 17*17*7], logits [B, 1008]), float32."""
+        x = images.permute(0, 3, 1, 2).float() / 255
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # pytorch-fid's resize
+        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(F.max_pool2d(x, 3, 2)))))))
+        # sFID: the evaluator reads TF `mixed_6/conv:0`. TF's mixed_6 is the 7th mixed block, Mixed_6d here, and its
+        # `conv` is the 1x1 branch (conv-bn-relu); keep 7 channels and flatten channels-last as the TF tensor [B,17,17,7].
+        branches = self.Mixed_6d.branches(x)
+        spatial = branches[0][:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(x), -1)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(torch.cat(branches, 1)))))
+        pool = x.mean((2, 3))  # TF pool_3
+        # The evaluator's softmax multiplies pool_3 by softmax/logits' weights only (no bias), as improved-gan's IS code.
+        logits = F.linear(pool, self.fc.weight)
+        return pool, spatial, logits
+
+
+def inception_path(path=None) -> str:
+    """The weights file: `path`, else $TEXTOK_INCEPTION, else torch.hub.get_dir()/checkpoints/ (pytorch-fid's cache,
+    moved by $TORCH_HOME)."""
+    return path or os.environ.get(INCEPTION_ENV) or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+
+
+def load_inception(path=None, device="cpu") -> InceptionFeatures:
+    """The FID Inception with the pt_inception weights from a local file (see inception_path); never downloads."""
+    path = inception_path(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FID Inception weights {INCEPTION_FILE} not found at {path}; download it from "
+                                f"{INCEPTION_URL} and pass --inception PATH, set ${INCEPTION_ENV}, or put it in "
+                                f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+    model = InceptionFeatures()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+
+
+@torch.inference_mode()
+def compute_features(model: InceptionFeatures, images, batch_size: int = 64, progress: bool = True,
+                     desc: str = "inception") -> dict:
+    """uint8 [N, H, W, 3] images (an array, or NpzImages streamed from disk), run in batches on the model's device
+    -> {"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]} float32 numpy arrays."""
+    device = next(model.parameters()).device
+    if isinstance(images, NpzImages):
+        batches = images.batches(batch_size)
+    else:
+        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    out = {"pool": [], "spatial": [], "logits": []}
+    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+        for batch in batches:
+            for key, value in zip(out, model(torch.as_tensor(batch).to(device, non_blocking=True))):
+                out[key].append(value.float().cpu().numpy())
+            bar.update(len(batch))
+    return {key: np.concatenate(values) for key, values in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FID / sFID, IS, precision and recall
+
+def feature_statistics(features, chunk: int = 4096):
+    """Mean and covariance (as np.cov, rowvar=False) of [N, D] features, accumulated in float64 in two passes."""
+    n = len(features)
+    if n < 2:
+        raise ValueError(f"feature statistics need at least 2 images, got {n}")
+    mu = np.zeros(features.shape[1])
+    for i in range(0, n, chunk):
+        mu += features[i:i + chunk].sum(0, dtype=np.float64)
+    mu /= n
+    sigma = np.zeros((len(mu), len(mu)))
+    for i in range(0, n, chunk):
+        centered = features[i:i + chunk].astype(np.float64) - mu
+        sigma += centered.T @ centered
+    return mu, sigma / (n - 1)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """FID (Heusel et al. 2017): |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
+
+    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of sqrt(S1) S2 sqrt(S1), which has the
+    eigenvalues of S1 S2 and is symmetric PSD, so the result stays real and stable when S1 S2 is singular (fewer
+    images than feature dimensions), where scipy.linalg.sqrtm(S1 @ S2) turns complex."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    w, v = scipy.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(scipy.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def inception_score(logits, split_size: int = 5000) -> float:
+    """IS (Salimans et al. 2016) as the ADM evaluator: exp(E_x KL(p(y|x) || p(y))) on consecutive splits of
+    `split_size` samples (one smaller split for fewer), averaged over the splits."""
+    log_p = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), 1)
+    scores = []
+    for part in log_p.split(split_size):
+        p = part.exp()
+        # KL per sample; xlogy keeps 0 log 0 = 0 for classes that no sample of the split uses.
+        kl = (p * part).sum(1) - torch.xlogy(p, p.mean(0)).sum(1)
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores))
+
+
+def _sq_dists(a, b):
+    """Pairwise squared Euclidean distances [len(a), len(b)]."""
+    return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(1)).clamp_min_(0)
+
+
+def _knn_radii(features, k, batch):
+    """Squared distance from each feature to its k-th nearest neighbour in its own set (itself is the 0-th)."""
+    return torch.cat([_sq_dists(features[i:i + batch], features).kthvalue(k + 1, 1).values
+                      for i in range(0, len(features), batch)])
+
+
+def precision_recall(real_features, fake_features, k: int = 3, batch: int = 10000):
+    """Improved precision and recall (Kynkäänniemi et al. 2019) with the ADM manifold estimator: a point lies on a
+    set's manifold when it is within the k-NN radius of one of its points. Returns (precision, recall): the share of
+    fake points on the real manifold and of real points on the fake manifold. Distances in float32 (the evaluator
+    tries float16 first)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float32, device=device)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float32, device=device)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} real and fake images, "
+                         f"got {len(real)} and {len(fake)}")
+    radii_real, radii_fake = _knn_radii(real, k, batch), _knn_radii(fake, k, batch)
+    real_in = torch.zeros(len(real), dtype=torch.bool, device=device)
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=device)
+    for i in range(0, len(real), batch):
+        for j in range(0, len(fake), batch):
+            d = _sq_dists(real[i:i + batch], fake[j:j + batch])
+            real_in[i:i + batch] |= (d <= radii_fake[j:j + batch]).any(1)
+            fake_in[j:j + batch] |= (d <= radii_real[i:i + batch, None]).any(0)
+    return fake_in.double().mean().item(), real_in.double().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PSNR, SSIM, LPIPS on uint8 [N, H, W, 3] batches
+
+def _image_pair(a, b):
+    """Two uint8 [N, H, W, 3] batches (numpy or torch) -> float64 NCHW tensors on a's device."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if a.dtype != torch.uint8 or b.dtype != torch.uint8 or a.shape != b.shape or a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"expected two uint8 [N, H, W, 3] batches of one shape, got {a.dtype} {tuple(a.shape)} "
+                         f"and {b.dtype} {tuple(b.shape)}")
+    return a.permute(0, 3, 1, 2).double(), b.permute(0, 3, 1, 2).to(a.device).double()
+
+
+def psnr(a, b) -> float:
+    """Mean over images of 10 log10(255^2 / MSE) (inf for identical images, as scikit-image)."""
+    x, y = _image_pair(a, b)
+    mse = (x - y).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(255.0 ** 2 / mse)).mean().item()
+
+
+def ssim(a, b, sigma: float = 1.5) -> float:
+    """Mean SSIM (Wang et al. 2004): 11x11 Gaussian window (sigma 1.5, truncated at 3.5 sigma), K1 = 0.01,
+    K2 = 0.03, population covariances, averaged over the valid region of each channel, channels and images
+    (= scikit-image's structural_similarity with gaussian_weights=True, use_sample_covariance=False)."""
+    x, y = _image_pair(a, b)
+    radius = int(3.5 * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64, device=x.device)
+    g = torch.exp(-0.5 * (t / sigma) ** 2)
+    g = g / g.sum()
+    if min(x.shape[-2:]) < len(g):
+        raise ValueError(f"SSIM needs images of at least {len(g)}x{len(g)} pixels, got {tuple(x.shape[-2:])}")
+
+    def blur(z):  # separable, 'valid' region only: the border skimage crops never enters the mean
+        z = F.conv2d(z, g.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+        return F.conv2d(z, g.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+
+    ux, uy = blur(x), blur(y)
+    vx, vy, vxy = blur(x * x) - ux * ux, blur(y * y) - uy * uy, blur(x * y) - ux * uy
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean((1, 2, 3)).mean().item()
+
+
+def load_lpips(net: str = "alex", device="cpu"):
+    """LPIPS (Zhang et al. 2018) from the `lpips` package. Its ImageNet backbone comes from torchvision's weights,
+    which must already be in torch.hub.get_dir()/checkpoints/ (this never downloads)."""
+    import lpips
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
+    url = {"alex": AlexNet_Weights.IMAGENET1K_V1.url, "vgg": VGG16_Weights.IMAGENET1K_V1.url}[net]
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LPIPS backbone weights {os.path.basename(url)} not found at {path}; "
+                                f"download them from {url} into that folder")
+    with warnings.catch_warnings():  # lpips calls torchvision with the deprecated `pretrained=True`
+        warnings.simplefilter("ignore")
+        model = lpips.LPIPS(net=net, verbose=False)
+    return model.eval().requires_grad_(False).to(device)
+
+
+@torch.inference_mode()
+def lpips_distance(a, b, model=None, batch_size: int = 32) -> float:
+    """Mean LPIPS distance over images of two uint8 [N, H, W, 3] batches (scaled to [-1, 1] as lpips expects)."""
+    model = model if model is not None else load_lpips()
+    device = next(model.parameters()).device
+    x, y = _image_pair(a, b)
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        xi, yi = (z[i:i + batch_size].to(device).float() / 127.5 - 1 for z in (x, y))
+        total += model(xi, yi).sum().item()
+    return total / len(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ADM reference / sample batches (.npz)
+
+class NpzError(ValueError):
+    """A reference or sample .npz that the ADM evaluator could not read."""
+
+
+@dataclass
+class NpzImages:
+    """The uint8 [N, H, W, 3] images (`arr_0`) of an ADM .npz, read in batches straight from the archive."""
+    path: str
+    shape: tuple
+    array: np.ndarray = None  # only for Fortran-ordered arrays, which cannot be streamed
+
+    def __len__(self):
+        return self.shape[0]
+
+    def batches(self, batch_size: int):
+        """Yields consecutive uint8 [<=batch_size, H, W, 3] arrays."""
+        if self.array is not None:
+            yield from (self.array[i:i + batch_size] for i in range(0, len(self), batch_size))
+            return
+        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
+            _npy_header(f, self.path)
+            for i in range(0, len(self), batch_size):
+                batch = np.empty((min(batch_size, len(self) - i), *self.shape[1:]), np.uint8)
+                view, got = memoryview(batch).cast("B"), 0
+                while got < len(view):
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise NpzError(f"{self.path}: arr_0 is truncated ({i + got // batch[0].nbytes} of "
+                                       f"{len(self)} images)")
+                    got += n
+                yield batch
+
+
+def _npy_header(f, path):
+    """(shape, fortran_order, dtype) of the .npy stream `f`."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(f)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(f)
+    except ValueError as e:
+        raise NpzError(f"{path}: arr_0 is not a valid .npy array ({e})") from None
+    raise NpzError(f"{path}: arr_0 uses .npy format version {version}; expected 1.0 or 2.0 (np.savez)")
+
+
+def read_npz_batch(path):
+    """Opens an ADM reference or sample batch: (NpzImages, stats), stats being {"mu", "sigma", "mu_s", "sigma_s"}
+    (float64) when the file holds them (the evaluator then uses them instead of recomputing), else None.
+    A file that is not what the evaluator reads raises NpzError naming the file and the problem."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise NpzError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise NpzError(f"{path}: not an .npz file (not a zip archive)")
+    with zipfile.ZipFile(path) as archive:
+        keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+        if "arr_0" not in keys:
+            raise NpzError(f"{path}: no 'arr_0' array (keys: {keys}); the ADM evaluator reads the images from arr_0, "
+                           "as written by np.savez(path, images)")
+        with archive.open("arr_0.npy") as f:
+            shape, fortran, dtype = _npy_header(f, path)
+    if dtype != np.uint8:
+        raise NpzError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images with values in [0, 255]")
+    if len(shape) != 4 or shape[3] != 3 or min(shape[1:3], default=0) < 1:
+        raise NpzError(f"{path}: arr_0 has shape {list(shape)}, expected [N, H, W, 3] (RGB, channels last)")
+    if shape[0] < 2:
+        raise NpzError(f"{path}: arr_0 holds {shape[0]} images; FID needs at least 2")
+    images = NpzImages(path, tuple(shape), np.ascontiguousarray(np.load(path)["arr_0"]) if fortran else None)
+    present = [k for k in STAT_SHAPES if k in keys]
+    if not present:
+        return images, None
+    if len(present) < len(STAT_SHAPES):
+        raise NpzError(f"{path}: has {present} but not {[k for k in STAT_SHAPES if k not in present]}; "
+                       "precomputed statistics need all of mu, sigma, mu_s, sigma_s")
+    with np.load(path) as arrays:
+        stats = {k: arrays[k] for k in STAT_SHAPES}
+    for k, want in STAT_SHAPES.items():
+        if stats[k].shape != want or stats[k].dtype.kind != "f":
+            raise NpzError(f"{path}: {k} has {stats[k].dtype} shape {list(stats[k].shape)}, expected floats of shape "
+                           f"{list(want)}")
+        if not np.isfinite(stats[k]).all():
+            raise NpzError(f"{path}: {k} holds non-finite values")
+    return images, {k: v.astype(np.float64) for k, v in stats.items()}
+
+
+def _fid_stats(features: dict) -> dict:
+    """The evaluator's statistics of pool (mu, sigma) and spatial (mu_s, sigma_s) features."""
+    (mu, sigma), (mu_s, sigma_s) = feature_statistics(features["pool"]), feature_statistics(features["spatial"])
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
+
+
+def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, device="cpu") -> dict:
+    """The ADM evaluator's report for two .npz batches: Inception Score, FID, sFID, Precision, Recall."""
+    ref, ref_stats = read_npz_batch(ref_path)
+    sample, sample_stats = read_npz_batch(sample_path)
+    model = load_inception(inception, device)
+    ref_features = compute_features(model, ref, batch_size, desc="reference batch")
+    sample_features = compute_features(model, sample, batch_size, desc="sample batch")
+    ref_stats = ref_stats or _fid_stats(ref_features)
+    sample_stats = sample_stats or _fid_stats(sample_features)
+    precision, recall = precision_recall(ref_features["pool"], sample_features["pool"])
+    return {"Inception Score": inception_score(sample_features["logits"]),
+            "FID": frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]),
+            "sFID": frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"],
+                                     ref_stats["mu_s"], ref_stats["sigma_s"]),
+            "Precision": precision, "Recall": recall}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reconstruction evaluation (§4.2: rFID, rIS, PSNR, SSIM, LPIPS on 50K ImageNet training images)
+
+@torch.inference_mode()
+def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_images: int = 50_000,
+                            batch_size: int = 64, inception=None, lpips_net: str = "alex", text_cache="cache",
+                            device="cpu") -> dict:
+    """Encodes and decodes `num_images` images of the dataset with a TexTok checkpoint; rFID compares the Inception
+    statistics of reconstructions and originals, rIS is the IS of the reconstructions."""
+    from common import to_uint8  # the model code is imported here so metrics.py imports without it
+    from data import WithText, make_datasets
+    from textok import TexTok
+
+    tok = TexTok.from_pretrained(tokenizer, map_location=device).eval()
+    cfg = tok.cfg
+    dataset = make_datasets(data, size=cfg.image_size, num_images=num_images)[0 if split == "train" else 1]
+    if cfg.conditioning == "text":
+        dataset = WithText(dataset, cfg.text_encoder, cfg.text_len, text_cache, device=device)
+    dataset = torch.utils.data.Subset(dataset, range(min(num_images, len(dataset))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1))
+    model, lpips_model = load_inception(inception, device), load_lpips(lpips_net, device)
+    real, rec, sums = [], [], {"PSNR": 0.0, "SSIM": 0.0, "LPIPS": 0.0}
+    for batch in tqdm(loader, desc="reconstruction", unit="batch"):
+        images = batch["image"].to(device)
+        cond = dict(text=batch["text"].to(device), text_mask=batch["text_mask"].to(device)) \
+            if cfg.conditioning == "text" else dict(labels=batch["label"].to(device))
+        x, x_hat = to_uint8(images), to_uint8(tok.decode(tok.encode(images, **cond), **cond))
+        real.append(compute_features(model, x, batch_size, progress=False))
+        rec.append(compute_features(model, x_hat, batch_size, progress=False))
+        sums["PSNR"] += psnr(x, x_hat) * len(x)
+        sums["SSIM"] += ssim(x, x_hat) * len(x)
+        sums["LPIPS"] += lpips_distance(x, x_hat, lpips_model, batch_size) * len(x)
+    real = {k: np.concatenate([f[k] for f in real]) for k in real[0]}
+    rec = {k: np.concatenate([f[k] for f in rec]) for k in rec[0]}
+    (mu_r, s_r), (mu_x, s_x) = feature_statistics(rec["pool"]), feature_statistics(real["pool"])
+    n = len(dataset)
+    return {"rFID": frechet_distance(mu_r, s_r, mu_x, s_x), "rIS": inception_score(rec["logits"]),
+            **{k: v / n for k, v in sums.items()}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="ADM evaluation suite (FID, sFID, IS, precision, recall) and "
+                                                 "TexTok reconstruction metrics (rFID, rIS, PSNR, SSIM, LPIPS)")
+    parser.add_argument("ref_batch", nargs="?", help="reference batch .npz (ADM format: arr_0 uint8 [N, H, W, 3])")
+    parser.add_argument("sample_batch", nargs="?", help="sample batch .npz (ADM format)")
+    parser.add_argument("--tokenizer", help="TexTok checkpoint directory: evaluate its reconstructions instead")
+    parser.add_argument("--data", help="JSONL image folder for --tokenizer (default: the embedded dataset)")
+    parser.add_argument("--split", default="train", choices=["train", "val"], help="§4.2 uses training images")
+    parser.add_argument("--num-images", type=int, default=50_000, help="§4.2: 50K images")
+    parser.add_argument("--text-cache", default="cache", help="text-embedding cache folder for --tokenizer")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--inception", help=f"{INCEPTION_FILE} path (default: ${INCEPTION_ENV}, else the torch "
+                                            "hub cache)")
+    parser.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if not args.tokenizer and not (args.ref_batch and args.sample_batch):
+        parser.error("give REF.npz SAMPLE.npz, or --tokenizer CKPT")
+    try:
+        if args.tokenizer:
+            report = evaluate_reconstruction(args.tokenizer, args.data, args.split, args.num_images, args.batch_size,
+                                             args.inception, args.lpips_net, args.text_cache, args.device)
+        else:
+            report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device)
+    except (NpzError, FileNotFoundError) as e:
+        sys.exit(f"metrics.py: error: {e}")
+    for name, value in report.items():
+        print(f"{name}: {value}")
+
+
+if __name__ == "__main__":
+    main()

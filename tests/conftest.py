@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny configs and a cached batch of embedded images with real MiniLM text embeddings."""
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from config import OFFLINE_TEXT_ENCODER, TexTokConfig
+from data import ShapesDataset, WithText
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides) -> TexTokConfig:
+    """A TexTok small enough for CPU tests (32 px, patch 4, width 64, 1+1 layers)."""
+    base = dict(image_size=32, patch_size=4, width=64, enc_layers=1, dec_layers=1, heads=4, mlp_dim=128,
+                num_tokens=8, text_encoder=OFFLINE_TEXT_ENCODER, text_dim=384, text_len=32, num_classes=8)
+    return TexTokConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def text_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("text_cache")
+
+
+@pytest.fixture(scope="session")
+def batch(text_cache):
+    """8 embedded 32 px images with their captions' real all-MiniLM-L6-v2 embeddings (32 tokens)."""
+    ds = WithText(ShapesDataset("train", 32, 8), OFFLINE_TEXT_ENCODER, 32, text_cache)
+    return default_collate([ds[i] for i in range(8)])

@@ -1,0 +1,82 @@
+"""TexTok: tokenizer E + optional VQ (App. A) + detokenizer D, with the public API
+`encode(images, text) -> Z`, `decode(Z, text) -> images`, `save_pretrained(dir)` / `from_pretrained(dir)`.
+
+Images are float tensors in [-1, 1], NCHW. `text` is the frozen encoder's embeddings [B, N_t, C] with their padding
+mask [B, N_t] (True = real token), computed once per caption (text_encoder.py); class conditioning takes `labels`.
+"""
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common import load_json, load_tensors, save_json, save_tensors
+from config import TexTokConfig, config_diff, from_dict, to_dict
+from detokenizer import Detokenizer
+from tokenizer import Tokenizer, VectorQuantizer
+
+
+class TexTok(nn.Module):
+    """Text-conditioned image tokenizer (§3.2, Fig. 2)."""
+
+    def __init__(self, cfg: TexTokConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = Tokenizer(cfg)
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.token_dim, cfg.commitment) if cfg.vq else None
+        self.detokenizer = Detokenizer(cfg)
+
+    def quantize(self, Z: torch.Tensor):
+        """(Z_q, indices, vq_loss) for the VQ variant; (Z, None, 0) for continuous tokens."""
+        if self.quantizer is None:
+            return Z, None, Z.new_zeros(())
+        return self.quantizer(Z)
+
+    def encode(self, images, text=None, text_mask=None, labels=None) -> torch.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> image tokens Z [B, N, d] (quantized for the VQ variant)."""
+        return self.quantize(self.tokenizer(images, text, text_mask, labels))[0]
+
+    def decode(self, Z, text=None, text_mask=None, labels=None) -> torch.Tensor:
+        """Z [B, N, d] -> images [B, 3, H, W], guided by the same text (or labels) as the tokenizer."""
+        return self.detokenizer(Z, text, text_mask, labels)
+
+    def forward(self, images, text=None, text_mask=None, labels=None):
+        """Reconstruction for training: returns (images_hat, Z, vq_loss)."""
+        Z, _, vq_loss = self.quantize(self.tokenizer(images, text, text_mask, labels))
+        return self.decode(Z, text, text_mask, labels), Z, vq_loss
+
+    def save_pretrained(self, directory) -> None:
+        """Writes `config.json` and `model.safetensors` to `directory` (atomically)."""
+        directory = Path(directory)
+        save_tensors(self.state_dict(), directory / "model.safetensors")
+        save_json(to_dict(self.cfg), directory / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, directory, text_encoder: str | None = None, map_location="cpu") -> "TexTok":
+        """Loads a `save_pretrained` directory. With `text_encoder`, refuses weights trained with another encoder."""
+        directory = Path(directory)
+        cfg = from_dict(TexTokConfig, load_json(directory / "config.json"))
+        if text_encoder is not None and cfg.conditioning == "text" and cfg.text_encoder != text_encoder:
+            raise ValueError(f"{directory}: this TexTok was trained with text encoder {cfg.text_encoder!r}, "
+                             f"not {text_encoder!r}; text embeddings of another encoder do not fit it")
+        model = cls(cfg)
+        load_state(model, load_tensors(directory / "model.safetensors"), directory / "model.safetensors")
+        return model.to(map_location)
+
+
+def load_state(module: nn.Module, state: dict, path) -> None:
+    """Loads `state` into `module` strictly; a mismatch is an error naming the file and the differing tensors."""
+    own = module.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not fit this model ({len(problems)} problems: "
+                         + "; ".join(problems[:6]) + ")")
+    module.load_state_dict(state)
+
+
+def check_config(saved: dict, wanted: dict, path) -> None:
+    """Refuses a checkpoint whose saved config differs from the requested one, naming the differing fields."""
+    diff = config_diff(saved, wanted)
+    if diff:
+        raise ValueError(f"{path}: checkpoint config differs from the requested one: " + "; ".join(diff))
