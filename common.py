@@ -10,6 +10,8 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from config import config_diff
+
 
 def atomic_write(path, write) -> Path:
     """Calls write(tmp_path) on a temporary file beside `path`, then renames it to `path`: never a half file."""
@@ -73,3 +75,22 @@ def save_image_grid(images: torch.Tensor, path, ncol: int, pad: int = 2) -> Path
         r, c = divmod(i, ncol)
         grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = img
     return atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+
+
+def load_state(module: torch.nn.Module, state: dict, path) -> None:
+    """Loads `state` into `module` strictly; a mismatch is an error naming the file and the differing tensors."""
+    own = module.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not fit this model ({len(problems)} problems: "
+                         + "; ".join(problems[:6]) + ")")
+    module.load_state_dict(state)
+
+
+def check_config(saved: dict, wanted: dict, path) -> None:
+    """Refuses a checkpoint whose saved config differs from the requested one, naming the differing fields."""
+    diff = config_diff(saved, wanted)
+    if diff:
+        raise ValueError(f"{path}: checkpoint config differs from the requested one: " + "; ".join(diff))

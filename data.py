@@ -235,6 +235,14 @@ class WithText(Dataset):
         self.emb, self.mask = cached_text_embeddings(encoder, text_len, dataset.captions, cache_dir, device=device,
                                                      progress=True)
 
+    @property
+    def captions(self):
+        return self.dataset.captions
+
+    @property
+    def labels(self):
+        return self.dataset.labels
+
     def __len__(self):
         return len(self.dataset)
 

@@ -1,8 +1,9 @@
-"""Gaussian diffusion for the DiT generator (App. C): 1000 steps, linear β, v-prediction, DDIM, guided by MDT's schedule.
+"""Gaussian diffusion for the DiT generator (App. C): 1000 steps, linear β, v-prediction, DDIM, MDT's CFG schedule.
 
-Notation as DDPM [18]: ᾱ_t = Π_{s≤t} (1 − β_s), x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε. The model predicts
-v = √ᾱ_t ε − √(1−ᾱ_t) x_0 (Salimans & Ho 2022, "Progressive distillation", §4). Timesteps are 0-indexed,
-t ∈ {0, …, T−1}, as in DiT's code; the paper's β_1 … β_1000 are betas[0] … betas[999].
+Notation as DDPM (Ho et al. 2020) and DDIM (Song et al. 2021), neither in the paper's references:
+ᾱ_t = Π_{s≤t} (1 − β_s), x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε. The model predicts v = √ᾱ_t ε − √(1−ᾱ_t) x_0
+(Salimans & Ho 2022, "Progressive distillation", §4). Timesteps are 0-indexed, t ∈ {0, …, T−1}, as in DiT's code;
+the paper's β_1 … β_1000 are betas[0] … betas[999].
 """
 import math
 
@@ -30,7 +31,7 @@ class Diffusion:
 
     def __init__(self, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
         self.num_timesteps = num_timesteps
-        # App. C: linear schedule from β = 1e-4 to 0.02 over 1000 steps (DDPM [18] §4); float64 for the schedule
+        # App. C: linear schedule from β = 1e-4 to 0.02 over 1000 steps (DDPM §4); float64 for the schedule
         # math, cast to the data's dtype where used.
         self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # ᾱ_t = Π_{s≤t} (1 − β_s), DDPM Eq. 4

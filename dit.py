@@ -12,10 +12,15 @@ unconditional input for guidance.
 The model predicts v (App. C: v-prediction), with no learned variance.
 """
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from block import Attention
+from config import to_dict
+from common import check_config, load_json, load_state, load_tensors, save_json, save_tensors
 
 
 def modulate(x, shift, scale):
@@ -43,27 +48,6 @@ class TimestepEmbedder(nn.Module):
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
-
-
-class Attention(nn.Module):
-    """Multi-head attention via scaled_dot_product_attention; cross-attention when `context` is given."""
-
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, context=None, mask=None):
-        """x: [B, N, D]; context: [B, L, D] or None (self-attention); mask: [B, L] bool, True = attend."""
-        B, N, D = x.shape
-        context = x if context is None else context
-        q = self.q(x).view(B, N, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attn_mask = None if mask is None else mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
 class DiTBlock(nn.Module):
@@ -244,3 +228,32 @@ def DiT_XL(**kwargs):
 
 
 DiT_models = {"DiT-T": DiT_T, "DiT-S": DiT_S, "DiT-B": DiT_B, "DiT-L": DiT_L, "DiT-XL": DiT_XL}
+
+
+def build_dit(name: str, class_dropout: float, tok_cfg, task: str, num_classes: int) -> DiT:
+    """The stage-2 generator over a TexTok's tokens: DiT (task "class") or DiT-T2I (task "t2i"), patch size 1."""
+    return DiT_models[name](num_tokens=tok_cfg.num_tokens, in_channels=tok_cfg.token_dim,
+                            class_dropout_prob=class_dropout, num_classes=num_classes,
+                            text_dim=tok_cfg.text_dim if task == "t2i" else None)
+
+
+def save_dit(model: DiT, directory, meta: dict, latent_mean, latent_std) -> None:
+    """Writes `config.json` (meta) + `model.safetensors` (weights and the latent normalisation statistics)."""
+    directory = Path(directory)
+    save_tensors({**model.state_dict(), "latent_mean": latent_mean, "latent_std": latent_std},
+                 directory / "model.safetensors")
+    save_json(meta, directory / "config.json")
+
+
+def load_dit(directory, tok_cfg, map_location="cpu"):
+    """(DiT in eval mode, meta, latent_mean, latent_std) from a `save_dit` folder; refuses a DiT trained over
+    another tokenizer config."""
+    directory = Path(directory)
+    meta = load_json(directory / "config.json")
+    check_config(meta["tokenizer_config"], to_dict(tok_cfg), directory / "config.json")
+    state = load_tensors(directory / "model.safetensors")
+    mean, std = state.pop("latent_mean"), state.pop("latent_std")
+    model = build_dit(meta["train"]["model"], meta["train"]["class_dropout"], tok_cfg, meta["task"],
+                      meta["num_classes"])
+    load_state(model, state, directory / "model.safetensors")
+    return model.to(map_location).eval(), meta, mean.to(map_location), std.to(map_location)

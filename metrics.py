@@ -35,7 +35,8 @@ STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (17 * 17 * SPATIAL_
 # its blocks mixed, mixed_1, ..., mixed_10, which are Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c here.
 
 class _ConvBN(nn.Module):
-    """Conv (no bias) -> BatchNorm (eps 1e-3, as the TF graph) -> ReLU."""
+    """Conv (no bias) -> BatchNorm (eps 1e-3, as the TF graph) -> ReLU, for inference only: the BatchNorm, with its
+    running statistics, is folded into the convolution's weight and bias at each call (no pass over activations)."""
 
     def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
         super().__init__()
@@ -43,7 +44,10 @@ class _ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(cout, eps=1e-3)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        weight = self.conv.weight * scale.view(-1, 1, 1, 1)
+        bias = self.bn.bias - self.bn.running_mean * scale
+        return F.relu(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding), inplace=True)
 
 
 def _avg_pool(x):
@@ -259,18 +263,24 @@ def feature_statistics(features, chunk: int = 4096):
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """FID (Heusel et al. 2017): |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)).
 
-    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of sqrt(S1) S2 sqrt(S1), which has the
-    eigenvalues of S1 S2 and is symmetric PSD, so the result stays real and stable when S1 S2 is singular (fewer
-    images than feature dimensions), where scipy.linalg.sqrtm(S1 @ S2) turns complex."""
+    With S1 = R R^T on its range (R = V sqrt(w) from S1's eigendecomposition), S1 S2 and the symmetric PSD R^T S2 R
+    share their nonzero eigenvalues, so tr((S1 S2)^(1/2)) is the sum of the square roots of the latter's. It stays
+    real and stable when S1 S2 is singular (fewer images than feature dimensions), where scipy.linalg.sqrtm(S1 @ S2)
+    turns complex. Eigenvalues under numpy's matrix-rank tolerance are zeros in rounding noise, which the square root
+    would amplify, and are dropped."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {sigma1.shape} vs {sigma2.shape}")
-    w, v = scipy.linalg.eigh(sigma1)
-    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    m = root1 @ sigma2 @ root1
-    tr_covmean = np.sqrt(np.clip(scipy.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+
+    def nonzero(w):
+        return w > np.abs(w).max(initial=0) * len(w) * np.finfo(np.float64).eps
+
+    w1, v1 = scipy.linalg.eigh(sigma1, driver="evd")
+    root1 = v1[:, nonzero(w1)] * np.sqrt(w1[nonzero(w1)])
+    w = scipy.linalg.eigh(root1.T @ sigma2 @ root1, eigvals_only=True, driver="evd")
+    tr_covmean = np.sqrt(w[nonzero(w)]).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 

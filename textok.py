@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import load_json, load_tensors, save_json, save_tensors
-from config import TexTokConfig, config_diff, from_dict, to_dict
+from common import load_json, load_state, load_tensors, save_json, save_tensors
+from config import TexTokConfig, from_dict, to_dict
 from detokenizer import Detokenizer
 from tokenizer import Tokenizer, VectorQuantizer
 
@@ -62,21 +62,3 @@ class TexTok(nn.Module):
         load_state(model, load_tensors(directory / "model.safetensors"), directory / "model.safetensors")
         return model.to(map_location)
 
-
-def load_state(module: nn.Module, state: dict, path) -> None:
-    """Loads `state` into `module` strictly; a mismatch is an error naming the file and the differing tensors."""
-    own = module.state_dict()
-    problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
-    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-                 if k in state and state[k].shape != v.shape]
-    if problems:
-        raise ValueError(f"{path}: checkpoint does not fit this model ({len(problems)} problems: "
-                         + "; ".join(problems[:6]) + ")")
-    module.load_state_dict(state)
-
-
-def check_config(saved: dict, wanted: dict, path) -> None:
-    """Refuses a checkpoint whose saved config differs from the requested one, naming the differing fields."""
-    diff = config_diff(saved, wanted)
-    if diff:
-        raise ValueError(f"{path}: checkpoint config differs from the requested one: " + "; ".join(diff))

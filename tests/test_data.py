@@ -1,0 +1,114 @@
+"""Embedded shapes set, JSONL layout, text encoder and embedding cache."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from config import OFFLINE_TEXT_ENCODER
+from data import (SHAPES, JsonlDataset, ShapesDataset, class_caption_pool, make_datasets, render, split_indices)
+from text_encoder import TextEncoder, cached_text_embeddings
+import text_encoder
+
+
+def test_shapes_dataset_is_deterministic_and_captioned():
+    a, b = ShapesDataset("train", 32, 16), ShapesDataset("train", 32, 16)
+    assert a.captions == b.captions and a.labels == b.labels
+    assert torch.equal(a[3]["image"], b[3]["image"])
+    item = a[0]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert -1 <= item["image"].min() and item["image"].max() <= 1
+    for cap, scene, label in zip(a.captions, a.scenes, a.labels):
+        assert SHAPES[label] == scene["objects"][0]["shape"]
+        for o in scene["objects"]:
+            assert f"{o['size']} {o['colour']} {o['shape']}" in cap
+        assert scene["background"] in cap
+
+
+def test_images_hold_detail_the_caption_does_not_state():
+    """Two scenes with identical captions still render differently (jitter, rotation, shading, noise)."""
+    ds = ShapesDataset("train", 32, 400)
+    seen = {}
+    for i, c in enumerate(ds.captions):
+        if c in seen:
+            assert not np.array_equal(render(ds.scenes[i], 32), render(ds.scenes[seen[c]], 32))
+            return
+        seen[c] = i
+    pytest.fail("no two scenes shared a caption in 400 draws")
+
+
+def test_splits_do_not_share_seeds():
+    train, val = make_datasets(None, size=16, num_images=64)
+    assert len(val) == 64
+    assert all(not torch.equal(train[i]["image"], val[i]["image"]) for i in range(8))
+    pool = class_caption_pool(None, num_classes=8, per_class=4)
+    assert sorted(pool) == list(range(8)) and all(len(v) == 4 for v in pool.values())
+    assert pool[0][0] not in set(train.captions)
+
+
+def test_split_indices_fixed_and_disjoint():
+    tr, va = split_indices(100, 0.1, seed=0)
+    assert len(va) == 10 and not set(tr) & set(va) and sorted(tr + va) == list(range(100))
+    assert (tr, va) == split_indices(100, 0.1, seed=0)
+
+
+def write_folder(root, rows, size=(40, 30)):
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        Image.fromarray(np.full((size[1], size[0], 3), 40 * i, np.uint8)).save(root / "img" / f"{i}.png")
+    (root / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_jsonl_layout_center_crops_and_resizes(tmp_path):
+    write_folder(tmp_path, [{"image": f"img/{i}.png", "caption": f"gray {i}", "label": i} for i in range(3)])
+    ds = JsonlDataset(tmp_path, 16)
+    assert ds.captions == ["gray 0", "gray 1", "gray 2"] and ds.labels == [0, 1, 2]
+    assert ds[1]["image"].shape == (3, 16, 16)
+    assert torch.allclose(ds[1]["image"], torch.full((3, 16, 16), 40 / 127.5 - 1))
+
+
+def test_jsonl_errors_name_the_file(tmp_path):
+    write_folder(tmp_path, [{"image": "img/0.png", "caption": "  "}])
+    with pytest.raises(ValueError, match=r"captions.jsonl:1: missing or empty caption for img/0.png"):
+        JsonlDataset(tmp_path, 16)
+    write_folder(tmp_path, [{"image": "img/0.png", "caption": "ok"}, {"image": "img/9.png", "caption": "gone"},
+                            {"image": "img/bad.png", "caption": "corrupt"}])
+    (tmp_path / "img" / "bad.png").write_bytes(b"not a png at all")
+    ds = JsonlDataset(tmp_path, 16)
+    with pytest.raises(FileNotFoundError, match=r"9.png: image file not found"):
+        ds[1]
+    with pytest.raises(ValueError, match=r"bad.png: cannot read image"):
+        ds[2]
+    with pytest.raises(FileNotFoundError, match="captions.jsonl: not found"):
+        JsonlDataset(tmp_path / "nowhere", 16)
+
+
+def test_offline_text_encoder_is_real_and_per_token():
+    enc = TextEncoder(OFFLINE_TEXT_ENCODER, max_length=16)
+    emb, mask = enc(["a red circle in the center", "a red circle in the center, on a navy background"])
+    assert emb.shape == (2, 16, 384) and mask.shape == (2, 16)
+    assert mask[0].sum() < mask[1].sum() < 16
+    assert (emb[0][~mask[0]] == 0).all()
+    # Real weights: the same words get the same per-token vectors whatever the batch, and distinct captions differ.
+    alone, _ = enc(["a red circle in the center"])
+    torch.testing.assert_close(alone[0], emb[0], atol=1e-4, rtol=1e-4)
+    a, b = emb[0, 1], enc(["a blue square"])[0][0, 1]
+    assert torch.cosine_similarity(a, b, dim=0) < 0.99
+    with pytest.raises(ValueError, match="caption 1 is empty"):
+        enc(["fine", " "])
+
+
+def test_missing_weights_give_one_clear_error():
+    with pytest.raises(RuntimeError, match="weights not found locally.*huggingface-cli download"):
+        TextEncoder("/nonexistent/t5-v1_1-xl")
+
+
+def test_embedding_cache_computes_once(tmp_path, monkeypatch):
+    caps = ["a red circle", "a small blue star at the top"]
+    emb, mask = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 16, caps, tmp_path)
+    assert emb.shape == (2, 16, 384) and emb.dtype == np.float16 and mask.dtype == bool
+    monkeypatch.setattr(text_encoder, "TextEncoder", lambda *a, **k: pytest.fail("encoder ran again"))
+    emb2, _ = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 16, caps, tmp_path)
+    assert np.array_equal(emb, emb2)
+    assert len(list(tmp_path.glob("*.npy"))) == 2 and not list(tmp_path.glob(".*"))
