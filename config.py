@@ -166,6 +166,13 @@ def from_dict(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(names[k].default, tuple) else v for k, v in d.items()})
 
 
-def config_diff(a: dict, b: dict) -> list:
-    """Fields whose values differ between two config dicts, as 'name: a != b' strings."""
-    return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+def config_diff(a: dict, b: dict, prefix: str = "") -> list:
+    """Fields whose values differ between two (nested) config dicts, as 'dotted.name: a != b' strings."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += config_diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}: {x!r} != {y!r}")
+    return out

@@ -191,15 +191,15 @@ class InceptionFeatures(nn.Module):
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # pytorch-fid's resize
         x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))
-        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(F.max_pool2d(x, 3, 2)))))))
-        # sFID: the evaluator reads TF `mixed_6/conv:0`. TF's mixed_6 is the 7th mixed block, Mixed_6d here, and its
-        # `conv` is the 1x1 branch (conv-bn-relu); keep 7 channels and flatten channels-last as the TF tensor [B,17,17,7].
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2))), 3, 2)
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
+        # sFID: the evaluator reads TF `mixed_6/conv:0`. TF's mixed_6 is the 7th mixed block, Mixed_6d here, and
+        # its `conv` is the 1x1 branch (conv-bn-relu); keep 7 channels, flattened channels-last as TF's [B, 17, 17, 7].
         branches = self.Mixed_6d.branches(x)
         spatial = branches[0][:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(x), -1)
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(torch.cat(branches, 1)))))
         pool = x.mean((2, 3))  # TF pool_3
-        # The evaluator's softmax multiplies pool_3 by softmax/logits' weights only (no bias), as improved-gan's IS code.
+        # The evaluator's softmax takes pool_3 times softmax/logits' weights, without the bias (improved-gan's IS code).
         logits = F.linear(pool, self.fc.weight)
         return pool, spatial, logits
 
@@ -538,9 +538,13 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     real, rec, sums = [], [], {"PSNR": 0.0, "SSIM": 0.0, "LPIPS": 0.0}
     for batch in tqdm(loader, desc="reconstruction", unit="batch"):
         images = batch["image"].to(device)
-        cond = dict(text=batch["text"].to(device), text_mask=batch["text_mask"].to(device)) \
-            if cfg.conditioning == "text" else dict(labels=batch["label"].to(device))
-        x, x_hat = to_uint8(images), to_uint8(tok.decode(tok.encode(images, **cond), **cond))
+        cond = {}
+        if cfg.conditioning == "text":
+            cond = dict(text=batch["text"].to(device), text_mask=batch["text_mask"].to(device))
+        elif cfg.conditioning == "class":
+            cond = dict(labels=batch["label"].to(device))
+        x_hat = tok.decode(tok.encode(images, **cond), **cond)
+        x, x_hat = (torch.from_numpy(to_uint8(z)).to(device) for z in (images, x_hat))  # metrics stay on device
         real.append(compute_features(model, x, batch_size, progress=False))
         rec.append(compute_features(model, x_hat, batch_size, progress=False))
         sums["PSNR"] += psnr(x, x_hat) * len(x)

@@ -330,7 +330,6 @@ def steps_for(n: int, batch: int, epochs: int, max_steps):
 # --------------------------------------------------------------------------------------------------- stage 1
 def train_tokenizer(args, rank, world, device):
     cfg, tc, note = build_configs(args)
-    torch.manual_seed(tc.seed)
     train_set, val_set = datasets_for(args, cfg, device)
     total, stop = steps_for(len(train_set), tc.batch_size, tc.epochs, args.max_steps)
     run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
@@ -338,6 +337,7 @@ def train_tokenizer(args, rank, world, device):
                   "perceptual_loss": "on (LPIPS-VGG)" if tc.perceptual_weight > 0 else "OFF (perceptual_weight 0)"}
     run = Run(args, rank, run_config, total)
 
+    torch.manual_seed(tc.seed)  # after data set-up, so the initial weights never depend on a cache hit
     model = TexTok(cfg).to(device)
     ema = TexTok(cfg).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -348,9 +348,8 @@ def train_tokenizer(args, rank, world, device):
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=betas, fused=fused)
     d_opt = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=betas, fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, total))
-    d_sched = torch.optim.lr_scheduler.LambdaLR(d_opt, lr_lambda(tc.warmup_steps, total))
     objects = {"model": model, "ema": ema, "disc": disc, "lecam": lecam, "opt": opt, "d_opt": d_opt,
-               "sched": sched, "d_sched": d_sched}
+               "sched": sched}
     start = 0
     if args.resume:
         start, states = load_checkpoint(run.out, run_config, device)
@@ -397,6 +396,7 @@ def train_tokenizer(args, rank, world, device):
                 terms[k] = terms.get(k, 0.0) + v.item() / args.grad_accum
         run.check_finite(step, terms)
         terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+        lr = sched.get_last_lr()[0]
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -418,15 +418,17 @@ def train_tokenizer(args, rank, world, device):
                     terms[k] = terms.get(k, 0.0) + v.item() / args.grad_accum
             run.check_finite(step, terms)
             all_reduce_grads(disc, world)
+            for group in d_opt.param_groups:  # D follows the same warm-up + cosine schedule as the tokenizer
+                group["lr"] = lr
             d_opt.step()
             d_opt.zero_grad(set_to_none=True)
-        d_sched.step()
 
         seen += tc.batch_size
         done = step + 1
         if done % args.log_every == 0 or done == stop:
             rate = seen / (time.perf_counter() - t0)
-            row = {"step": done, **{k: round(v, 6) for k, v in terms.items()}, "lr": sched.get_last_lr()[0],
+            terms = {k: global_mean(torch.tensor(v), world).item() for k, v in terms.items()}  # mean over ranks
+            row = {"step": done, **{k: round(v, 6) for k, v in terms.items()}, "lr": lr,
                    "img_per_s": round(rate, 2)}
             run.log(row)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("step",)}, refresh=False)
@@ -505,7 +507,6 @@ def train_dit(args, rank, world, device):
     if args.task == "t2i" and cfg.conditioning != "text":
         raise SystemExit(f"{args.tokenizer}: text-to-image needs a text-conditioned TexTok (it has "
                          f"conditioning={cfg.conditioning!r})")
-    torch.manual_seed(dc.seed)
     train_set, _ = datasets_for(args, cfg, device)
     num_classes = max(max(train_set.labels) + 1, 1)
     if args.task == "class" and min(train_set.labels) < 0:
@@ -525,6 +526,7 @@ def train_dit(args, rank, world, device):
     mean, std = Z.mean(dim=(0, 1)), Z.std(dim=(0, 1)).clamp_min(1e-6)  # per-channel latent normalisation
     latents = LatentSet((Z - mean) / std, train_set, args.task)
 
+    torch.manual_seed(dc.seed)
     model = build_dit(dc.model, dc.class_dropout, cfg, args.task, num_classes).to(device)
     ema = build_dit(dc.model, dc.class_dropout, cfg, args.task, num_classes).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -570,7 +572,7 @@ def train_dit(args, rank, world, device):
         seen += dc.batch_size
         done = step + 1
         if done % args.log_every == 0 or done == stop:
-            row = {"step": done, "loss": round(loss_sum, 6), "grad_norm": round(grad_norm, 4),
+            row = {"step": done, "loss": round(global_mean(torch.tensor(loss_sum), world).item(), 6), "grad_norm": round(grad_norm, 4),
                    "lr": sched.get_last_lr()[0], "latents_per_s": round(seen / (time.perf_counter() - t0), 1)}
             run.log(row)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"}, refresh=False)

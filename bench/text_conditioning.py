@@ -1,0 +1,307 @@
+"""Does text conditioning help the tokenizer? TexTok against Baseline (w/o text) at several token counts (§4.3).
+
+Trains both variants with train.py under identical settings (steps, seeds, widths, batches: only `--no-text`
+differs), then evaluates each EMA tokenizer on the held-out split and writes, in --out:
+    results.json      one row per run: {"variant", "tokens", "psnr", "ssim", "lpips", "rfid", "psnr_swapped",
+                      "steps", "seconds"} (lpips / rfid are null where their weights are not available)
+    results.md        the Table 1 analogue (markdown), with the command and the machine
+    metrics.png       each metric against the number of tokens for both variants (Fig. 3 analogue)
+    comparison.png    original / Baseline / TexTok reconstructions for each token count (Fig. 1 analogue)
+    caption_swap.png  one image's tokens decoded with its own caption and with another image's caption
+    runs/{variant}-{N}/   the train.py outputs (log.jsonl, tokenizer/)
+
+    python bench/text_conditioning.py                             # embedded shapes set: ~30 min on 2 CPU cores
+    python bench/text_conditioning.py --data DIR --tokens 32 64 128 256 --steps 100000 --batch-size 256 \\
+        --preset imagenet256 --perceptual-weight 0.1              # on GPUs; unknown flags go to train.py as-is
+
+A finished run whose settings are unchanged is reused (its folder holds bench_run.json), so an interrupted
+benchmark continues where it stopped.
+"""
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import DataLoader
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import metrics  # noqa: E402
+import train  # noqa: E402
+from common import atomic_write, load_json, save_image_grid, save_json, to_uint8  # noqa: E402
+from speed import machine  # noqa: E402
+from textok import TexTok  # noqa: E402
+
+VARIANTS = {"baseline": "Baseline-{n} (w/o text)", "textok": "TexTok-{n} (w/ text)"}
+COLOURS = {"baseline": (90, 90, 90), "textok": (214, 39, 40)}
+# (key, label, higher is better): the columns of Table 1 that can be measured here.
+METRICS = [("rfid", "rFID", False), ("psnr", "PSNR", True), ("ssim", "SSIM", True), ("lpips", "LPIPS", False)]
+# Flags the benchmark sets itself, identically for both variants: passing them through would break the pairing.
+OWN_FLAGS = {"--stage", "--num-tokens", "--no-text", "--conditioning", "--out", "--max-steps", "--epochs",
+             "--batch-size", "--num-images", "--seed", "--data", "--val", "--cache-dir", "--preset", "--resume"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="JSONL folder (README layout); default: the embedded shapes set")
+    p.add_argument("--val", default=None, help="held-out JSONL folder; default: a fixed, seeded 10%% of --data")
+    p.add_argument("--tokens", type=int, nargs="+", default=[4, 8, 16, 32], help="token counts N (Table 1)")
+    p.add_argument("--out", default="runs/bench/text_conditioning")
+    p.add_argument("--preset", default="tiny", help="train.py preset (tiny, imagenet256, imagenet512)")
+    p.add_argument("--steps", type=int, default=384, help="training steps per run (the schedule ends there)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-images", type=int, default=4096, help="size of the embedded training set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="cache", help="text-embedding cache (shared with train.py)")
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--grid-images", type=int, default=6, help="rows of the comparison and caption-swap grids")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args, extra = p.parse_known_args(argv)
+    clash = sorted({a.split("=")[0] for a in extra if a.split("=")[0] in OWN_FLAGS})
+    if clash:
+        p.error(f"{', '.join(clash)}: set by the benchmark itself (identically for both variants)")
+    if min(args.tokens) < 1 or args.steps < 1 or args.grid_images < 2:
+        p.error("--tokens and --steps must be positive and --grid-images at least 2")
+    return args, extra
+
+
+def train_argv(args, extra, variant: str, tokens: int, epochs: int) -> list:
+    """train.py's command line for one run; the two variants differ only by --no-text."""
+    argv = ["--stage", "tokenizer", "--preset", args.preset, "--num-tokens", str(tokens),
+            "--out", str(Path(args.out) / "runs" / f"{variant}-{tokens}"), "--max-steps", str(args.steps),
+            "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--num-images", str(args.num_images),
+            "--seed", str(args.seed), "--cache-dir", args.cache_dir]
+    argv += ["--data", args.data] if args.data else []
+    argv += ["--val", args.val] if args.val else []
+    argv += ["--no-text"] if variant == "baseline" else []
+    return argv + list(extra)
+
+
+def train_run(argv: list) -> float:
+    """Runs train.py in this process unless an identical finished run exists; returns its training seconds."""
+    out = Path(argv[argv.index("--out") + 1])
+    record = out / "bench_run.json"
+    if record.is_file() and (out / "tokenizer" / "model.safetensors").is_file():
+        done = load_json(record)
+        if done.get("argv") == argv:
+            print(f"reusing {out} (same settings, trained in {done['seconds']:.0f} s)")
+            return done["seconds"]
+    shutil.rmtree(out, ignore_errors=True)  # a stale or half-finished run: start it afresh
+    start = time.perf_counter()
+    train.main(argv)
+    seconds = time.perf_counter() - start
+    save_json({"argv": argv, "seconds": seconds}, record)
+    return seconds
+
+
+def load_optional(loader, what: str):
+    """A metric model from local weights, or None (with one line saying why) when they are missing."""
+    try:
+        return loader()
+    except FileNotFoundError as e:
+        print(f"{what} skipped: {e}")
+        return None
+
+
+@torch.no_grad()
+def reconstruct(model: TexTok, dataset, device, batch_size: int):
+    """(originals, reconstructions, caption-swapped reconstructions or None), uint8 [M, H, W, 3], EMA weights.
+
+    The swap decodes each image's tokens (encoded with its own caption) with the caption of the next image in
+    the batch: how far the result moves shows what the text carries and what the tokens carry."""
+    real, rec, swap = [], [], []
+    text = model.cfg.conditioning == "text"
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
+        x = batch["image"].to(device)
+        cond = dict(text=batch["text"].to(device), text_mask=batch["text_mask"].to(device)) if text else {}
+        Z = model.encode(x, **cond)
+        real.append(to_uint8(x))
+        rec.append(to_uint8(model.decode(Z, **cond)))
+        if text:
+            swap.append(to_uint8(model.decode(Z, **{k: v.roll(-1, 0) for k, v in cond.items()})))
+    return np.concatenate(real), np.concatenate(rec), np.concatenate(swap) if text else None
+
+
+def evaluate(run_dir: Path, dataset, device, batch_size: int, lpips_model, inception, reference: dict):
+    """Metrics of one trained tokenizer on the held-out split, and its uint8 reconstructions for the grids.
+    `reference` keeps the Inception statistics of the originals between calls (rFID)."""
+    model = TexTok.from_pretrained(run_dir / "tokenizer", map_location=device).eval()
+    real, rec, swap = reconstruct(model, dataset, device, batch_size)
+    row = {"psnr": metrics.psnr(real, rec), "ssim": metrics.ssim(real, rec), "lpips": None, "rfid": None,
+           "psnr_swapped": metrics.psnr(real, swap) if swap is not None else None}
+    if lpips_model is not None:
+        row["lpips"] = metrics.lpips_distance(real, rec, lpips_model, batch_size)
+    if inception is not None:
+        def stats(images):
+            return metrics.feature_statistics(metrics.compute_features(inception, images, batch_size,
+                                                                       progress=False)["pool"])
+        if "real" not in reference:
+            reference["real"] = stats(real)
+        row["rfid"] = metrics.frechet_distance(*stats(rec), *reference["real"])
+    return row, real, rec, swap
+
+
+def last_step(log_path: Path) -> int:
+    """The last training step train.py logged."""
+    return max(json.loads(line)["step"] for line in log_path.read_text().splitlines() if line.strip())
+
+
+def as_images(u8: np.ndarray, min_size: int = 128) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H', W'] in [-1, 1], enlarged (nearest) to at least `min_size` for viewing."""
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+    scale = max(1, -(-min_size // x.shape[-1]))
+    return torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
+
+
+def line_plot(path, tokens: list, panels: list) -> Path:
+    """Fig. 3 analogue: one panel per (title, {variant: [value per token count]}), tokens on a log2 x axis."""
+    font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    W, H, left, right, top, bottom = 420, 320, 62, 16, 34, 46
+    img = Image.new("RGB", (W * len(panels), H), "white")
+    draw = ImageDraw.Draw(img)
+    xs = [math.log2(n) for n in tokens]
+    for k, (title, series) in enumerate(panels):
+        x0, x1, y0, y1 = k * W + left, (k + 1) * W - right, top, H - bottom
+        values = [v for vals in series.values() for v in vals]
+        lo, hi = min(values), max(values)
+        pad = (hi - lo) * 0.1 or abs(hi) * 0.05 or 1.0
+        lo, hi = lo - pad, hi + pad
+
+        def px(x, y):
+            fx = (x - xs[0]) / (xs[-1] - xs[0]) if len(xs) > 1 else 0.5
+            return x0 + 10 + fx * (x1 - x0 - 20), y1 - (y - lo) / (hi - lo) * (y1 - y0)
+
+        draw.text(((x0 + x1) / 2, 8), title, fill="black", font=font, anchor="mt")
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+        for i in range(5):
+            y = lo + (hi - lo) * i / 4
+            _, py = px(xs[0], y)
+            draw.line([x0 - 4, py, x0, py], fill="black")
+            draw.text((x0 - 6, py), f"{y:.3g}", fill="black", font=small, anchor="rm")
+        for x, n in zip(xs, tokens):
+            qx, _ = px(x, lo)
+            draw.line([qx, y1, qx, y1 + 4], fill="black")
+            draw.text((qx, y1 + 6), str(n), fill="black", font=small, anchor="mt")
+        draw.text(((x0 + x1) / 2, H - 6), "number of tokens", fill="black", font=small, anchor="mb")
+        for j, (variant, vals) in enumerate(series.items()):
+            points = [px(x, v) for x, v in zip(xs, vals)]
+            if len(points) > 1:
+                draw.line(points, fill=COLOURS[variant], width=2)
+            for qx, qy in points:
+                draw.ellipse([qx - 3, qy - 3, qx + 3, qy + 3], fill=COLOURS[variant])
+            ly = y0 + 8 + 16 * j
+            draw.line([x0 + 8, ly, x0 + 26, ly], fill=COLOURS[variant], width=2)
+            draw.text((x0 + 30, ly), VARIANTS[variant].format(n="N"), fill="black", font=small, anchor="lm")
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def markdown_table(rows: list) -> str:
+    """Table 1 analogue; TexTok rows add the change against the Baseline with the same number of tokens."""
+    shown = [m for m in METRICS if any(r[m[0]] is not None for r in rows)]
+    swapped = any(r["psnr_swapped"] is not None for r in rows)
+    head = ["Tokenizer", "# tokens"] + [f"{label} {'↑' if up else '↓'}" for _, label, up in shown]
+    head += ["PSNR, swapped caption"] * swapped + ["steps", "train time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {r["tokens"]: r for r in rows if r["variant"] == "baseline"}
+    for r in sorted(rows, key=lambda r: (r["tokens"], r["variant"])):
+        cells = [VARIANTS[r["variant"]].format(n=r["tokens"]), str(r["tokens"])]
+        for key, _, _ in shown:
+            v, b = r[key], base.get(r["tokens"], {}).get(key)
+            cell = "–" if v is None else f"{v:.4f}" if key in ("ssim", "lpips") else f"{v:.2f}"
+            if r["variant"] == "textok" and v is not None and b is not None:
+                cell += f" ({v - b:+.4f})" if key in ("ssim", "lpips") else f" ({v - b:+.2f})"
+            cells.append(cell)
+        if swapped:
+            cells.append("–" if r["psnr_swapped"] is None else f"{r['psnr_swapped']:.2f}")
+        cells += [str(r["steps"]), f"{r['seconds']:.0f} s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args, extra = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    command = "python bench/text_conditioning.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    # Data exactly as train.py sees it (same call, same cached caption embeddings), read once for every run.
+    probe = train.parse_args(train_argv(args, extra, "textok", args.tokens[0], 1))
+    cfg = train.build_configs(probe)[0]
+    train_set, val_set = train.datasets_for(probe, cfg, device)
+    per_epoch = max(1, len(train_set) // args.batch_size)
+    epochs = -(-args.steps // per_epoch)  # the cosine schedule ends at (or just after) the last step
+    print(f"{len(train_set)} training / {len(val_set)} held-out images; {args.steps} steps of {args.batch_size} "
+          f"({epochs} epochs) per run on {machine(device)}")
+
+    lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
+    inception = load_optional(lambda: metrics.load_inception(None, device), "rFID")
+    rows, recons, swaps, reference = [], {}, {}, {}
+    for tokens in args.tokens:
+        for variant in VARIANTS:
+            argv_run = train_argv(args, extra, variant, tokens, epochs)
+            seconds = train_run(argv_run)
+            run_dir = Path(argv_run[argv_run.index("--out") + 1])
+            row, real, rec, swap = evaluate(run_dir, val_set, device, args.eval_batch_size, lpips_model, inception,
+                                            reference)
+            rows.append({"variant": variant, "tokens": tokens, **row, "steps": last_step(run_dir / "log.jsonl"),
+                         "seconds": round(seconds, 1)})
+            recons[variant, tokens] = rec[: args.grid_images]
+            if swap is not None:
+                swaps[tokens] = (rec[: args.grid_images], swap[: args.grid_images])
+            save_json(rows, out / "results.json")
+            print(f"{VARIANTS[variant].format(n=tokens)}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}")
+
+    k = args.grid_images
+    tokens = sorted(args.tokens)
+    columns = [real[:k]] + [recons[v, n] for n in tokens for v in VARIANTS]
+    save_image_grid(as_images(np.stack(columns, 1).reshape(-1, *real.shape[1:])), out / "comparison.png",
+                    ncol=len(columns))
+    partner = np.roll(np.arange(k), -1)  # the same pairing as the swap in `reconstruct` (next image)
+    columns = [real[:k], real[partner]] + [s for n in tokens for s in swaps[n]]
+    save_image_grid(as_images(np.stack(columns, 1).reshape(-1, *real.shape[1:])), out / "caption_swap.png",
+                    ncol=len(columns))
+    panels = [(f"{label} ({'higher' if up else 'lower'} is better)",
+               {v: [next(r[key] for r in rows if r["variant"] == v and r["tokens"] == n) for n in tokens]
+                for v in VARIANTS})
+              for key, label, up in METRICS if all(r[key] is not None for r in rows)]
+    line_plot(out / "metrics.png", tokens, panels)
+
+    table = markdown_table(rows)
+    captions = "\n".join(f"{i + 1}. own: \"{val_set.captions[i]}\" / swapped in: \"{val_set.captions[partner[i]]}\""
+                         for i in range(k))
+    report = f"""# Text conditioning: TexTok vs Baseline (w/o text)
+
+Command: `{command}`
+Machine: {machine(device)}
+Settings: preset `{args.preset}`, {args.steps} steps of batch {args.batch_size} per run, seed {args.seed}, \
+{len(train_set)} training images, evaluated on {len(val_set)} held-out images (EMA weights).
+Train flags passed through: `{' '.join(extra) or 'none'}`
+
+{table}
+
+Numbers in brackets: TexTok minus Baseline at the same number of tokens. "PSNR, swapped caption": TexTok's tokens
+decoded with the next image's caption instead of their own. rFID on {len(val_set)} images (the paper uses 50K) is
+only comparable within this table.
+
+- `metrics.png`: the metrics against the number of tokens (Fig. 3 analogue).
+- `comparison.png`: columns original, then Baseline-N, TexTok-N for N = {', '.join(map(str, tokens))} (Fig. 1).
+- `caption_swap.png`: columns original, the image whose caption is swapped in, then for each N: TexTok-N with its
+  own caption, with the swapped caption. Captions per row:
+
+{captions}
+"""
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(report))
+    print("\n" + table + f"\n\nwritten: {out / 'results.md'}, results.json, metrics.png, comparison.png, "
+          "caption_swap.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""metrics.py against closed forms, scikit-image and pytorch-fid (test-only oracles); random weights throughout."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+import metrics
+
+
+def random_spd(rng, d, cond=10.0):
+    """A random symmetric positive definite matrix with condition number `cond`."""
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (q * np.geomspace(1.0, cond, d)) @ q.T
+
+
+# --- FID --------------------------------------------------------------------------------------------------------------
+
+def test_fid_of_two_gaussians_matches_closed_form():
+    rng = np.random.default_rng(0)
+    d = 32
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))  # shared eigenvectors: (S1 S2)^(1/2) = Q sqrt(a b) Q^T
+    a, b = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    closed = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    fid = metrics.frechet_distance(mu1, (q * a) @ q.T, mu2, (q * b) @ q.T)
+    assert fid == pytest.approx(closed, rel=1e-10)
+    # 1-d: (m1 - m2)^2 + (s1 - s2)^2
+    assert metrics.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
+
+
+def test_fid_trace_term_equals_sqrtm_on_well_conditioned_matrices():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(1)
+    d = 48
+    s1, s2 = random_spd(rng, d), random_spd(rng, d, cond=100.0)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    tr_sqrtm = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrtm
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2),
+                                                                        rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [40, 600])  # fewer images than dimensions (singular covariance), and more
+def test_fid_of_a_set_with_itself_is_zero(n):
+    feats = np.random.default_rng(2).random((n, 256), dtype=np.float32) * 3
+    mu, sigma = metrics.feature_statistics(feats)
+    np.testing.assert_allclose(mu, feats.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-12)
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_fid_with_fewer_images_than_dimensions_is_real_and_exact():
+    rng = np.random.default_rng(3)
+    x, y = rng.random((60, 300)), rng.random((45, 300)) + 0.05
+    (m1, s1), (m2, s2) = metrics.feature_statistics(x), metrics.feature_statistics(y)
+    # Exact trace term from the features: tr((S1 S2)^(1/2)) = nuclear norm of Xc Yc^T / sqrt((n1 - 1)(n2 - 1)).
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    tr = np.linalg.svd(xc @ yc.T, compute_uv=False).sum() / np.sqrt(59 * 44)
+    expected = np.sum((m1 - m2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr
+    fid = metrics.frechet_distance(m1, s1, m2, s2)
+    assert isinstance(fid, float) and np.isfinite(fid)
+    assert fid == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance(m2, s2, m1, s1) == pytest.approx(fid, rel=1e-9)
+
+
+# --- Inception Score --------------------------------------------------------------------------------------------------
+
+def test_inception_score_of_uniform_logits_is_one():
+    assert metrics.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_inception_score_of_one_hot_logits_is_the_number_of_classes():
+    k = 10
+    logits = 1e4 * np.eye(1008)[np.arange(200) % k]
+    assert metrics.inception_score(logits) == pytest.approx(k, rel=1e-12)
+    # Split by split: each split of 50 uses 5 classes, so the mean over splits is 5, not 10.
+    split_logits = 1e4 * np.eye(1008)[np.r_[np.arange(50) % 5, 5 + np.arange(50) % 5]]
+    assert metrics.inception_score(split_logits, split_size=50) == pytest.approx(5, rel=1e-12)
+    assert metrics.inception_score(split_logits) == pytest.approx(10, rel=1e-12)
+
+
+# --- Precision / recall -----------------------------------------------------------------------------------------------
+
+def adm_precision_recall(real, fake, k=3):
+    """The ADM ManifoldEstimator in plain numpy on full distance matrices (reference for the batched version)."""
+    def d2(a, b):
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    r_real = np.partition(d2(real, real), k, axis=1)[:, k]
+    r_fake = np.partition(d2(fake, fake), k, axis=1)[:, k]
+    d = d2(real, fake)
+    return (d <= r_real[:, None]).any(0).mean(), (d <= r_fake[None, :]).any(1).mean()
+
+
+def test_precision_recall_of_identical_and_of_disjoint_sets():
+    real = np.random.default_rng(4).standard_normal((80, 16)).astype(np.float32)
+    assert metrics.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert metrics.precision_recall(real, real + 1000) == (0.0, 0.0)
+    half = np.concatenate([real[:40], real[40:] + 1000])  # half the fakes sit on real points, half far away
+    assert metrics.precision_recall(real, half)[0] == 0.5
+
+
+def test_precision_recall_matches_the_adm_estimator_across_batches():
+    rng = np.random.default_rng(5)
+    real = rng.standard_normal((130, 8)).astype(np.float32)
+    fake = (rng.standard_normal((97, 8)) * 1.3 + 0.4).astype(np.float32)
+    precision, recall = metrics.precision_recall(real, fake, batch=32)
+    exp_precision, exp_recall = adm_precision_recall(real.astype(np.float64), fake.astype(np.float64))
+    assert 0 < precision < 1 and 0 < recall < 1
+    assert precision == pytest.approx(exp_precision, abs=1.5 / 97)  # float32 ties at a radius may flip one point
+    assert recall == pytest.approx(exp_recall, abs=1.5 / 130)
+
+
+# --- PSNR / SSIM / LPIPS ----------------------------------------------------------------------------------------------
+
+def image_pairs():
+    rng = np.random.default_rng(6)
+    noise_a = rng.integers(0, 256, (3, 24, 31, 3), dtype=np.uint8)
+    noise_b = rng.integers(0, 256, (3, 24, 31, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:40, 0:36]
+    base = np.stack([(xx * 7) % 256, (yy * 5) % 256, ((xx + yy) // 8 % 2) * 255], -1).astype(np.float64)
+    structured = np.stack([base, np.roll(base, 3, axis=1), 255 - base]).astype(np.uint8)
+    degraded = np.clip(structured + rng.normal(0, 12, structured.shape), 0, 255).astype(np.uint8)
+    return [(noise_a, noise_b), (structured, degraded)]
+
+
+@pytest.mark.parametrize("a,b", image_pairs(), ids=["random", "structured"])
+def test_psnr_and_ssim_match_scikit_image(a, b):
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    exp_psnr = np.mean([peak_signal_noise_ratio(x, y, data_range=255) for x, y in zip(a, b)])
+    exp_ssim = np.mean([structural_similarity(x, y, channel_axis=-1, data_range=255, gaussian_weights=True,
+                                              sigma=1.5, use_sample_covariance=False) for x, y in zip(a, b)])
+    assert metrics.psnr(a, b) == pytest.approx(exp_psnr, rel=1e-10)
+    assert metrics.ssim(a, b) == pytest.approx(exp_ssim, rel=1e-8)
+    assert metrics.ssim(torch.from_numpy(a), torch.from_numpy(a)) == pytest.approx(1.0)
+    assert metrics.psnr(a, a) == float("inf")
+
+
+def test_psnr_rejects_non_uint8_batches():
+    with pytest.raises(ValueError, match="uint8"):
+        metrics.psnr(np.zeros((1, 16, 16, 3), np.float32), np.zeros((1, 16, 16, 3), np.float32))
+
+
+@pytest.mark.filterwarnings("ignore:.*(pretrained|weights).*:UserWarning")  # lpips calls torchvision's old API
+def test_lpips_distance_with_a_random_backbone():
+    import lpips
+    model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    a, b = image_pairs()[1]
+    assert metrics.lpips_distance(a, a, model) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.lpips_distance(a, b, model, batch_size=2) > 0
+
+
+def test_lpips_without_cached_backbone_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
+        metrics.load_lpips("alex")
+
+
+# --- Inception --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def random_state():
+    """Random weights with non-trivial BatchNorm statistics, in the pt_inception layout."""
+    torch.manual_seed(0)
+    state = metrics.InceptionFeatures().state_dict()
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            value.uniform_(0.5, 2.0)  # mild enough to keep unit-scale activations through 94 layers
+        elif key.endswith("running_mean") or key.endswith("bn.bias") or key == "fc.bias":
+            value.normal_(0, 0.1)
+        elif key.endswith("bn.weight"):
+            value.uniform_(0.8, 1.2)
+    return state
+
+
+def pytorch_fid_oracle(monkeypatch, state):
+    """pytorch-fid's FID InceptionV3 (pool features) with `state` loaded instead of the downloaded weights."""
+    import pytorch_fid.inception as pfi
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *args, **kwargs: state)
+    return pfi.InceptionV3([pfi.InceptionV3.DEFAULT_BLOCK_INDEX]).eval()
+
+
+def test_inception_matches_pytorch_fid(monkeypatch, random_state):
+    oracle = pytorch_fid_oracle(monkeypatch, random_state)
+    ours = metrics.InceptionFeatures().eval()
+    ours.load_state_dict(random_state)
+    spatial_out = {}  # oracle blocks[2] holds Mixed_5b .. Mixed_6e; index 6 is Mixed_6d (TF mixed_6)
+    oracle.blocks[2][6].branch1x1.register_forward_hook(lambda m, i, out: spatial_out.update(x=out))
+    images = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (2, 64, 80, 3), dtype=np.uint8))
+    with torch.inference_mode():
+        pool, spatial, logits = ours(images)
+        ref_pool = oracle(images.permute(0, 3, 1, 2).float() / 255)[0].flatten(1)
+    ref_spatial = spatial_out["x"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # TF layout [B, 17, 17, 7]
+    ref_logits = F.linear(ref_pool, random_state["fc.weight"], random_state["fc.bias"])  # torchvision's fc
+    assert pool.shape == (2, 2048) and spatial.shape == (2, 17 * 17 * 7) and logits.shape == (2, 1008)
+    assert ref_pool.abs().mean() > 0.1  # random weights keep activations at a scale worth comparing
+    torch.testing.assert_close(pool, ref_pool, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(spatial, ref_spatial, rtol=1e-4, atol=1e-4)
+    # The evaluator's logits leave out the bias (pool_3 @ softmax weights); with it they are torchvision's fc.
+    torch.testing.assert_close(logits + random_state["fc.bias"], ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_pt_inception_keys_load_without_renaming(tmp_path, monkeypatch, random_state):
+    import pytorch_fid.inception as pfi
+    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *args, **kwargs: random_state)
+    # pytorch-fid loads pt_inception-2015-12-05 strictly into this network, so its keys are the file's keys.
+    file_state = pfi.fid_inception_v3().state_dict()
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(file_state, cache / metrics.INCEPTION_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
+    model = metrics.load_inception()  # found through TORCH_HOME, as pytorch-fid caches it
+    loaded = model.state_dict()
+    assert set(loaded) == set(file_state)
+    for key, value in file_state.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+    monkeypatch.setenv(metrics.INCEPTION_ENV, str(tmp_path / "elsewhere.pth"))
+    assert metrics.inception_path() == str(tmp_path / "elsewhere.pth")
+    assert metrics.inception_path("given.pth") == "given.pth"
+
+
+def test_missing_inception_weights_name_the_file_and_its_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
+    with pytest.raises(FileNotFoundError) as err:
+        metrics.load_inception()
+    assert metrics.INCEPTION_FILE in str(err.value) and metrics.INCEPTION_URL in str(err.value)
+
+
+# --- ADM .npz batches and the CLI -------------------------------------------------------------------------------------
+
+def images(n=6, size=20, seed=8):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_images_stream_in_batches(tmp_path, save):
+    x = images(7)
+    save(tmp_path / "ref.npz", x, np.arange(7))
+    batch, stats = metrics.read_npz_batch(tmp_path / "ref.npz")
+    assert stats is None and len(batch) == 7
+    parts = list(batch.batches(3))
+    assert [len(p) for p in parts] == [3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate(parts), x)
+
+
+def test_npz_precomputed_statistics_are_read(tmp_path):
+    rng = np.random.default_rng(9)
+    stats = {k: rng.random(shape) for k, shape in metrics.STAT_SHAPES.items()}
+    np.savez(tmp_path / "ref.npz", images(), **stats)
+    _, read = metrics.read_npz_batch(tmp_path / "ref.npz")
+    for key, value in stats.items():
+        np.testing.assert_array_equal(read[key], value)
+
+
+def write_bad(path, kind):
+    if kind == "missing":
+        return
+    if kind == "not-zip":
+        path.write_bytes(b"not a zip archive")
+    elif kind == "key":
+        np.savez(path, images=images())
+    elif kind == "dtype":
+        np.savez(path, images().astype(np.float32) / 255)
+    elif kind == "shape":
+        np.savez(path, images()[..., 0])
+    elif kind == "channels":
+        np.savez(path, np.zeros((4, 8, 8, 4), np.uint8))
+    elif kind == "count":
+        np.savez(path, images(1))
+    elif kind == "stats-incomplete":
+        np.savez(path, images(), mu=np.zeros(2048), sigma=np.eye(2048))
+    elif kind == "stats-shape":
+        np.savez(path, images(), mu=np.zeros(10), sigma=np.eye(10), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    elif kind == "truncated":
+        np.savez(path, images())
+        import zipfile
+        with zipfile.ZipFile(path) as z:
+            data = z.read("arr_0.npy")
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("arr_0.npy", data[:-100])
+
+
+@pytest.mark.parametrize("kind,problem", [
+    ("missing", "no such file"), ("not-zip", "not an .npz"), ("key", "no 'arr_0'"), ("dtype", "dtype float32"),
+    ("shape", "expected [N, H, W, 3]"), ("channels", "expected [N, H, W, 3]"), ("count", "at least 2"),
+    ("stats-incomplete", "mu_s"), ("stats-shape", "mu has"), ("truncated", "truncated")])
+def test_cli_rejects_malformed_npz(tmp_path, monkeypatch, capsys, kind, problem):
+    monkeypatch.setattr(metrics, "load_inception", lambda *a, **k: pytest.fail("the files are checked first"))
+    good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
+    np.savez(good, images())
+    write_bad(bad, kind)
+    if kind == "truncated":  # the header is fine; the data runs out while streaming
+        batch, _ = metrics.read_npz_batch(bad)
+        with pytest.raises(metrics.NpzError, match=problem):
+            list(batch.batches(4))
+        return
+    with pytest.raises(SystemExit) as err:
+        metrics.main([str(good), str(bad)])
+    message = str(err.value.code)
+    assert str(bad) in message and problem in message
+    assert capsys.readouterr().out == ""  # no partial report
+
+
+def test_cli_prints_the_adm_report(tmp_path, monkeypatch, capsys):
+    """The wiring of `metrics.py REF SAMPLE`, with Inception replaced by small fixed features (no weights here)."""
+    np.savez(tmp_path / "ref.npz", images(40, seed=10))
+    np.savez(tmp_path / "sample.npz", images(30, seed=11))
+    monkeypatch.setattr(metrics, "load_inception", lambda *a, **k: None)
+
+    def fake_features(model, batch, *args, **kwargs):
+        x = np.concatenate(list(batch.batches(16))).reshape(len(batch), -1).astype(np.float32)
+        return {"pool": x[:, :12], "spatial": x[:, 12:20], "logits": x[:, :30] / 20}
+    monkeypatch.setattr(metrics, "compute_features", fake_features)
+    metrics.main([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    values = [float(line.split(": ")[1]) for line in lines]
+    assert values[0] > 1 and values[1] > 0 and values[2] > 0 and 0 <= values[3] <= 1 and 0 <= values[4] <= 1

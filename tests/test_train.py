@@ -1,0 +1,175 @@
+"""Stage 1 and stage 2 training: one step learns, GAN terms switch on at disc_start, exact resume, refused configs,
+the non-finite guard, DDP (two gloo processes) against one process, and the embedded default end to end."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from common import load_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def base_args(out, cache, *extra):
+    """A seconds-long tiny run: 32 embedded images, batch 8, no loader workers."""
+    return ["--stage", "tokenizer", "--out", str(out), "--cache-dir", str(cache), "--num-images", "32",
+            "--batch-size", "8", "--workers", "0", "--log-every", "1", "--eval-every", "100", "--ckpt-every", "100",
+            "--warmup-steps", "1", *extra]
+
+
+def log_rows(out):
+    return [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def weights(out):
+    return load_tensors(Path(out) / "tokenizer" / "model.safetensors")
+
+
+def test_steps_change_weights_and_lower_loss(tmp_path, text_cache):
+    """Same 8 images every step (--num-images 8): the weights move and the l2 loss falls."""
+    out = tmp_path / "run"
+    train.main(base_args(out, text_cache, "--num-images", "8", "--max-steps", "6", "--disc-start", "100"))
+    rows = [r for r in log_rows(out) if "l2" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[-1]["l2"] < rows[0]["l2"]
+    torch.manual_seed(0)
+    from textok import TexTok
+    init = TexTok(train.build_configs(train.parse_args(["--stage", "tokenizer"]))[0]).state_dict()
+    trained = load_tensors(out / "step-0000006" / "state.safetensors")
+    assert not torch.equal(trained["s.model.tokenizer.to_Z.weight"], init["tokenizer.to_Z.weight"])
+    assert (out / "recon-0000006.png").is_file() and (out / "tokenizer" / "config.json").is_file()
+
+
+def test_gan_terms_start_at_disc_start(tmp_path, text_cache):
+    out = tmp_path / "run"
+    train.main(base_args(out, text_cache, "--max-steps", "3", "--disc-start", "2"))
+    rows = [r for r in log_rows(out) if "l2" in r]
+    for r in rows[:2]:
+        assert not {"gan", "d_loss", "r1", "lecam"} & set(r), r
+    assert {"gan", "d_loss", "r1", "lecam"} <= set(rows[2])
+    assert rows[2]["r1"] > 0
+
+
+def test_exact_resume(tmp_path, text_cache):
+    """2N steps in one run == N steps, stop, --resume, N more: same weights and same logged losses."""
+    common = ("--disc-start", "2", "--eval-every", "2", "--ckpt-every", "2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(base_args(one, text_cache, *common, "--max-steps", "4"))
+    train.main(base_args(two, text_cache, *common, "--max-steps", "2"))
+    train.main(base_args(two, text_cache, *common, "--max-steps", "4", "--resume"))
+    a, b = weights(one), weights(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    drop = {"img_per_s"}
+    rows = lambda out: [{k: v for k, v in r.items() if k not in drop} for r in log_rows(out)]
+    assert rows(one) == rows(two)
+    assert any("d_loss" in r for r in rows(two))
+
+
+def test_resume_refuses_other_config(tmp_path, text_cache):
+    out = tmp_path / "run"
+    train.main(base_args(out, text_cache, "--max-steps", "1"))
+    with pytest.raises(ValueError, match=r"config differs from the requested one: .*lr: 0.001 != 0.002"):
+        train.main(base_args(out, text_cache, "--max-steps", "2", "--resume", "--lr", "0.002"))
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, text_cache, monkeypatch):
+    out = tmp_path / "run"
+    real = train.F.mse_loss
+    monkeypatch.setattr(train.F, "mse_loss", lambda a, b: real(a, b) * float("nan"))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0: l2=nan.*last good checkpoint: none"):
+        train.main(base_args(out, text_cache, "--max-steps", "2"))
+
+
+def test_perceptual_loss_needs_vgg_weights(tmp_path, text_cache, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(SystemExit, match=r"vgg16-397923af.pth not found.*--perceptual-weight 0"):
+        train.main(base_args(tmp_path / "run", text_cache, "--max-steps", "1", "--perceptual-weight", "0.1"))
+
+
+def test_perceptual_loss_runs_with_local_vgg_weights(tmp_path, text_cache, monkeypatch):
+    """The real lpips code path, with random VGG weights placed in a temporary TORCH_HOME (no download)."""
+    import torchvision
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.vgg16().state_dict(), home / "hub" / "checkpoints" / train.VGG_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    out = tmp_path / "run"
+    train.main(base_args(out, text_cache, "--max-steps", "1", "--perceptual-weight", "0.1"))
+    assert log_rows(out)[0]["perceptual"] > 0
+    assert json.loads((out / "config.json").read_text())["perceptual_loss"].startswith("on")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_match_one(tmp_path, text_cache):
+    """Two gloo ranks of 4 images each take the same first step as one process on the combined batch of 8."""
+    args = base_args(tmp_path / "single", text_cache, "--max-steps", "1")
+    train.main(args)  # also fills the text cache the ranks read
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        argv = base_args(tmp_path / "ddp", text_cache, "--max-steps", "1")
+        procs.append(subprocess.Popen([sys.executable, "-c", f"import train; train.main({argv!r})"], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        output = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, output[-3000:]
+    a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert log_rows(tmp_path / "single")[0]["l2"] == pytest.approx(log_rows(tmp_path / "ddp")[0]["l2"], rel=1e-5)
+
+
+def test_grad_accumulation_matches_full_batch(tmp_path, text_cache):
+    train.main(base_args(tmp_path / "full", text_cache, "--max-steps", "1"))
+    train.main(base_args(tmp_path / "accum", text_cache, "--max-steps", "1", "--grad-accum", "2"))
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "accum")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_embedded_default_command_end_to_end(tmp_path):
+    """`python train.py --stage tokenizer` as the README says, shortened by --max-steps."""
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "train.py", "--stage", "tokenizer", "--max-steps", "3", "--out", str(out),
+                    "--cache-dir", str(tmp_path / "cache"), "--num-images", "64", "--workers", "0"],
+                   cwd=ROOT, check=True, capture_output=True)
+    assert (out / "latest").read_text().strip() == "step-0000003"
+    assert {"state.safetensors", "state.json", "config.json"} <= {p.name for p in (out / "step-0000003").iterdir()}
+    assert (out / "recon-0000003.png").is_file() and (out / "tokenizer" / "model.safetensors").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert "perceptual loss OFF" in config["note"] and config["perceptual_loss"].startswith("OFF")
+
+
+@pytest.mark.parametrize("task", ["class", "t2i"])
+def test_stage2_and_sampling_end_to_end(tmp_path, text_cache, task):
+    """Tiny tokenizer -> latent cache -> DiT (a few steps) -> sample.py writes an ADM .npz and a PNG grid."""
+    import numpy as np
+    import sample
+    tok = tmp_path / "tok"
+    train.main(base_args(tok, text_cache, "--max-steps", "2"))
+    dit = tmp_path / "dit"
+    train.main(["--stage", "dit", "--task", task, "--tokenizer", str(tok / "tokenizer"), "--out", str(dit),
+                "--cache-dir", str(tmp_path / "cache"), "--num-images", "32", "--batch-size", "8", "--workers", "0",
+                "--max-steps", "3", "--log-every", "1", "--warmup-steps", "1"])
+    assert [r["step"] for r in log_rows(dit)] == [1, 2, 3] and all(r["loss"] > 0 for r in log_rows(dit))
+    npz = sample.main(["--dit", str(dit / "dit"), "--num-samples", "5", "--batch-size", "4", "--steps", "3",
+                       "--cfg-scale", "1.5", "--out", str(tmp_path / "samples")])
+    arr = np.load(npz)["arr_0"]
+    assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8
+    assert (tmp_path / "samples" / "samples.png").is_file()
+    assert len((tmp_path / "samples" / "captions.txt").read_text().splitlines()) == 5
