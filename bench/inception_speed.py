@@ -11,22 +11,26 @@ import sys
 import time
 from pathlib import Path
 
+import pytorch_fid.inception as pfi
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import metrics  # noqa: E402
 
 
-def throughput(run, batches, repeats):
-    """Best images/s over `repeats` passes through `batches`, after one warm-up batch."""
-    run(batches[0])
-    best = float("inf")
+def throughputs(runs, repeats):
+    """Best images/s of each (run, batches) in `runs`, after a warm-up batch; repeats alternate between the runs so
+    that load from other processes falls on all of them alike."""
+    for run, batches in runs:
+        run(batches[0])
+    best = [float("inf")] * len(runs)
     for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            run(batch)
-        best = min(best, time.perf_counter() - start)
-    return sum(len(b) for b in batches) / best
+        for i, (run, batches) in enumerate(runs):
+            start = time.perf_counter()
+            for batch in batches:
+                run(batch)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [sum(len(b) for b in batches) / t for (_, batches), t in zip(runs, best)]
 
 
 @torch.inference_mode()
@@ -44,7 +48,6 @@ def main():
 
     ours = metrics.InceptionFeatures().eval().to(args.device, memory_format=torch.channels_last)
     state = {k: v.cpu() for k, v in ours.state_dict().items()}
-    import pytorch_fid.inception as pfi
     pfi.load_state_dict_from_url = lambda *a, **k: state  # same random weights, no download
     theirs = pfi.InceptionV3([pfi.InceptionV3.DEFAULT_BLOCK_INDEX]).eval().to(args.device)
 
@@ -54,9 +57,9 @@ def main():
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     diff = (ours(u8[0])[0] - theirs(f01[0])[0].flatten(1)).abs().max().item()
 
-    rows = [("pytorch-fid InceptionV3 (pool)", throughput(lambda b: (theirs(b), sync()), f01, args.repeats)),
-            ("metrics.InceptionFeatures (pool+spatial+logits)",
-             throughput(lambda b: (ours(b), sync()), u8, args.repeats))]
+    names = ["pytorch-fid InceptionV3 (pool)", "metrics.InceptionFeatures (pool+spatial+logits)"]
+    rows = list(zip(names, throughputs([(lambda b: (theirs(b), sync()), f01),
+                                        (lambda b: (ours(b), sync()), u8)], args.repeats)))
     print(f"{args.images} images {args.size}px, batch {args.batch_size}, {args.threads} threads, {args.device}; "
           f"max |pool difference| {diff:.2e}")
     print(f"{'implementation':<50}{'images/s':>10}{'ratio':>8}")

@@ -47,7 +47,8 @@ OWN_FLAGS = {"--stage", "--num-tokens", "--no-text", "--conditioning", "--out", 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # unknown flags go to train.py: never read them as abbreviations
     p.add_argument("--data", default=None, help="JSONL folder (README layout); default: the embedded shapes set")
     p.add_argument("--val", default=None, help="held-out JSONL folder; default: a fixed, seeded 10%% of --data")
     p.add_argument("--tokens", type=int, nargs="+", default=[4, 8, 16, 32], help="token counts N (Table 1)")
@@ -59,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default="cache", help="text-embedding cache (shared with train.py)")
     p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--inception", default=None, help="FID Inception weights for rFID (default: metrics.py's lookup)")
     p.add_argument("--grid-images", type=int, default=6, help="rows of the comparison and caption-swap grids")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args, extra = p.parse_known_args(argv)
@@ -112,8 +114,9 @@ def load_optional(loader, what: str):
 def reconstruct(model: TexTok, dataset, device, batch_size: int):
     """(originals, reconstructions, caption-swapped reconstructions or None), uint8 [M, H, W, 3], EMA weights.
 
-    The swap decodes each image's tokens (encoded with its own caption) with the caption of the next image in
-    the batch: how far the result moves shows what the text carries and what the tokens carry."""
+    The swap decodes each image's tokens (encoded with its own caption) with the caption of the next image in the
+    batch (the last takes the first's): how far the result moves shows what the text carries and what the tokens
+    carry."""
     real, rec, swap = [], [], []
     text = model.cfg.conditioning == "text"
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
@@ -161,7 +164,7 @@ def as_images(u8: np.ndarray, min_size: int = 128) -> torch.Tensor:
 def line_plot(path, tokens: list, panels: list) -> Path:
     """Fig. 3 analogue: one panel per (title, {variant: [value per token count]}), tokens on a log2 x axis."""
     font, small = ImageFont.load_default(size=15), ImageFont.load_default(size=12)
-    W, H, left, right, top, bottom = 420, 320, 62, 16, 34, 46
+    W, H, left, right, top, bottom = 420, 340, 62, 16, 54, 46
     img = Image.new("RGB", (W * len(panels), H), "white")
     draw = ImageDraw.Draw(img)
     xs = [math.log2(n) for n in tokens]
@@ -171,6 +174,7 @@ def line_plot(path, tokens: list, panels: list) -> Path:
         lo, hi = min(values), max(values)
         pad = (hi - lo) * 0.1 or abs(hi) * 0.05 or 1.0
         lo, hi = lo - pad, hi + pad
+        decimals = max(0, 1 - math.floor(math.log10((hi - lo) / 4)))
 
         def px(x, y):
             fx = (x - xs[0]) / (xs[-1] - xs[0]) if len(xs) > 1 else 0.5
@@ -182,7 +186,7 @@ def line_plot(path, tokens: list, panels: list) -> Path:
             y = lo + (hi - lo) * i / 4
             _, py = px(xs[0], y)
             draw.line([x0 - 4, py, x0, py], fill="black")
-            draw.text((x0 - 6, py), f"{y:.3g}", fill="black", font=small, anchor="rm")
+            draw.text((x0 - 6, py), f"{y:.{decimals}f}", fill="black", font=small, anchor="rm")
         for x, n in zip(xs, tokens):
             qx, _ = px(x, lo)
             draw.line([qx, y1, qx, y1 + 4], fill="black")
@@ -194,9 +198,9 @@ def line_plot(path, tokens: list, panels: list) -> Path:
                 draw.line(points, fill=COLOURS[variant], width=2)
             for qx, qy in points:
                 draw.ellipse([qx - 3, qy - 3, qx + 3, qy + 3], fill=COLOURS[variant])
-            ly = y0 + 8 + 16 * j
-            draw.line([x0 + 8, ly, x0 + 26, ly], fill=COLOURS[variant], width=2)
-            draw.text((x0 + 30, ly), VARIANTS[variant].format(n="N"), fill="black", font=small, anchor="lm")
+            lx = x0 + j * (x1 - x0) / 2  # legend between the title and the axes
+            draw.line([lx + 4, 36, lx + 22, 36], fill=COLOURS[variant], width=2)
+            draw.text((lx + 26, 36), VARIANTS[variant].format(n="N"), fill="black", font=small, anchor="lm")
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
@@ -241,7 +245,7 @@ def main(argv=None):
           f"({epochs} epochs) per run on {machine(device)}")
 
     lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
-    inception = load_optional(lambda: metrics.load_inception(None, device), "rFID")
+    inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
     rows, recons, swaps, reference = [], {}, {}, {}
     for tokens in args.tokens:
         for variant in VARIANTS:
@@ -258,12 +262,13 @@ def main(argv=None):
             save_json(rows, out / "results.json")
             print(f"{VARIANTS[variant].format(n=tokens)}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}")
 
-    k = args.grid_images
+    first_batch = min(args.eval_batch_size, len(val_set))
+    k = min(args.grid_images, first_batch)
     tokens = sorted(args.tokens)
     columns = [real[:k]] + [recons[v, n] for n in tokens for v in VARIANTS]
     save_image_grid(as_images(np.stack(columns, 1).reshape(-1, *real.shape[1:])), out / "comparison.png",
                     ncol=len(columns))
-    partner = np.roll(np.arange(k), -1)  # the same pairing as the swap in `reconstruct` (next image)
+    partner = (np.arange(k) + 1) % first_batch  # the pairing of the swap in `reconstruct`
     columns = [real[:k], real[partner]] + [s for n in tokens for s in swaps[n]]
     save_image_grid(as_images(np.stack(columns, 1).reshape(-1, *real.shape[1:])), out / "caption_swap.png",
                     ncol=len(columns))
@@ -276,6 +281,8 @@ def main(argv=None):
     table = markdown_table(rows)
     captions = "\n".join(f"{i + 1}. own: \"{val_set.captions[i]}\" / swapped in: \"{val_set.captions[partner[i]]}\""
                          for i in range(k))
+    rfid_note = (f" rFID on {len(val_set)} images (the paper uses 50K) is only comparable within this table."
+                 if inception is not None else "")
     report = f"""# Text conditioning: TexTok vs Baseline (w/o text)
 
 Command: `{command}`
@@ -287,8 +294,7 @@ Train flags passed through: `{' '.join(extra) or 'none'}`
 {table}
 
 Numbers in brackets: TexTok minus Baseline at the same number of tokens. "PSNR, swapped caption": TexTok's tokens
-decoded with the next image's caption instead of their own. rFID on {len(val_set)} images (the paper uses 50K) is
-only comparable within this table.
+decoded with the next image's caption instead of their own.{rfid_note}
 
 - `metrics.png`: the metrics against the number of tokens (Fig. 3 analogue).
 - `comparison.png`: columns original, then Baseline-N, TexTok-N for N = {', '.join(map(str, tokens))} (Fig. 1).
