@@ -469,7 +469,7 @@ def read_npz_batch(path):
             shape, fortran, dtype = _npy_header(f, path)
     if dtype != np.uint8:
         raise NpzError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images with values in [0, 255]")
-    if len(shape) != 4 or shape[3] != 3 or min(shape[1:3], default=0) < 1:
+    if len(shape) != 4 or shape[3] != 3 or min(shape[1], shape[2]) < 1:
         raise NpzError(f"{path}: arr_0 has shape {list(shape)}, expected [N, H, W, 3] (RGB, channels last)")
     if shape[0] < 2:
         raise NpzError(f"{path}: arr_0 holds {shape[0]} images; FID needs at least 2")

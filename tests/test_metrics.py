@@ -1,4 +1,6 @@
 """metrics.py against closed forms, scikit-image and pytorch-fid (test-only oracles); random weights throughout."""
+import zipfile
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -276,7 +278,6 @@ def write_bad(path, kind):
         np.savez(path, images(), mu=np.zeros(10), sigma=np.eye(10), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
     elif kind == "truncated":
         np.savez(path, images())
-        import zipfile
         with zipfile.ZipFile(path) as z:
             data = z.read("arr_0.npy")
         with zipfile.ZipFile(path, "w") as z:
