@@ -34,7 +34,7 @@ def weights(out):
 def test_steps_change_weights_and_lower_loss(tmp_path, text_cache):
     """Same 8 images every step (--num-images 8): the weights move and the l2 loss falls."""
     out = tmp_path / "run"
-    train.main(base_args(out, text_cache, "--num-images", "8", "--max-steps", "6", "--disc-start", "100"))
+    train.main(base_args(out, text_cache, "--num-images", "8", "--epochs", "10", "--max-steps", "6", "--disc-start", "100"))
     rows = [r for r in log_rows(out) if "l2" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["l2"] < rows[0]["l2"]
