@@ -253,10 +253,9 @@ def load_states(states: dict, objects: dict, where) -> None:
 class Run:
     """What both stages share: output folder, JSONL log, progress bar, checkpoint cadence, non-finite guard."""
 
-    def __init__(self, args, rank, run_config, total_steps):
+    def __init__(self, args, rank, run_config):
         self.args, self.rank, self.run_config = args, rank, run_config
         self.out = Path(args.out or f"runs/{args.stage}")
-        self.total = total_steps
         self.last_ckpt = None
         if rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +334,7 @@ def train_tokenizer(args, rank, world, device):
     run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
                   "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),
                   "perceptual_loss": "on (LPIPS-VGG)" if tc.perceptual_weight > 0 else "OFF (perceptual_weight 0)"}
-    run = Run(args, rank, run_config, total)
+    run = Run(args, rank, run_config)
 
     torch.manual_seed(tc.seed)  # after data set-up, so the initial weights never depend on a cache hit
     model = TexTok(cfg).to(device)
@@ -515,7 +514,7 @@ def train_dit(args, rank, world, device):
     run_config = {"stage": "dit", "preset": args.preset, "note": note, "task": args.task, "data": args.data or "embedded",
                   "tokenizer": str(Path(args.tokenizer).resolve()), "num_classes": num_classes,
                   "tokenizer_config": to_dict(cfg), "train": to_dict(dc)}
-    run = Run(args, rank, run_config, total)
+    run = Run(args, rank, run_config)
 
     latent_cache = Path(args.cache_dir) / "latents" / f"{Path(args.tokenizer).resolve().as_posix().replace('/', '_')}-{args.data and Path(args.data).name or 'embedded'}-{len(train_set)}.safetensors"
     Z = encode_latents(tokenizer, train_set, device, 64, args.precision, latent_cache) if rank == 0 or world == 1 \
