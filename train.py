@@ -11,6 +11,7 @@ the data order and every random draw are functions of (seed, step, rank), so N +
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -516,9 +517,11 @@ def train_dit(args, rank, world, device):
                   "tokenizer_config": to_dict(cfg), "train": to_dict(dc)}
     run = Run(args, rank, run_config)
 
-    latent_cache = Path(args.cache_dir) / "latents" / f"{Path(args.tokenizer).resolve().as_posix().replace('/', '_')}-{args.data and Path(args.data).name or 'embedded'}-{len(train_set)}.safetensors"
-    Z = encode_latents(tokenizer, train_set, device, 64, args.precision, latent_cache) if rank == 0 or world == 1 \
-        else None
+    # Keyed by the tokenizer's weights and the data, so a retrained tokenizer at the same path never reads stale Z.
+    weights = hashlib.sha1((Path(args.tokenizer) / "model.safetensors").read_bytes()).hexdigest()[:16]
+    data_name = Path(args.data or "embedded").name
+    latent_cache = Path(args.cache_dir) / "latents" / f"{weights}-{data_name}-{len(train_set)}.safetensors"
+    Z = encode_latents(tokenizer, train_set, device, 64, args.precision, latent_cache) if rank == 0 else None
     if world > 1:
         dist.barrier()
         Z = load_tensors(latent_cache)["Z"] if Z is None else Z
