@@ -14,21 +14,25 @@ def key_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class Attention(nn.Module):
-    """Multi-head attention; self-attention when `context` is None, else cross-attention to `context`."""
+    """Multi-head attention. Self-attention (one fused qkv projection, as ViT and DiT) unless `cross`, where the
+    queries come from x and the keys and values from `context` (Tab. 4c)."""
 
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, cross: bool = False):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        self.qkv = None if cross else nn.Linear(dim, 3 * dim)
+        self.q = nn.Linear(dim, dim) if cross else None
+        self.kv = nn.Linear(dim, 2 * dim) if cross else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context=None, mask=None):
-        """x: [B, S, D]; context: [B, S', D] or None; mask: [B, S'] bool over the keys (True = attend)."""
+        """x: [B, S, D]; context: [B, S', D] (cross-attention only); mask: [B, S'] bool over the keys (True = attend)."""
         B, S, D = x.shape
-        context = x if context is None else context
-        q = self.q(x).view(B, S, self.heads, -1).transpose(1, 2)
-        k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        else:
+            q = self.q(x).view(B, S, self.heads, -1).transpose(1, 2)
+            k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask(mask))
         return self.proj(out.transpose(1, 2).reshape(B, S, D))
 
@@ -40,7 +44,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
-        self.cross = Attention(dim, heads) if cross else None
+        self.cross = Attention(dim, heads, cross=True) if cross else None
         self.norm_cross = nn.LayerNorm(dim) if cross else None
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))

@@ -14,13 +14,17 @@ from config import config_diff
 
 
 def atomic_write(path, write) -> Path:
-    """Calls write(tmp_path) on a temporary file beside `path`, then renames it to `path`: never a half file."""
+    """Calls write(tmp_path) on a temporary file beside `path`, then renames it to `path`: never a half file.
+    The file gets the usual permissions (0666 less the umask), not mkstemp's owner-only 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

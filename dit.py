@@ -58,7 +58,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6) if cross_attn else None
-        self.cross_attn = Attention(hidden_size, num_heads) if cross_attn else None
+        self.cross_attn = Attention(hidden_size, num_heads, cross=True) if cross_attn else None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"),
