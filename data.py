@@ -227,6 +227,12 @@ def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, see
     return pool
 
 
+def cond_kwargs(batch: dict) -> dict:
+    """The condition of a collated batch as keyword arguments for TexTok: text embeddings + mask (`WithText`) and
+    labels, None where the batch has none (TexTok reads only what its conditioning needs)."""
+    return dict(text=batch.get("text"), text_mask=batch.get("text_mask"), labels=batch.get("label"))
+
+
 class WithText(Dataset):
     """Adds the cached caption embeddings (`text`, `text_mask`) to each item of a captioned dataset."""
 

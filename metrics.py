@@ -524,7 +524,7 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     """Encodes and decodes `num_images` images of the dataset with a TexTok checkpoint; rFID compares the Inception
     statistics of reconstructions and originals, rIS is the IS of the reconstructions."""
     from common import to_uint8  # the model code is imported here so metrics.py imports without it
-    from data import WithText, make_datasets
+    from data import WithText, cond_kwargs, make_datasets
     from textok import TexTok
 
     tok = TexTok.from_pretrained(tokenizer, map_location=device).eval()
@@ -538,11 +538,7 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     real, rec, sums = [], [], {"PSNR": 0.0, "SSIM": 0.0, "LPIPS": 0.0}
     for batch in tqdm(loader, desc="reconstruction", unit="batch"):
         images = batch["image"].to(device)
-        cond = {}
-        if cfg.conditioning == "text":
-            cond = dict(text=batch["text"].to(device), text_mask=batch["text_mask"].to(device))
-        elif cfg.conditioning == "class":
-            cond = dict(labels=batch["label"].to(device))
+        cond = {k: v.to(device) for k, v in cond_kwargs(batch).items() if v is not None}
         x_hat = tok.decode(tok.encode(images, **cond), **cond)
         x, x_hat = (torch.from_numpy(to_uint8(z)).to(device) for z in (images, x_hat))  # metrics stay on device
         real.append(compute_features(model, x, batch_size, progress=False))

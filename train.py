@@ -32,7 +32,7 @@ from common import (atomic_write, check_config, load_json, load_state, load_tens
                     save_json, save_tensors)
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, from_dict, get_preset,
                     to_dict)
-from data import WithText, make_datasets
+from data import WithText, cond_kwargs, make_datasets
 from diffusion import Diffusion
 from dit import build_dit, save_dit
 from discriminator import LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty
@@ -278,12 +278,18 @@ class Run:
         if self.rank == 0:
             self.last_ckpt = save_checkpoint(self.out, step, states_fn(), self.run_config)
 
-    def truncate_log(self, step: int) -> None:
-        """On resume, drops log rows after the checkpoint's step so the log reads as one uninterrupted run."""
+    def resume(self, objects: dict, device) -> int:
+        """With --resume, restores `objects` from OUT/latest and drops log rows after its step (so the log reads as
+        one uninterrupted run); returns the step to start from (0 without --resume)."""
+        if not self.args.resume:
+            return 0
+        step, states = load_checkpoint(self.out, self.run_config, device)
+        load_states(states, objects, self.out / "latest")
         path = self.out / "log.jsonl"
         if self.rank == 0 and path.is_file():
             rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= step]
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+        return step
 
 
 def make_loader(dataset, batch, rank, world, seed, start, total, workers):
@@ -294,11 +300,6 @@ def make_loader(dataset, batch, rank, world, seed, start, total, workers):
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def cond_kwargs(batch: dict) -> dict:
-    """The condition of a batch as keyword arguments for TexTok (text embeddings + mask, labels)."""
-    return dict(text=batch.get("text"), text_mask=batch.get("text_mask"), labels=batch.get("label"))
 
 
 def perceptual_loss(device):
@@ -320,6 +321,20 @@ def datasets_for(args, cfg: TexTokConfig, device):
         train = WithText(train, cfg.text_encoder, cfg.text_len, cache, device)
         val = WithText(val, cfg.text_encoder, cfg.text_len, cache, device)
     return train, val
+
+
+def micro_batch(batch_size: int, world: int, grad_accum: int) -> int:
+    """Per-rank micro-batch of one accumulation step; the global batch must split evenly."""
+    micro = batch_size // (world * grad_accum)
+    if micro * world * grad_accum != batch_size:
+        raise SystemExit(f"batch {batch_size} is not divisible by {world} ranks x {grad_accum} accumulation")
+    return micro
+
+
+def wrap(model, world: int, device, compile_: bool):
+    """DDP across ranks (when there are several), then torch.compile if asked."""
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    return torch.compile(net) if compile_ else net
 
 
 def steps_for(n: int, batch: int, epochs: int, max_steps):
@@ -350,22 +365,15 @@ def train_tokenizer(args, rank, world, device):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, total))
     objects = {"model": model, "ema": ema, "disc": disc, "lecam": lecam, "opt": opt, "d_opt": d_opt,
                "sched": sched}
-    start = 0
-    if args.resume:
-        start, states = load_checkpoint(run.out, run_config, device)
-        load_states(states, objects, run.out / "latest")
-        run.truncate_log(start)
+    start = run.resume(objects, device)
     lpips_fn = perceptual_loss(device) if tc.perceptual_weight > 0 else None
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    net = torch.compile(net) if args.compile else net
+    net = wrap(model, world, device, args.compile)
     if rank == 0:
         print(f"TexTok {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, D "
               f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M; {note}; perceptual loss "
               f"{run_config['perceptual_loss']}; {total} steps ({stop - start} in this run) on {device} x {world}")
 
-    micro = tc.batch_size // (world * args.grad_accum)
-    if micro * world * args.grad_accum != tc.batch_size:
-        raise SystemExit(f"batch {tc.batch_size} is not divisible by {world} ranks x {args.grad_accum} accumulation")
+    micro = micro_batch(tc.batch_size, world, args.grad_accum)
     loader = make_loader(train_set, micro * args.grad_accum, rank, world, tc.seed, start, stop, args.workers)
     val_batch = to_device(default_collate([val_set[i] for i in range(min(len(val_set), 64))]), device)
     bar = tqdm(total=stop, initial=start, disable=rank != 0, desc="tokenizer", dynamic_ncols=True)
@@ -537,19 +545,12 @@ def train_dit(args, rank, world, device):
                             fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(dc.warmup_steps, total))
     objects = {"model": model, "ema": ema, "opt": opt, "sched": sched}
-    start = 0
-    if args.resume:
-        start, states = load_checkpoint(run.out, run_config, device)
-        load_states(states, objects, run.out / "latest")
-        run.truncate_log(start)
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    net = torch.compile(net) if args.compile else net
+    start = run.resume(objects, device)
+    net = wrap(model, world, device, args.compile)
     if rank == 0:
         print(f"{dc.model} ({args.task}) {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params over "
               f"{cfg.num_tokens}x{cfg.token_dim} tokens; {total} steps ({stop - start} in this run) on {device} x {world}")
-    micro = dc.batch_size // (world * args.grad_accum)
-    if micro * world * args.grad_accum != dc.batch_size:
-        raise SystemExit(f"batch {dc.batch_size} is not divisible by {world} ranks x {args.grad_accum} accumulation")
+    micro = micro_batch(dc.batch_size, world, args.grad_accum)
     loader = make_loader(latents, micro * args.grad_accum, rank, world, dc.seed, start, stop, args.workers)
     bar = tqdm(total=stop, initial=start, disable=rank != 0, desc="dit", dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
