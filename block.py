@@ -49,62 +49,65 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
-    def forward(self, x, mask=None, cond=None, cond_mask=None):
-        """x: [B, S, D] with key mask [B, S]; cond: [B, N_t, D] with mask [B, N_t] (cross-attention only)."""
+    def forward(self, x, mask=None, context=None, context_mask=None):
+        """x: [B, S, D] with key mask [B, S]; context: [B, N_t, D] with mask [B, N_t] (cross-attention only)."""
         x = x + self.attn(self.norm1(x), mask=mask)
-        if self.cross is not None and cond is not None:
-            x = x + self.cross(self.norm_cross(x), cond, cond_mask)
+        if self.cross is not None and context is not None:
+            x = x + self.cross(self.norm_cross(x), context, context_mask)
         return x + self.mlp(self.norm2(x))
 
 
 class ViT(nn.Module):
-    """A stack of `Block`s with a final LayerNorm."""
+    """The ViT of the tokenizer or the detokenizer: `depth` blocks and a final LayerNorm, owning how the condition
+    enters (Tab. 4c). `forward(x, T)` returns the outputs at x's positions:
+    - in-context (§3.2): the sequence is [x, T] and padded text keys are masked out;
+    - cross-attention (Tab. 4c): the sequence is x alone and every block attends to T."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_dim: int, cross: bool = False):
+    def __init__(self, cfg, depth: int, conditioned: bool):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, cross) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.in_context = cfg.cond_arch == "in-context"
+        cross = conditioned and not self.in_context
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_dim, cross) for _ in range(depth))
+        self.norm = nn.LayerNorm(cfg.width)
 
-    def forward(self, x, mask=None, cond=None, cond_mask=None):
+    def forward(self, x: torch.Tensor, T=None) -> torch.Tensor:
+        """x: [B, S, D]; T: (tokens [B, N_t, D], mask [B, N_t]) from a `Conditioner`, or None. Returns [B, S, D]."""
+        mask = context = context_mask = None
+        S = x.shape[1]
+        if T is not None and self.in_context:
+            mask = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), T[1]], dim=1)
+            x = torch.cat([x, T[0].to(x.dtype)], dim=1)
+        elif T is not None:
+            context, context_mask = T
         for block in self.blocks:
-            x = block(x, mask, cond, cond_mask)
-        return self.norm(x)
+            x = block(x, mask, context, context_mask)
+        return self.norm(x[:, :S])
 
 
 class Conditioner(nn.Module):
-    """Turns the condition into tokens of width D: `T = Linear(text embeddings)` (§3.2) or a learnable class
-    embedding (Tab. 4a), returned with a [B, N_t] mask (True = real token)."""
+    """Turns a batch's condition (data.Cond) into tokens of width D: `T = Linear(text embeddings)` (§3.2) or a
+    learnable class embedding (Tab. 4a), returned with a [B, N_t] mask (True = real token)."""
 
-    def __init__(self, kind: str, dim: int, text_dim: int, num_classes: int):
+    def __init__(self, cfg):
         super().__init__()
-        self.kind = kind
-        self.proj = nn.Linear(text_dim, dim) if kind == "text" else nn.Embedding(num_classes, dim)
+        self.kind = cfg.conditioning
+        self.proj = (nn.Linear(cfg.text_dim, cfg.width) if self.kind == "text"
+                     else nn.Embedding(cfg.num_classes, cfg.width))
 
-    def forward(self, text=None, text_mask=None, labels=None):
+    def forward(self, cond):
+        """cond: a data.Cond with `text` [B, N_t, C] + `text_mask` [B, N_t] (text) or `label` [B] (class)."""
         if self.kind == "text":
-            if text is None:
-                raise ValueError("this TexTok is text-conditioned: pass text embeddings [B, N_t, C] and their mask")
-            if text_mask is None:
-                text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
-            return self.proj(text), text_mask.bool()
-        if labels is None:
-            raise ValueError("this TexTok is class-conditioned: pass labels [B]")
-        T = self.proj(labels)[:, None]
+            if cond is None or cond.text is None:
+                raise ValueError("this TexTok is text-conditioned: pass text embeddings, Cond(text=[B, N_t, C], "
+                                 "text_mask=[B, N_t])")
+            mask = cond.text_mask
+            if mask is None:
+                mask = torch.ones(cond.text.shape[:2], dtype=torch.bool, device=cond.text.device)
+            return self.proj(cond.text), mask.bool()
+        if cond is None or cond.label is None:
+            raise ValueError("this TexTok is class-conditioned: pass Cond(label=[B])")
+        T = self.proj(cond.label)[:, None]
         return T, torch.ones(T.shape[:2], dtype=torch.bool, device=T.device)
-
-
-def run_vit(vit: ViT, x: torch.Tensor, cond, in_context: bool) -> torch.Tensor:
-    """Runs `vit` over tokens x [B, S, D] with the condition (T, mask) or None; returns the outputs at x's positions.
-
-    In-context (§3.2): the sequence is [x, T] and padded text keys are masked out. Cross-attention (Tab. 4c): the
-    sequence is x alone and each block attends to T."""
-    if cond is None:
-        return vit(x)
-    T, T_mask = cond
-    if not in_context:
-        return vit(x, cond=T, cond_mask=T_mask)
-    mask = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), T_mask], dim=1)
-    return vit(torch.cat([x, T.to(x.dtype)], dim=1), mask=mask)[:, : x.shape[1]]
 
 
 def init_weights(module: nn.Module) -> None:

@@ -1,16 +1,30 @@
-"""Small shared utilities: atomic file writing, the one safetensors checkpoint writer/reader, the image grid writer."""
+"""Small shared utilities that know nothing of the models: the user-input error, atomic file writing, safetensors
+weights and the one training-checkpoint format (both stages), the image grid writer, bf16 autocast."""
 import json
 import os
+import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from config import config_diff
+
+class InputError(ValueError):
+    """A problem with what the user gave (data, flags, config, checkpoint, .npz): the entry points print it as one
+    line, `error: <file>: <problem>`, and exit non-zero. Bugs raise anything else and keep their tracebacks."""
+
+
+def autocast(device, precision: str = "auto"):
+    """bf16 autocast on CUDA ("auto"/"bf16"), none on CPU unless asked: measured slower there (README)."""
+    device = torch.device(device)
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def atomic_write(path, write) -> Path:
@@ -93,8 +107,99 @@ def load_state(module: torch.nn.Module, state: dict, path) -> None:
     module.load_state_dict(state)
 
 
-def check_config(saved: dict, wanted: dict, path) -> None:
-    """Refuses a checkpoint whose saved config differs from the requested one, naming the differing fields."""
-    diff = config_diff(saved, wanted)
-    if diff:
-        raise ValueError(f"{path}: checkpoint config differs from the requested one: " + "; ".join(diff))
+# ---------------------------------------------------------------------------------------- torchrun (DDP) helpers
+def setup_distributed():
+    """(rank, world, device) from torchrun's environment: NCCL on CUDA, gloo on CPU; (0, 1, device) otherwise."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def global_mean(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Mean of a tensor across ranks (a detached float copy)."""
+    x = x.detach().float().clone()
+    if world > 1:
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+def all_reduce_grads(module: torch.nn.Module, world: int) -> None:
+    """Averages gradients across ranks (for modules not wrapped in DDP, e.g. D with the R1 double backward)."""
+    if world > 1:
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+
+
+# ------------------------------------------------------------------------------ training checkpoints (both stages)
+def _pack(obj, tensors, prefix=""):
+    """Splits a nested state (dicts, lists, tensors, numbers) into JSON plus a flat tensor dict for safetensors."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        items = {str(k): _pack(v, tensors, f"{prefix}.{k}") for k, v in obj.items()}
+        return {"__intkeys__": items} if obj and all(isinstance(k, int) for k in obj) else items
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _unpack(obj, tensors):
+    """Inverse of `_pack`."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__intkeys__" in obj:
+            return {int(k): _unpack(v, tensors) for k, v in obj["__intkeys__"].items()}
+        return {k: _unpack(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    return obj
+
+
+def save_checkpoint(out: Path, step: int, objects: dict, run_config: dict, keep: int = 2) -> Path:
+    """Writes the `state_dict()` of every object (modules, optimizers, schedulers) to OUT/step-XXXXXXX/
+    (state.safetensors + state.json + config.json) under a temporary name, renames it, then points OUT/latest at it;
+    checkpoints older than the newest `keep` are removed."""
+    out = Path(out)
+    final, tmp = out / f"step-{step:07d}", out / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tensors = {}
+    skeleton = _pack({k: v.state_dict() for k, v in objects.items()}, tensors, "s")
+    save_tensors(tensors, tmp / "state.safetensors")
+    save_json({"step": step, "state": skeleton}, tmp / "state.json")
+    save_json(run_config, tmp / "config.json")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    (out / ".latest.tmp").write_text(final.name + "\n")
+    os.replace(out / ".latest.tmp", out / "latest")
+    for old in sorted(out.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(out: Path, objects: dict, check_config, map_location) -> int:
+    """Restores `objects` from OUT/latest (modules strictly, naming mismatches) after `check_config(saved config,
+    path)` accepted its config.json; returns the checkpoint's step."""
+    latest = Path(out) / "latest"
+    if not latest.is_file():
+        raise InputError(f"{latest}: no checkpoint to resume from")
+    ckpt = latest.parent / latest.read_text().strip()
+    check_config(load_json(ckpt / "config.json"), ckpt / "config.json")
+    meta = load_json(ckpt / "state.json")
+    tensors = {k: v.to(map_location) for k, v in load_tensors(ckpt / "state.safetensors").items()}
+    states = _unpack(meta["state"], tensors)
+    for name, obj in objects.items():
+        if isinstance(obj, torch.nn.Module):
+            load_state(obj, states[name], f"{ckpt}: {name}")
+        else:
+            obj.load_state_dict(states[name])
+    return meta["step"]

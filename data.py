@@ -12,14 +12,16 @@ in a caption (like the paper's descriptive captions, App. D). Each image also ho
 shape of the first object; each class has a pool of held-out captions (for class-conditional sampling, §3.2).
 Splits draw from disjoint seed streams, so train, validation and the caption pool never share a seed.
 """
+import hashlib
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from text_encoder import cached_text_embeddings
 
@@ -119,7 +121,7 @@ class ShapesDataset(Dataset):
     """The embedded captioned shapes set: item i of `split` is drawn from seed (split, seed, i)."""
 
     def __init__(self, split: str = "train", size: int = 32, num_images: int = 4096, seed: int = 0):
-        self.size = size
+        self.size, self.split, self.seed = size, split, seed
         self.scenes = [make_scene(np.random.default_rng([SPLITS[split], seed, i])) for i in range(num_images)]
         self.captions = [caption(s) for s in self.scenes]
         self.labels = [SHAPES.index(s["objects"][0]["shape"]) for s in self.scenes]
@@ -128,7 +130,11 @@ class ShapesDataset(Dataset):
         return len(self.scenes)
 
     def __getitem__(self, i):
-        return dict(image=to_tensor(render(self.scenes[i], self.size)), label=self.labels[i], index=i)
+        return dict(image=to_tensor(render(self.scenes[i], self.size)), index=i)
+
+    def identity(self) -> str:
+        """What determines the items: the generator's split, seed, count and size."""
+        return f"shapes-{self.split}-{self.seed}-{len(self)}-{self.size}px"
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -139,7 +145,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
             w, h = im.size
             s = min(w, h)
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            return np.asarray(im.resize((size, size), Image.BICUBIC))
+            return np.array(im.resize((size, size), Image.BICUBIC))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: image file not found") from None
     except OSError as e:
@@ -169,7 +175,9 @@ class JsonlDataset(Dataset):
             rows.append(row)
         if not rows:
             raise ValueError(f"{path}: no images listed")
-        rows = rows if indices is None else [rows[i] for i in indices]
+        self.jsonl_sha1 = hashlib.sha1(path.read_bytes()).hexdigest()
+        self.indices = list(range(len(rows))) if indices is None else list(indices)
+        rows = [rows[i] for i in self.indices]
         self.files = [self.root / r["image"] for r in rows]
         self.captions = [r["caption"] for r in rows]
         self.labels = [int(r.get("label", -1)) for r in rows]
@@ -178,7 +186,16 @@ class JsonlDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        return dict(image=to_tensor(load_image(self.files[i], self.size)), label=self.labels[i], index=i)
+        return dict(image=to_tensor(load_image(self.files[i], self.size)), index=i)
+
+    def identity(self) -> str:
+        """A hash of what determines the items: captions.jsonl's content, the selected rows, the resolution, and each
+        image file's size and modification time (a replaced image changes it)."""
+        h = hashlib.sha1(f"{self.jsonl_sha1}|{self.indices}|{self.size}".encode())
+        for f in self.files:
+            st = f.stat()
+            h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return f"{self.root.name}-{h.hexdigest()[:16]}"
 
 
 def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0):
@@ -227,33 +244,113 @@ def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, see
     return pool
 
 
-def cond_kwargs(batch: dict) -> dict:
-    """The condition of a collated batch as keyword arguments for TexTok: text embeddings + mask (`WithText`) and
-    labels, None where the batch has none (TexTok reads only what its conditioning needs)."""
-    return dict(text=batch.get("text"), text_mask=batch.get("text_mask"), labels=batch.get("label"))
+class Cond(NamedTuple):
+    """The condition of one image or a batch (§3.2), the one object TexTok, the latent cache, DiT and sample.py read:
+    the frozen encoder's caption embeddings `text` [B, N_t, C] (float32, from the fp16 cache) with their padding mask
+    `text_mask` [B, N_t] (True = real token), and the class `label` [B] (long). Fields nobody reads are None."""
+    text: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    label: torch.Tensor | None = None
+
+    def to(self, device, non_blocking: bool = False) -> "Cond":
+        return Cond(*(None if v is None else v.to(device, non_blocking=non_blocking) for v in self))
+
+    def part(self, index) -> "Cond":
+        """The rows `index` (a slice or index tensor) of a batch's condition."""
+        return Cond(*(None if v is None else v[index] for v in self))
+
+    @staticmethod
+    def stack(conds) -> "Cond":
+        """One batch from per-item conditions."""
+        return Cond(*(None if v[0] is None else torch.stack(v) for v in zip(*conds)))
 
 
-class WithText(Dataset):
-    """Adds the cached caption embeddings (`text`, `text_mask`) to each item of a captioned dataset."""
+class Conditions:
+    """The conditions of a caption list, computed once: labels, and with `text_encoder` the captions' embeddings from
+    the one on-disk cache (text_encoder.cached_text_embeddings: fp16, memory-mapped), read back as float32.
+    `conds[i]` is one image's `Cond`; `conds.batch(indices)` a batch's."""
 
-    def __init__(self, dataset, encoder: str, text_len: int, cache_dir, device="cpu"):
-        self.dataset = dataset
-        self.emb, self.mask = cached_text_embeddings(encoder, text_len, dataset.captions, cache_dir, device=device,
-                                                     progress=True)
+    def __init__(self, captions, labels, text_encoder=None, text_len: int = 128, cache_dir="cache", device="cpu"):
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.emb = self.mask = None
+        if text_encoder is not None:
+            self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, list(captions),
+                                                         Path(cache_dir) / "text", device=device, progress=True)
 
-    @property
-    def captions(self):
-        return self.dataset.captions
+    def __len__(self):
+        return len(self.labels)
 
-    @property
-    def labels(self):
-        return self.dataset.labels
+    def __getitem__(self, i) -> Cond:
+        if self.emb is None:
+            return Cond(label=self.labels[i])
+        return Cond(torch.from_numpy(np.array(self.emb[i], np.float32)), torch.from_numpy(np.array(self.mask[i])),
+                    self.labels[i])
+
+    def batch(self, indices) -> Cond:
+        return Cond.stack([self[int(i)] for i in indices])
+
+
+def collate(items: list) -> dict:
+    """Batches items {name: tensor or int, ..., "cond": Cond}: tensors stacked, conditions into one batch `Cond`."""
+    return {k: Cond.stack([it[k] for it in items]) if k == "cond" else default_collate([it[k] for it in items])
+            for k in items[0]}
+
+
+class WithCond(Dataset):
+    """Each item of a captioned data set with its condition `cond` (a `Cond`) added."""
+
+    def __init__(self, dataset, conds: Conditions):
+        self.dataset, self.conds = dataset, conds
+        self.captions, self.labels = dataset.captions, dataset.labels
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        item = self.dataset[i]
-        item["text"] = torch.from_numpy(np.array(self.emb[i], np.float32))
-        item["text_mask"] = torch.from_numpy(np.array(self.mask[i]))
-        return item
+        return {**self.dataset[i], "cond": self.conds[i]}
+
+
+class LatentSet(Dataset):
+    """Stage 2's items: the cached tokens Z [N, d] of image i with that image's condition."""
+
+    def __init__(self, Z: torch.Tensor, conds: Conditions):
+        self.Z, self.conds = Z, conds
+
+    def __len__(self):
+        return len(self.Z)
+
+    def __getitem__(self, i):
+        return {"Z": self.Z[i], "cond": self.conds[i]}
+
+
+def conditioned(dataset, cfg, cache_dir="cache", device="cpu", text: bool = True) -> WithCond:
+    """`dataset` with the conditions a TexTok of config `cfg` reads: caption embeddings (when `cfg.conditioning` is
+    "text" and `text`) and labels."""
+    encoder = cfg.text_encoder if text and cfg.conditioning == "text" else None
+    return WithCond(dataset, Conditions(dataset.captions, dataset.labels, encoder, cfg.text_len, cache_dir, device))
+
+
+class StepBatches:
+    """Batch sampler: step s of epoch e = s // steps_per_epoch reads a fixed slice of a permutation seeded by
+    (seed, e), split across ranks. Starting at `start_step` makes resume exact without replaying the loader."""
+
+    def __init__(self, n, batch, rank, world, seed, start_step, total_steps):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.start, self.total = start_step, total_steps
+        self.per_epoch = max(1, n // (batch * world))
+
+    def __len__(self):
+        return self.total - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            epoch, k = divmod(step, self.per_epoch)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            at = (k * self.world + self.rank) * self.batch
+            yield (perm.repeat(2)[at: at + self.batch]).tolist()
+
+
+def step_loader(dataset, batch, rank, world, seed, start, total, workers) -> DataLoader:
+    """Steps `start`..`total` of this rank's batches (`StepBatches`), collated into {"image" or "Z", "cond"}."""
+    return DataLoader(dataset, batch_sampler=StepBatches(len(dataset), batch, rank, world, seed, start, total),
+                      num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available())

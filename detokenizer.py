@@ -4,7 +4,7 @@ text tokens projected to T' go through one ViT; the outputs at P' are projected 
 import torch
 import torch.nn as nn
 
-from block import ViT, Conditioner, run_vit, init_weights
+from block import ViT, Conditioner, init_weights
 from config import TexTokConfig
 from tokenizer import unpatchify
 
@@ -16,22 +16,22 @@ class Detokenizer(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, s = cfg.width, cfg.patch_size
-        self.P = nn.Parameter(torch.zeros(1, cfg.grid ** 2, D))           # P': hw learnable patch tokens
+        self.P_prime = nn.Parameter(torch.zeros(1, cfg.grid ** 2, D))     # P': hw learnable patch tokens
         self.z_proj = nn.Linear(cfg.token_dim, D)                          # Z': linearly projected image tokens
         self.z_pos = nn.Parameter(torch.zeros(1, cfg.num_tokens, D))       # position of each of the N tokens in Z'
-        self.cond = (Conditioner(cfg.conditioning, D, cfg.text_dim, cfg.num_classes)
-                     if cfg.conditions("detokenizer") else None)            # T': projected again from the same text
-        self.vit = ViT(D, cfg.dec_layers, cfg.heads, cfg.mlp_dim, cross=cfg.cond_arch == "cross-attention")
+        self.cond = Conditioner(cfg) if cfg.conditions("detokenizer") else None  # T': projected from the same text
+        self.vit = ViT(cfg, cfg.dec_layers, conditioned=self.cond is not None)
         self.to_pixels = nn.Linear(D, 3 * s * s)                           # outputs at P' -> pixel patches
         init_weights(self)
-        for p in (self.P, self.z_pos):
+        for p in (self.P_prime, self.z_pos):
             nn.init.trunc_normal_(p, std=0.02)
 
-    def forward(self, Z, text=None, text_mask=None, labels=None) -> torch.Tensor:
-        """Z: [B, N, d]; text: [B, N_t, C] with mask [B, N_t]; labels: [B]. Returns images [B, 3, H, W]."""
+    def forward(self, Z, cond=None) -> torch.Tensor:
+        """Z: [B, N, d]; cond: the batch's data.Cond (caption embeddings or labels). Returns images [B, 3, H, W]."""
         if Z.ndim != 3 or Z.shape[1:] != (self.cfg.num_tokens, self.cfg.token_dim):
             raise ValueError(f"expected Z [B, {self.cfg.num_tokens}, {self.cfg.token_dim}], got {tuple(Z.shape)}")
-        x = torch.cat([self.P.expand(Z.shape[0], -1, -1), self.z_proj(Z) + self.z_pos], dim=1)
-        cond = self.cond(text, text_mask, labels) if self.cond is not None else None
-        x = run_vit(self.vit, x, cond, self.cfg.cond_arch == "in-context")
-        return unpatchify(self.to_pixels(x[:, : self.P.shape[1]]), self.cfg.patch_size)
+        P_prime = self.P_prime.expand(Z.shape[0], -1, -1)
+        Z_prime = self.z_proj(Z) + self.z_pos
+        T_prime = self.cond(cond) if self.cond is not None else None
+        x = self.vit(torch.cat([P_prime, Z_prime], dim=1), T_prime)  # in-context: ViT([P', Z', T'])
+        return unpatchify(self.to_pixels(x[:, : P_prime.shape[1]]), self.cfg.patch_size)  # outputs at P' -> pixels

@@ -90,7 +90,7 @@ class Diffusion:
         return [round(i * (T - 1) / (steps - 1)) for i in reversed(range(steps))]
 
     @torch.no_grad()
-    def ddim_sample(self, model_fn, shape, steps: int = 250, device="cpu", generator=None, progress=False):
+    def ddim_sample(self, model_fn, shape, steps: int = 250, device="cpu", generator=None, progress=False, noise=None):
         """Deterministic DDIM (η = 0) from x_{T−1} ~ N(0, I) to x0 (App. C: DDIM, 250 steps).
 
         model_fn(x [B, …] float32, t [B] long) returns v; for guidance pass e.g.
@@ -98,7 +98,7 @@ class Diffusion:
         Each step is DDIM Eq. 12 with σ_t = 0: x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev) ε̂, with ᾱ_prev = 1 after t = 0.
         """
         ts = self.sample_timesteps(steps)
-        x = torch.randn(shape, generator=generator, device=device)
+        x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.float()
         for i, t in enumerate(tqdm(ts, disable=not progress, desc="DDIM")):
             t_cpu = torch.full((shape[0],), t, dtype=torch.long)
             v = model_fn(x, t_cpu.to(device)).float()

@@ -5,13 +5,14 @@ embedder with a null class for classifier-free guidance and a final adaLN layer.
 patch size 1 (App. C) is a linear projection of the d channels plus a fixed 1D sin-cos position embedding.
 
 DiT-T2I (§4.1, after PixArt-α [5]) adds a multi-head cross-attention layer after the self-attention of every block,
-attending to the frozen T5 embeddings [B, L, C] with their padding mask. Its conditioning vector c is the timestep
+attending to the frozen T5 embeddings [B, N_t, C] with their padding mask. Its conditioning vector c is the timestep
 embedding alone (as PixArt-α); the caption enters only through cross-attention, and a learned null text is the
 unconditional input for guidance.
 
 The model predicts v (App. C: v-prediction), with no learned variance.
 """
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,8 +20,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from block import Attention
-from config import to_dict
-from common import check_config, load_json, load_state, load_tensors, save_json, save_tensors
+from common import InputError, load_json, load_state, load_tensors, save_json, save_tensors
+from config import check_config, from_dict, to_dict
+
+
+@dataclass
+class DiTConfig:
+    """A DiT's architecture (the constructor's arguments), saved as `config.json`'s "dit" entry."""
+    num_tokens: int = 128            # N TexTok tokens
+    in_channels: int = 8             # d channels per token (App. C: N x 8)
+    hidden_size: int = 1152          # DiT-XL
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # DiT: label dropout for classifier-free guidance
+    num_classes: int = 1000
+    text_dim: int | None = None      # None: class-conditional DiT; C: DiT-T2I over C-channel text embeddings
 
 
 def modulate(x, shift, scale):
@@ -66,7 +81,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c, context=None, context_mask=None):
-        """x: [B, N, D]; c: [B, D]; context: [B, L, D] with mask [B, L] (DiT-T2I only)."""
+        """x: [B, N, D]; c: [B, D]; context: [B, N_t, D] with mask [B, N_t] (DiT-T2I only)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         if self.cross_attn is not None:
@@ -89,7 +104,10 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """DiT over N TexTok tokens of d channels (patch size 1, App. C); class-conditional, or DiT-T2I if `text_dim`."""
+    """DiT over N TexTok tokens of d channels (patch size 1, App. C); class-conditional, or DiT-T2I if `text_dim`.
+
+    Holds the per-channel mean and std of the training latents (buffers `latent_mean`, `latent_std` [d]): it generates
+    normalised tokens, and `denormalize` maps them back to the TexTok's Z."""
 
     def __init__(self, num_tokens: int, in_channels: int = 8, hidden_size: int = 1152, depth: int = 28,
                  num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
@@ -97,8 +115,12 @@ class DiT(nn.Module):
         super().__init__()
         if hidden_size % num_heads or hidden_size % 2:
             raise ValueError(f"hidden_size {hidden_size} must be even and divisible by num_heads {num_heads}")
+        self.cfg = DiTConfig(num_tokens, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
+                             num_classes, text_dim)
         self.num_tokens, self.in_channels, self.text_dim = num_tokens, in_channels, text_dim
         self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
+        self.register_buffer("latent_mean", torch.zeros(in_channels))
+        self.register_buffer("latent_std", torch.ones(in_channels))
         self.x_embedder = nn.Linear(in_channels, hidden_size)  # patch size 1: one token in, one token out
         self.register_buffer("pos_embed", sincos_pos_embed(num_tokens, hidden_size)[None], persistent=False)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -144,50 +166,52 @@ class DiT(nn.Module):
             return torch.rand(batch, device=device) < self.class_dropout_prob
         return None
 
-    def _condition(self, B, device, y, text, text_mask, force_drop_ids):
+    def _condition(self, B, device, cond, force_drop_ids):
         """The adaLN input's class part [B, D] (or 0 for T2I) and the cross-attention context and mask."""
         drop = self._drop_ids(B, device, force_drop_ids)
         if self.text_dim is None:
-            if y is None:
-                raise ValueError("class-conditional DiT needs labels y [B]")
+            label = None if cond is None else cond.label
+            if label is None:
+                raise ValueError("class-conditional DiT needs labels, Cond(label=[B])")
             if drop is not None:
-                y = torch.where(drop, self.num_classes, y)
-            return self.y_embedder(y), None, None
+                label = torch.where(drop, self.num_classes, label)
+            return self.y_embedder(label), None, None
+        text, text_mask = (None, None) if cond is None else (cond.text, cond.text_mask)
         if text is None or text_mask is None:
-            raise ValueError("DiT-T2I needs text [B, L, C] and text_mask [B, L]")
+            raise ValueError("DiT-T2I needs Cond(text=[B, N_t, C], text_mask=[B, N_t])")
         if text.dim() != 3 or text.shape[-1] != self.text_dim or text_mask.shape != text.shape[:2]:
             raise ValueError(f"text {tuple(text.shape)} / text_mask {tuple(text_mask.shape)}: "
-                             f"expected [B, L, {self.text_dim}] and [B, L]")
+                             f"expected [B, N_t, {self.text_dim}] and [B, N_t]")
         text_mask = text_mask.bool()
         if drop is not None:
-            # The null text: a one-token caption `null_text`, padded to L with masked-out positions.
-            L = text.shape[1]
-            null = F.pad(self.null_text.to(text.dtype), (0, 0, 0, L - 1)).expand_as(text)
-            null_mask = torch.arange(L, device=device) == 0
+            # The null text: a one-token caption `null_text`, padded to N_t with masked-out positions.
+            N_t = text.shape[1]
+            null = F.pad(self.null_text.to(text.dtype), (0, 0, 0, N_t - 1)).expand_as(text)
+            null_mask = torch.arange(N_t, device=device) == 0
             text = torch.where(drop[:, None, None], null, text)
             text_mask = torch.where(drop[:, None], null_mask, text_mask)
         if not text_mask.any(dim=1).all():
             raise ValueError("every text_mask row needs at least one valid (True) token")
         return 0, self.text_proj(text), text_mask
 
-    def forward(self, x, t, y=None, text=None, text_mask=None, force_drop_ids=None):
+    def forward(self, x, t, cond=None, force_drop_ids=None):
         """Predict v.
 
-        x: [B, N, d] noisy tokens; t: [B] timesteps in [0, 1000); y: [B] long labels (class-conditional);
-        text: [B, L, C] frozen text embeddings with text_mask [B, L] bool, True = valid (DiT-T2I);
-        force_drop_ids: [B] (1/True = use the null condition). Returns v: [B, N, d].
+        x: [B, N, d] noisy tokens; t: [B] timesteps in [0, 1000); cond: the batch's data.Cond, read for its `label`
+        [B] (class-conditional) or its frozen text embeddings `text` [B, N_t, C] with `text_mask` [B, N_t] bool,
+        True = valid (DiT-T2I); force_drop_ids: [B] (1/True = use the null condition). Returns v: [B, N, d].
         """
         B, N, d = x.shape
         if (N, d) != (self.num_tokens, self.in_channels):
             raise ValueError(f"x {tuple(x.shape)}: expected [B, {self.num_tokens}, {self.in_channels}]")
         h = self.x_embedder(x) + self.pos_embed
-        cond, context, context_mask = self._condition(B, x.device, y, text, text_mask, force_drop_ids)
-        c = self.t_embedder(t) + cond
+        c_cond, context, context_mask = self._condition(B, x.device, cond, force_drop_ids)
+        c = self.t_embedder(t) + c_cond
         for block in self.blocks:
             h = block(h, c, context, context_mask)
         return self.final_layer(h, c)
 
-    def forward_with_cfg(self, x, t, scale, y=None, text=None, text_mask=None):
+    def forward_with_cfg(self, x, t, scale, cond=None):
         """Classifier-free guidance (DiT §3.1): uncond + scale * (cond - uncond), both in one batched forward.
 
         scale: a float or a [B] tensor (e.g. diffusion.cfg_scale(t, w)). Returns guided v: [B, N, d].
@@ -198,11 +222,39 @@ class DiT(nn.Module):
         def twice(a):
             return None if a is None else torch.cat([a, a])
 
-        out = self.forward(twice(x), twice(t), twice(y), twice(text), twice(text_mask), force_drop_ids=drop)
+        cond2 = None if cond is None else type(cond)(*(twice(v) for v in cond))
+        out = self.forward(twice(x), twice(t), cond2, force_drop_ids=drop)
         cond, uncond = out.chunk(2)
         if torch.is_tensor(scale):
             scale = scale.to(out.dtype).view(-1, 1, 1)
         return uncond + scale * (cond - uncond)
+
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Generated (normalised) tokens [B, N, d] -> the TexTok's Z."""
+        return x * self.latent_std + self.latent_mean
+
+    def save_pretrained(self, directory, meta: dict | None = None) -> None:
+        """Writes `model.safetensors` (weights and latent statistics) and `config.json`: {"dit": this DiTConfig,
+        **meta} (train.py's meta: the training config, the tokenizer and its config, the held-out data split)."""
+        directory = Path(directory)
+        save_tensors(self.state_dict(), directory / "model.safetensors")
+        save_json({"dit": to_dict(self.cfg), **(meta or {})}, directory / "config.json")
+
+    @classmethod
+    def from_pretrained(cls, directory, tokenizer_config=None, map_location="cpu") -> "DiT":
+        """Loads a `save_pretrained` folder in eval mode, with its meta as `model.meta`. With `tokenizer_config`
+        (a TexTokConfig), refuses a DiT trained over the tokens of another tokenizer config."""
+        directory = Path(directory)
+        meta = load_json(directory / "config.json")
+        if "dit" not in meta:
+            raise InputError(f"{directory / 'config.json'}: not a DiT folder written by train.py --stage dit")
+        if tokenizer_config is not None:
+            check_config(meta.get("tokenizer_config", {}), to_dict(tokenizer_config), directory / "config.json")
+        model = cls(**to_dict(from_dict(DiTConfig, meta.pop("dit"))))
+        load_state(model, load_tensors(directory / "model.safetensors"), directory / "model.safetensors")
+        model.meta = meta
+        return model.to(map_location).eval()
 
 
 # Sizes as in the DiT paper (Table 1): depth / hidden size / heads. DiT-T is not in the paper: a CPU-sized model
@@ -235,25 +287,3 @@ def build_dit(name: str, class_dropout: float, tok_cfg, task: str, num_classes: 
     return DiT_models[name](num_tokens=tok_cfg.num_tokens, in_channels=tok_cfg.token_dim,
                             class_dropout_prob=class_dropout, num_classes=num_classes,
                             text_dim=tok_cfg.text_dim if task == "t2i" else None)
-
-
-def save_dit(model: DiT, directory, meta: dict, latent_mean, latent_std) -> None:
-    """Writes `config.json` (meta) + `model.safetensors` (weights and the latent normalisation statistics)."""
-    directory = Path(directory)
-    save_tensors({**model.state_dict(), "latent_mean": latent_mean, "latent_std": latent_std},
-                 directory / "model.safetensors")
-    save_json(meta, directory / "config.json")
-
-
-def load_dit(directory, tok_cfg, map_location="cpu"):
-    """(DiT in eval mode, meta, latent_mean, latent_std) from a `save_dit` folder; refuses a DiT trained over
-    another tokenizer config."""
-    directory = Path(directory)
-    meta = load_json(directory / "config.json")
-    check_config(meta["tokenizer_config"], to_dict(tok_cfg), directory / "config.json")
-    state = load_tensors(directory / "model.safetensors")
-    mean, std = state.pop("latent_mean"), state.pop("latent_std")
-    model = build_dit(meta["train"]["model"], meta["train"]["class_dropout"], tok_cfg, meta["task"],
-                      meta["num_classes"])
-    load_state(model, state, directory / "model.safetensors")
-    return model.to(map_location).eval(), meta, mean.to(map_location), std.to(map_location)

@@ -524,22 +524,22 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     """Encodes and decodes `num_images` images of the dataset with a TexTok checkpoint; rFID compares the Inception
     statistics of reconstructions and originals, rIS is the IS of the reconstructions."""
     from common import to_uint8  # the model code is imported here so metrics.py imports without it
-    from data import WithText, cond_kwargs, make_datasets
+    from data import collate, conditioned, make_datasets
     from textok import TexTok
 
     tok = TexTok.from_pretrained(tokenizer, map_location=device).eval()
     cfg = tok.cfg
     dataset = make_datasets(data, size=cfg.image_size, num_images=num_images)[0 if split == "train" else 1]
-    if cfg.conditioning == "text":
-        dataset = WithText(dataset, cfg.text_encoder, cfg.text_len, text_cache, device=device)
+    dataset = conditioned(dataset, cfg, text_cache, device)  # the cache train.py fills
     dataset = torch.utils.data.Subset(dataset, range(min(num_images, len(dataset))))
-    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1))
+    loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1),
+                                         collate_fn=collate)
     model, lpips_model = load_inception(inception, device), load_lpips(lpips_net, device)
     real, rec, sums = [], [], {"PSNR": 0.0, "SSIM": 0.0, "LPIPS": 0.0}
     for batch in tqdm(loader, desc="reconstruction", unit="batch"):
         images = batch["image"].to(device)
-        cond = {k: v.to(device) for k, v in cond_kwargs(batch).items() if v is not None}
-        x_hat = tok.decode(tok.encode(images, **cond), **cond)
+        cond = batch["cond"].to(device)
+        x_hat = tok.decode(tok.encode(images, cond), cond)
         x, x_hat = (torch.from_numpy(to_uint8(z)).to(device) for z in (images, x_hat))  # metrics stay on device
         real.append(compute_features(model, x, batch_size, progress=False))
         rec.append(compute_features(model, x_hat, batch_size, progress=False))

@@ -1,53 +1,56 @@
 """Generate images with a trained DiT over TexTok tokens (§3.2 "Generation stage", App. C).
 
     python sample.py                                   # runs/dit/dit on the embedded set: grid + ADM .npz
-    python sample.py --dit runs/dit/dit --num-samples 50000 --batch-size 256 --cfg-scale 1.5
+    torchrun --nproc_per_node 8 sample.py --dit runs/dit/dit --num-samples 50000 --batch-size 256 --cfg-scale 1.5
 
-Class-conditional: DiT generates the tokens of a class; the detokenizer gets a caption drawn from that class's
-held-out caption pool, as the paper does. Text-to-image: one caption drives both DiT-T2I and the detokenizer.
-Writes OUT/samples.png and OUT/samples_NxHxWx3.npz (`arr_0` uint8 [N, H, W, 3], the ADM evaluator's layout).
+Class-conditional: DiT generates the tokens of a class (classes in turn); the detokenizer gets a caption drawn from
+that class's held-out caption pool, as the paper does. Text-to-image: one caption drives both DiT-T2I and the
+detokenizer; captions come from --prompts or from the held-out split the DiT was trained beside (stored in its
+config, so they are never training captions). Caption embeddings come from the same on-disk cache training used.
+
+Sample i starts from noise seeded by (--seed, i) and reads caption i, so any number of ranks writes the same images:
+rank r draws samples r, r + K, ...; rank 0 gathers them into OUT/samples_NxHxWx3.npz (`arr_0` uint8 [N, H, W, 3],
+the ADM evaluator's layout) and OUT/samples.png.
 """
 import argparse
 import math
+import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from common import atomic_write, load_json, save_image_grid, to_uint8
-from data import class_caption_pool, make_datasets
+from common import InputError, atomic_write, autocast, load_json, save_image_grid, setup_distributed, to_uint8
+from config import DiTTrainConfig, from_dict
+from data import Conditions, class_caption_pool, make_datasets
 from diffusion import Diffusion, cfg_scale
-from dit import load_dit
-from text_encoder import TextEncoder
+from dit import DiT
 from textok import TexTok
 
 
 @torch.no_grad()
-def generate(dit, tokenizer: TexTok, diffusion: Diffusion, latent_mean, latent_std, steps: int, w: float,
-             schedule: str, power: float, labels=None, text=None, text_mask=None, generator=None, dtype=None):
-    """One batch of images [B, 3, H, W] in [-1, 1].
+def generate(dit: DiT, tokenizer: TexTok, diffusion: Diffusion, cond, noise, steps: int, w: float, schedule: str,
+             power: float, precision: str = "auto", model=None):
+    """One batch of images [B, 3, H, W] in [-1, 1] from initial noise [B, N, d] and the batch's data.Cond.
 
-    DiT samples normalised tokens with DDIM (guided by `w` on the MDT schedule; w = 1 runs no unconditional
-    half), they are de-normalised to Z, and the detokenizer decodes Z once for the whole batch with the caption."""
-    cfg = tokenizer.cfg
-    B = len(labels) if labels is not None else len(text)
-    device = latent_mean.device
-    cond = {"y": labels} if dit.text_dim is None else {"text": text, "text_mask": text_mask}
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
+    DiT samples normalised tokens with DDIM (guided by `w` on the MDT schedule; w = 1 runs no unconditional half),
+    they are de-normalised to Z, and the detokenizer decodes Z once for the whole batch with the caption. `model`
+    is the DiT's forward to call (e.g. compiled); default `dit`."""
+    device = noise.device
+    model = model or dit
 
     def model_fn(x, t):
-        with autocast():
+        with autocast(device, precision):
             if w == 1.0:
-                return dit(x, t, **cond).float()
-            return dit.forward_with_cfg(x, t, cfg_scale(t, w, diffusion.num_timesteps, power, schedule), **cond).float()
+                return model(x, t, cond).float()
+            return dit.forward_with_cfg(x, t, cfg_scale(t, w, diffusion.num_timesteps, power, schedule), cond).float()
 
-    Z = diffusion.ddim_sample(model_fn, (B, cfg.num_tokens, cfg.token_dim), steps, device, generator)
-    Z = Z * latent_std + latent_mean
-    with autocast():
-        return tokenizer.decode(Z, text, text_mask, labels).float().clamp(-1, 1)
+    Z = dit.denormalize(diffusion.ddim_sample(model_fn, noise.shape, steps, device, noise=noise))
+    with autocast(device, precision):
+        return tokenizer.decode(Z, cond).float().clamp(-1, 1)
 
 
 def write_npz(images: np.ndarray, path: Path) -> Path:
@@ -55,69 +58,132 @@ def write_npz(images: np.ndarray, path: Path) -> Path:
     return atomic_write(path, lambda tmp: np.savez(tmp, arr_0=images))
 
 
+def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
+    """(labels, captions) of samples 0..n-1: classes in turn with a held-out caption each, or T2I captions."""
+    meta, cfg = dit.meta, tokenizer.cfg
+    split = meta.get("split", {})
+    data = args.data or split.get("data")
+    if meta["task"] == "class":
+        labels = [i % meta["num_classes"] for i in range(n)]
+        if cfg.conditioning != "text":
+            return labels, None
+        pool = class_caption_pool(data, meta["num_classes"])
+        for c in sorted(set(labels)):
+            if not pool.get(c):
+                where = f"{data}/class_captions.jsonl" if data else "the embedded caption pool"
+                raise InputError(f"{where}: no held-out caption for class {c}")
+        return labels, [str(np.random.default_rng([args.seed, i]).choice(pool[c])) for i, c in enumerate(labels)]
+    if args.prompts:
+        captions = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
+        if not captions:
+            raise InputError(f"{args.prompts}: no prompts (one caption per line)")
+    else:  # the validation split of the DiT's training data: held out from both stages
+        captions = make_datasets(data, split.get("val"), cfg.image_size, split.get("num_images", 4096))[1].captions
+    return [0] * n, [captions[i % len(captions)] for i in range(n)]
+
+
+def check_args(args, T: int) -> None:
+    """Refuses values that cannot be meant (rather than silently replacing them)."""
+    if args.num_samples < 1 or args.batch_size < 1:
+        raise InputError(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) must be >= 1")
+    if args.steps is not None and not 1 <= args.steps <= T:
+        raise InputError(f"--steps {args.steps}: DDIM needs 1 to {T} steps")
+    if args.cfg_scale is not None and args.cfg_scale < 0:
+        raise InputError(f"--cfg-scale {args.cfg_scale}: the guidance scale must be >= 0")
+    if args.cfg_power is not None and args.cfg_power <= 0:
+        raise InputError(f"--cfg-power {args.cfg_power}: MDT's scale_pow must be > 0")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dit", default="runs/dit/dit", help="a DiT folder written by train.py --stage dit")
     p.add_argument("--tokenizer", default=None, help="TexTok folder (default: the one the DiT was trained on)")
-    p.add_argument("--data", default=None, help="JSONL folder: class caption pool / T2I captions (default embedded)")
+    p.add_argument("--data", default=None, help="JSONL folder: class caption pool / T2I captions (default: the "
+                   "DiT's training data)")
     p.add_argument("--prompts", default=None, help="T2I: a text file with one caption per line")
+    p.add_argument("--cache-dir", default="cache", help="text-embedding cache (shared with train.py)")
     p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the DiT config, App. C: 250)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale w (default: the DiT config)")
     p.add_argument("--cfg-schedule", choices=["power-cosine", "constant"], default=None)
     p.add_argument("--cfg-power", type=float, default=None, help="MDT scale_pow")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="CUDA graphs for the DiT forward (default: on CUDA only)")
     p.add_argument("--out", default="samples")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    meta = load_json(Path(args.dit) / "config.json")
-    tokenizer = TexTok.from_pretrained(args.tokenizer or meta["tokenizer"]).to(device).eval()
-    cfg = tokenizer.cfg
-    dit, meta, mean, std = load_dit(args.dit, cfg, device)
-    train = meta["train"]
-    steps = args.steps or train["sampling_steps"]
-    w = train["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
-    schedule, power = args.cfg_schedule or train["cfg_schedule"], args.cfg_power or train["cfg_power"]
-    diffusion = Diffusion(train["diffusion_steps"], train["beta_start"], train["beta_end"])
-    encoder = TextEncoder(cfg.text_encoder, cfg.text_len, device) if cfg.conditioning == "text" else None
+    rank, world, device = setup_distributed()
+    try:
+        return sample(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
-    # Conditions for all samples: classes in turn (+ a held-out caption each), or captions for T2I.
-    rng = np.random.default_rng(args.seed)
-    if meta["task"] == "class":
-        labels = [i % meta["num_classes"] for i in range(args.num_samples)]
-        pool = class_caption_pool(args.data, meta["num_classes"]) if encoder is not None else None
-        captions = [str(rng.choice(pool[c])) for c in labels] if pool is not None else None
-    else:
-        if args.prompts:
-            captions = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
-        else:
-            captions = make_datasets(args.data, None, cfg.image_size, 1, args.seed)[1].captions
-        captions = [captions[i % len(captions)] for i in range(args.num_samples)]
-        labels = None
 
-    generator = torch.Generator(device).manual_seed(args.seed)
-    images, start = [], time.perf_counter()
-    for i in tqdm(range(0, args.num_samples, args.batch_size), desc=f"sampling ({steps} DDIM steps, w={w})"):
-        n = min(args.batch_size, args.num_samples - i)
-        y = torch.tensor(labels[i: i + n], device=device) if labels is not None else None
-        text, text_mask = encoder(captions[i: i + n]) if encoder is not None else (None, None)
-        images.append(to_uint8(generate(dit, tokenizer, diffusion, mean, std, steps, w, schedule, power, y, text,
-                                        text_mask, generator, dtype)))
+def sample(args, rank, world, device):
+    tokenizer = TexTok.from_pretrained(args.tokenizer or load_json(Path(args.dit) / "config.json")["tokenizer"])
+    tokenizer = tokenizer.to(device).eval()
+    dit = DiT.from_pretrained(args.dit, tokenizer.cfg, map_location=device)  # refuses another tokenizer's DiT
+    cfg, train = tokenizer.cfg, from_dict(DiTTrainConfig, dit.meta["train"])
+    check_args(args, train.diffusion_steps)
+    steps = train.sampling_steps if args.steps is None else args.steps
+    w = train.cfg_scale if args.cfg_scale is None else args.cfg_scale
+    schedule = args.cfg_schedule or train.cfg_schedule
+    power = train.cfg_power if args.cfg_power is None else args.cfg_power
+    diffusion = Diffusion(train.diffusion_steps, train.beta_start, train.beta_end)
+    compile_ = device.type == "cuda" if args.compile is None else args.compile
+    model = torch.compile(dit, mode="reduce-overhead") if compile_ else dit
+
+    n = args.num_samples
+    labels, captions = conditions(dit, tokenizer, args, n)
+    text = cfg.text_encoder if captions is not None else None
+    make = lambda: Conditions(captions, labels, text, cfg.text_len, args.cache_dir, device)
+    conds = make() if rank == 0 else None
+    if world > 1:
+        dist.barrier()  # rank 0 filled the embedding cache once; the others read it
+        conds = make() if conds is None else conds
+
+    mine = list(range(rank, n, world))  # this rank's samples
+    parts, start = [], time.perf_counter()
+    for at in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0,
+                   desc=f"sampling ({steps} DDIM steps, w={w}, {world} rank(s))"):
+        idx = mine[at: at + args.batch_size]
+        noise = torch.stack([torch.randn(cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(
+            args.seed * 1_000_003 + i)) for i in idx]).to(device)
+        parts.append(to_uint8(generate(dit, tokenizer, diffusion, conds.batch(idx).to(device), noise, steps, w,
+                                       schedule, power, args.precision, model)))
     seconds = time.perf_counter() - start
-    images = np.concatenate(images)
+    mine_images = np.concatenate(parts) if parts else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
     out = Path(args.out)
+    if world > 1:  # every rank leaves its part on disk; rank 0 interleaves them back into sample order
+        write_npz(mine_images, out / ".parts" / f"rank{rank}.npz")
+        dist.barrier()
+    if rank != 0:
+        return None
+    images = mine_images
+    if world > 1:
+        images = np.zeros((n, *mine_images.shape[1:]), np.uint8)
+        for r in range(world):
+            path = out / ".parts" / f"rank{r}.npz"
+            images[r::world] = np.load(path)["arr_0"]
+            path.unlink()
+        (out / ".parts").rmdir()
     npz = write_npz(images, out / f"samples_{'x'.join(map(str, images.shape))}.npz")
     k = min(len(images), 64)
     grid = torch.from_numpy(images[:k]).permute(0, 3, 1, 2).float() / 127.5 - 1
     png = save_image_grid(grid, out / "samples.png", ncol=int(math.ceil(math.sqrt(k))))
     if captions is not None:
         atomic_write(out / "captions.txt", lambda tmp: Path(tmp).write_text("\n".join(captions) + "\n"))
-    print(f"{len(images)} samples in {seconds:.1f} s ({seconds / len(images) * 1000:.1f} ms/image) -> {npz}, {png}")
+    print(f"{n} samples in {seconds:.1f} s ({seconds / max(1, len(mine)) * 1000:.1f} ms/image on rank 0, "
+          f"{world} rank(s)) -> {npz}, {png}")
     return npz
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")

@@ -1,8 +1,9 @@
 """TexTok: tokenizer E + optional VQ (App. A) + detokenizer D, with the public API
 `encode(images, text) -> Z`, `decode(Z, text) -> images`, `save_pretrained(dir)` / `from_pretrained(dir)`.
 
-Images are float tensors in [-1, 1], NCHW. `text` is the frozen encoder's embeddings [B, N_t, C] with their padding
-mask [B, N_t] (True = real token), computed once per caption (text_encoder.py); class conditioning takes `labels`.
+Images are float tensors in [-1, 1], NCHW. `cond` is the batch's condition, a `data.Cond`: the frozen encoder's
+caption embeddings `text` [B, N_t, C] with their padding mask `text_mask` [B, N_t] (True = real token), computed
+once per caption and cached (data.Conditions), or the class `label` [B] (Tab. 4a). The Baseline needs none.
 """
 from pathlib import Path
 
@@ -31,18 +32,18 @@ class TexTok(nn.Module):
             return Z, None, Z.new_zeros(())
         return self.quantizer(Z)
 
-    def encode(self, images, text=None, text_mask=None, labels=None) -> torch.Tensor:
+    def encode(self, images, cond=None) -> torch.Tensor:
         """images [B, 3, H, W] in [-1, 1] -> image tokens Z [B, N, d] (quantized for the VQ variant)."""
-        return self.quantize(self.tokenizer(images, text, text_mask, labels))[0]
+        return self.quantize(self.tokenizer(images, cond))[0]
 
-    def decode(self, Z, text=None, text_mask=None, labels=None) -> torch.Tensor:
-        """Z [B, N, d] -> images [B, 3, H, W], guided by the same text (or labels) as the tokenizer."""
-        return self.detokenizer(Z, text, text_mask, labels)
+    def decode(self, Z, cond=None) -> torch.Tensor:
+        """Z [B, N, d] -> images [B, 3, H, W], guided by the same condition as the tokenizer."""
+        return self.detokenizer(Z, cond)
 
-    def forward(self, images, text=None, text_mask=None, labels=None):
+    def forward(self, images, cond=None):
         """Reconstruction for training: returns (images_hat, Z, vq_loss)."""
-        Z, _, vq_loss = self.quantize(self.tokenizer(images, text, text_mask, labels))
-        return self.decode(Z, text, text_mask, labels), Z, vq_loss
+        Z, _, vq_loss = self.quantize(self.tokenizer(images, cond))
+        return self.decode(Z, cond), Z, vq_loss
 
     def save_pretrained(self, directory) -> None:
         """Writes `config.json` and `model.safetensors` to `directory` (atomically)."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from block import ViT, Conditioner, run_vit, init_weights
+from block import ViT, Conditioner, init_weights
 from config import TexTokConfig
 
 
@@ -34,9 +34,8 @@ class Tokenizer(nn.Module):
         self.patch_embed = nn.Linear(3 * s * s, D)                      # P: patchify + linear projection
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid ** 2, D))  # P: learned position embedding
         self.L = nn.Parameter(torch.zeros(1, cfg.num_tokens, D))         # L: N learnable image tokens
-        self.cond = (Conditioner(cfg.conditioning, D, cfg.text_dim, cfg.num_classes)
-                     if cfg.conditions("tokenizer") else None)           # T: projected text tokens
-        self.vit = ViT(D, cfg.enc_layers, cfg.heads, cfg.mlp_dim, cross=cfg.cond_arch == "cross-attention")
+        self.cond = Conditioner(cfg) if cfg.conditions("tokenizer") else None  # T: projected text tokens
+        self.vit = ViT(cfg, cfg.enc_layers, conditioned=self.cond is not None)
         self.to_Z = nn.Linear(D, cfg.token_dim)                          # outputs at L -> Z in R^{N x d}
         init_weights(self)
         for p in (self.pos_embed, self.L):
@@ -53,14 +52,14 @@ class Tokenizer(nn.Module):
         if tuple(images.shape[2:]) != (size, size):
             raise ValueError(f"expected {size}x{size} images for this config, got {tuple(images.shape[2:])}")
 
-    def forward(self, images, text=None, text_mask=None, labels=None) -> torch.Tensor:
-        """images: [B, 3, H, W]; text: [B, N_t, C] with mask [B, N_t]; labels: [B]. Returns Z [B, N, d]."""
+    def forward(self, images, cond=None) -> torch.Tensor:
+        """images: [B, 3, H, W]; cond: the batch's data.Cond (caption embeddings or labels). Returns Z [B, N, d]."""
         self.check_images(images)
         P = self.patch_embed(patchify(images, self.cfg.patch_size)) + self.pos_embed
-        x = torch.cat([P, self.L.expand(P.shape[0], -1, -1)], dim=1)
-        cond = self.cond(text, text_mask, labels) if self.cond is not None else None
-        x = run_vit(self.vit, x, cond, self.cfg.cond_arch == "in-context")
-        return self.to_Z(x[:, P.shape[1]:])
+        L = self.L.expand(P.shape[0], -1, -1)
+        T = self.cond(cond) if self.cond is not None else None
+        x = self.vit(torch.cat([P, L], dim=1), T)  # in-context: ViT([P, L, T]); Tab. 4c: [P, L] attending to T
+        return self.to_Z(x[:, P.shape[1]:])       # outputs at L -> Z
 
 
 class VectorQuantizer(nn.Module):

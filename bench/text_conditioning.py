@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,10 +31,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import metrics  # noqa: E402
-import train  # noqa: E402
 from common import atomic_write, load_json, save_image_grid, save_json, to_uint8  # noqa: E402
+from data import collate, conditioned, make_datasets  # noqa: E402
 from speed import machine  # noqa: E402
 from textok import TexTok  # noqa: E402
 
@@ -87,7 +89,7 @@ def train_argv(args, extra, variant: str, tokens: int, epochs: int) -> list:
 
 
 def train_run(argv: list) -> float:
-    """Runs train.py in this process unless an identical finished run exists; returns its training seconds."""
+    """Runs `python train.py ARGV` unless an identical finished run exists; returns its training seconds."""
     out = Path(argv[argv.index("--out") + 1])
     record = out / "bench_run.json"
     if record.is_file() and (out / "tokenizer" / "model.safetensors").is_file():
@@ -97,7 +99,7 @@ def train_run(argv: list) -> float:
             return done["seconds"]
     shutil.rmtree(out, ignore_errors=True)  # a stale or half-finished run: start it afresh
     start = time.perf_counter()
-    train.main(argv)
+    subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, check=True)
     seconds = time.perf_counter() - start
     save_json({"argv": argv, "seconds": seconds}, record)
     return seconds
@@ -121,22 +123,22 @@ def reconstruct(model: TexTok, dataset, device, batch_size: int):
     carry."""
     real, rec, swap = [], [], []
     text = model.cfg.conditioning == "text"
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        x = batch["image"].to(device)
-        cond = dict(text=batch["text"].to(device), text_mask=batch["text_mask"].to(device)) if text else {}
-        Z = model.encode(x, **cond)
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate):
+        x, cond = batch["image"].to(device), batch["cond"].to(device)
+        Z = model.encode(x, cond)
         real.append(to_uint8(x))
-        rec.append(to_uint8(model.decode(Z, **cond)))
+        rec.append(to_uint8(model.decode(Z, cond)))
         if text:
-            swap.append(to_uint8(model.decode(Z, **{k: v.roll(-1, 0) for k, v in cond.items()})))
+            swap.append(to_uint8(model.decode(Z, type(cond)(*(v.roll(-1, 0) for v in cond)))))
     return np.concatenate(real), np.concatenate(rec), np.concatenate(swap) if text else None
 
 
-def evaluate(run_dir: Path, dataset, device, batch_size: int, lpips_model, inception, reference: dict):
+def evaluate(run_dir: Path, args, device, batch_size: int, lpips_model, inception, reference: dict):
     """Metrics of one trained tokenizer on the held-out split, and its uint8 reconstructions for the grids.
     `reference` keeps the Inception statistics of the originals between calls (rFID)."""
     model = TexTok.from_pretrained(run_dir / "tokenizer", map_location=device).eval()
-    real, rec, swap = reconstruct(model, dataset, device, batch_size)
+    val = make_datasets(args.data, args.val, model.cfg.image_size, args.num_images)[1]
+    real, rec, swap = reconstruct(model, conditioned(val, model.cfg, args.cache_dir, device), device, batch_size)
     row = {"psnr": metrics.psnr(real, rec), "ssim": metrics.ssim(real, rec), "lpips": None, "rfid": None,
            "psnr_swapped": metrics.psnr(real, swap) if swap is not None else None}
     if lpips_model is not None:
@@ -237,10 +239,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     command = "python bench/text_conditioning.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
-    # Data exactly as train.py sees it (same call, same cached caption embeddings), read once for every run.
-    probe = train.parse_args(train_argv(args, extra, "textok", args.tokens[0], 1))
-    cfg = train.build_configs(probe)[0]
-    train_set, val_set = train.datasets_for(probe, cfg, device)
+    # The split exactly as train.py makes it (same call); each run is evaluated with its own config's conditions.
+    train_set, val_set = make_datasets(args.data, args.val, num_images=args.num_images)
     per_epoch = max(1, len(train_set) // args.batch_size)
     epochs = -(-args.steps // per_epoch)  # the cosine schedule ends at (or just after) the last step
     print(f"{len(train_set)} training / {len(val_set)} held-out images; {args.steps} steps of {args.batch_size} "
@@ -254,7 +254,7 @@ def main(argv=None):
             argv_run = train_argv(args, extra, variant, tokens, epochs)
             seconds = train_run(argv_run)
             run_dir = Path(argv_run[argv_run.index("--out") + 1])
-            row, real, rec, swap = evaluate(run_dir, val_set, device, args.eval_batch_size, lpips_model, inception,
+            row, real, rec, swap = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception,
                                             reference)
             rows.append({"variant": variant, "tokens": tokens, **row, "steps": last_step(run_dir / "log.jsonl"),
                          "seconds": round(seconds, 1)})

@@ -1,10 +1,8 @@
 """Shared fixtures: tiny configs and a cached batch of embedded images with real MiniLM text embeddings."""
 import pytest
 import torch
-from torch.utils.data import default_collate
-
 from config import OFFLINE_TEXT_ENCODER, TexTokConfig
-from data import ShapesDataset, WithText
+from data import ShapesDataset, collate, conditioned
 
 torch.set_num_threads(1)  # tiny tensors: one thread is as fast and immune to oversubscription
 
@@ -23,6 +21,7 @@ def text_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def batch(text_cache):
-    """8 embedded 32 px images with their captions' real all-MiniLM-L6-v2 embeddings (32 tokens)."""
-    ds = WithText(ShapesDataset("train", 32, 8), OFFLINE_TEXT_ENCODER, 32, text_cache)
-    return default_collate([ds[i] for i in range(8)])
+    """8 embedded 32 px images with their condition: labels and the captions' real all-MiniLM-L6-v2 embeddings
+    (32 tokens), as {"image", "index", "cond"}."""
+    ds = conditioned(ShapesDataset("train", 32, 8), tiny_config(), text_cache)
+    return collate([ds[i] for i in range(8)])

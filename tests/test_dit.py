@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffusion import Diffusion
+from data import Cond
 from dit import DiT, DiT_models
 
 N, D, CLASSES, TEXT_DIM = 8, 8, 10, 16
@@ -64,7 +65,7 @@ def test_output_shape_and_zero_init(text_dim):
     model = _tiny(text_dim).eval()
     x, t = torch.randn(3, N, D), torch.tensor([0, 500, 999])
     text, mask = _text()
-    kwargs = {"y": torch.tensor([0, 1, 9])} if text_dim is None else {"text": text, "text_mask": mask}
+    kwargs = {"cond": Cond(label=torch.tensor([0, 1, 9])) if text_dim is None else Cond(text, mask)}
     out = model(x, t, **kwargs)
     assert out.shape == (3, N, D)
     assert torch.equal(out, torch.zeros_like(out))  # adaLN-Zero: zero modulation and zero output layer
@@ -75,13 +76,13 @@ def test_output_shape_and_zero_init(text_dim):
 def test_bad_shapes_raise():
     model = _tiny().eval()
     with pytest.raises(ValueError, match="expected"):
-        model(torch.randn(2, N + 1, D), torch.zeros(2, dtype=torch.long), y=torch.zeros(2, dtype=torch.long))
+        model(torch.randn(2, N + 1, D), torch.zeros(2, dtype=torch.long), Cond(label=torch.zeros(2, dtype=torch.long)))
     with pytest.raises(ValueError, match="labels"):
         model(torch.randn(2, N, D), torch.zeros(2, dtype=torch.long))
     t2i = _tiny(TEXT_DIM).eval()
     text, mask = _text()
     with pytest.raises(ValueError, match="at least one"):
-        t2i(torch.randn(3, N, D), torch.zeros(3, dtype=torch.long), text=text, text_mask=mask & False)
+        t2i(torch.randn(3, N, D), torch.zeros(3, dtype=torch.long), Cond(text, mask & False))
 
 
 def test_cross_attention_ignores_padded_text():
@@ -89,25 +90,25 @@ def test_cross_attention_ignores_padded_text():
     x, t = torch.randn(3, N, D), torch.tensor([3, 400, 900])
     text, mask = _text()
     noisy = torch.where(mask[..., None], text, torch.randn_like(text) * 100)
-    torch.testing.assert_close(model(x, t, text=text, text_mask=mask), model(x, t, text=noisy, text_mask=mask))
-    assert not torch.allclose(model(x, t, text=text, text_mask=mask), model(x, t, text=noisy, text_mask=mask | True))
+    torch.testing.assert_close(model(x, t, Cond(text, mask)), model(x, t, Cond(noisy, mask)))
+    assert not torch.allclose(model(x, t, Cond(text, mask)), model(x, t, Cond(noisy, mask | True)))
 
 
 def test_null_condition_and_label_dropout():
     model = _randomised(_tiny(class_dropout_prob=1.0))
     x, t, y = torch.randn(3, N, D), torch.tensor([10, 20, 30]), torch.tensor([1, 2, 3])
-    null = model(x, t, y=torch.full((3,), CLASSES))
-    torch.testing.assert_close(model(x, t, y=y, force_drop_ids=torch.ones(3)), null)
-    assert not torch.allclose(model(x, t, y=y), null)  # eval: no dropout
+    null = model(x, t, Cond(label=torch.full((3,), CLASSES)))
+    torch.testing.assert_close(model(x, t, Cond(label=y), force_drop_ids=torch.ones(3)), null)
+    assert not torch.allclose(model(x, t, Cond(label=y)), null)  # eval: no dropout
     model.train()
-    torch.testing.assert_close(model(x, t, y=y), null)  # training with p = 1: every label dropped
+    torch.testing.assert_close(model(x, t, Cond(label=y)), null)  # training with p = 1: every label dropped
 
     t2i = _randomised(_tiny(TEXT_DIM))
     text, mask = _text()
-    one_token = t2i(x, t, text=t2i.null_text.expand(3, 1, TEXT_DIM), text_mask=torch.ones(3, 1, dtype=torch.bool))
-    dropped = t2i(x, t, text=text, text_mask=mask, force_drop_ids=torch.tensor([True, True, False]))
+    one_token = t2i(x, t, Cond(t2i.null_text.expand(3, 1, TEXT_DIM), torch.ones(3, 1, dtype=torch.bool)))
+    dropped = t2i(x, t, Cond(text, mask), force_drop_ids=torch.tensor([True, True, False]))
     torch.testing.assert_close(dropped[:2], one_token[:2])
-    torch.testing.assert_close(dropped[2:], t2i(x, t, text=text, text_mask=mask)[2:])
+    torch.testing.assert_close(dropped[2:], t2i(x, t, Cond(text, mask))[2:])
 
 
 @pytest.mark.parametrize("text_dim", [None, TEXT_DIM])
@@ -115,7 +116,7 @@ def test_cfg_scale_one_is_conditional_and_zero_is_unconditional(text_dim):
     model = _randomised(_tiny(text_dim))
     x, t = torch.randn(3, N, D), torch.tensor([5, 250, 990])
     text, mask = _text()
-    kwargs = {"y": torch.tensor([4, 5, 6])} if text_dim is None else {"text": text, "text_mask": mask}
+    kwargs = {"cond": Cond(label=torch.tensor([4, 5, 6])) if text_dim is None else Cond(text, mask)}
     cond = model(x, t, **kwargs)
     uncond = model(x, t, **kwargs, force_drop_ids=torch.ones(3))
     torch.testing.assert_close(model.forward_with_cfg(x, t, 1.0, **kwargs), cond, atol=1e-5, rtol=1e-5)
@@ -131,8 +132,8 @@ def test_bf16_autocast_forward():
     x, t = torch.randn(3, N, D), torch.tensor([1, 2, 3])
     text, mask = _text()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.forward_with_cfg(x, t, 2.0, text=text, text_mask=mask)
-    ref = model.forward_with_cfg(x, t, 2.0, text=text, text_mask=mask)
+        out = model.forward_with_cfg(x, t, 2.0, Cond(text, mask))
+    ref = model.forward_with_cfg(x, t, 2.0, Cond(text, mask))
     assert torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max()
 
@@ -146,13 +147,13 @@ def test_tiny_dit_overfits_one_batch():
 
     def eval_loss():
         with torch.no_grad():
-            return diffusion.training_loss(model, x0.repeat(20, 1, 1), {"y": y.repeat(20)}, t_eval, noise_eval).item()
+            return diffusion.training_loss(model, x0.repeat(20, 1, 1), {"cond": Cond(label=y.repeat(20))}, t_eval, noise_eval).item()
 
     before = eval_loss()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=300)
     for _ in range(300):
-        loss = diffusion.training_loss(model, x0.repeat(8, 1, 1), {"y": y.repeat(8)})
+        loss = diffusion.training_loss(model, x0.repeat(8, 1, 1), {"cond": Cond(label=y.repeat(8))})
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -16,16 +16,16 @@ def test_tiny_textok_overfits_8_images(batch):
     torch.manual_seed(0)
     model = TexTok(tiny_config(width=128, enc_layers=2, dec_layers=2, mlp_dim=512, num_tokens=16))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, text, mask = batch["image"], batch["text"], batch["text_mask"]
+    x, cond = batch["image"], batch["cond"]
     best = 0.0
     for step in range(1, 701):
-        loss = (model(x, text, mask)[0] - x).pow(2).mean()
+        loss = (model(x, cond)[0] - x).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 25 == 0:
             with torch.no_grad():
-                best = max(best, psnr(model(x, text, mask)[0], x))
+                best = max(best, psnr(model(x, cond)[0], x))
             if best >= 28:
                 break
     print(f"overfit: {best:.2f} dB after {step} steps")

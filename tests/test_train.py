@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from common import load_tensors
+from common import InputError, load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_steps_change_weights_and_lower_loss(tmp_path, text_cache):
     assert rows[-1]["l2"] < rows[0]["l2"]
     torch.manual_seed(0)
     from textok import TexTok
-    init = TexTok(train.build_configs(train.parse_args(["--stage", "tokenizer"]))[0]).state_dict()
+    init = TexTok(train.run_configs(train.parse_args(["--stage", "tokenizer"]))[0]).state_dict()
     trained = load_tensors(out / "step-0000006" / "state.safetensors")
     assert not torch.equal(trained["s.model.tokenizer.to_Z.weight"], init["tokenizer.to_Z.weight"])
     assert (out / "recon-0000006.png").is_file() and (out / "tokenizer" / "config.json").is_file()
@@ -90,7 +90,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, text_cache, mo
 
 def test_perceptual_loss_needs_vgg_weights(tmp_path, text_cache, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    with pytest.raises(SystemExit, match=r"vgg16-397923af.pth not found.*--perceptual-weight 0"):
+    with pytest.raises(InputError, match=r"vgg16-397923af.pth: not found.*--perceptual-weight 0"):
         train.main(base_args(tmp_path / "run", text_cache, "--max-steps", "1", "--perceptual-weight", "0.1"))
 
 
