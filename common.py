@@ -3,6 +3,7 @@ weights and the one training-checkpoint format (both stages), the image grid wri
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,8 +17,21 @@ from safetensors.torch import load_file, save_file
 
 
 class InputError(ValueError):
-    """A problem with what the user gave (data, flags, config, checkpoint, .npz): the entry points print it as one
-    line, `error: <file>: <problem>`, and exit non-zero. Bugs raise anything else and keep their tracebacks."""
+    """A problem with what the user gave (data, flags, config, checkpoint, .npz, missing weights): the entry points
+    print it as one line, `error: <file>: <problem>`, and exit non-zero (`run_main`). Bugs raise anything else and
+    keep their tracebacks."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+    """An `InputError` for a file that is not there."""
+
+
+def run_main(main) -> None:
+    """Runs an entry point's `main()`; an `InputError` ends it with one line, `error: <message>`, and exit code 1."""
+    try:
+        main()
+    except InputError as e:
+        sys.exit(f"error: {e}")
 
 
 def autocast(device, precision: str = "auto"):
@@ -56,9 +70,9 @@ def load_json(path) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
+        raise MissingInput(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise InputError(f"{path}: not valid JSON ({e})") from None
 
 
 def save_tensors(tensors: dict, path) -> Path:
@@ -70,11 +84,11 @@ def save_tensors(tensors: dict, path) -> Path:
 def load_tensors(path) -> dict:
     """Reads a safetensors file onto the CPU; a missing or corrupt file is an error that names it."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
+        raise MissingInput(f"{path}: checkpoint file not found")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -102,7 +116,7 @@ def load_state(module: torch.nn.Module, state: dict, path) -> None:
     problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
                  if k in state and state[k].shape != v.shape]
     if problems:
-        raise ValueError(f"{path}: checkpoint does not fit this model ({len(problems)} problems: "
+        raise InputError(f"{path}: checkpoint does not fit this model ({len(problems)} problems: "
                          + "; ".join(problems[:6]) + ")")
     module.load_state_dict(state)
 

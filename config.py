@@ -153,7 +153,7 @@ PRESETS = {"tiny": _tiny, "imagenet256": lambda: _imagenet(256), "imagenet512": 
 def get_preset(name: str) -> Preset:
     """A fresh `Preset` by name (`tiny`, `imagenet256`, `imagenet512`)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}: choose from {sorted(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}: choose from {sorted(PRESETS)}")
     return PRESETS[name]()
 
 
@@ -167,7 +167,7 @@ def from_dict(cls, d: dict):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(names)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        raise InputError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
     return cls(**{k: tuple(v) if isinstance(names[k].default, tuple) else v for k, v in d.items()})
 
 

@@ -15,6 +15,7 @@ Splits draw from disjoint seed streams, so train, validation and the caption poo
 import hashlib
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from common import InputError, MissingInput
 from text_encoder import cached_text_embeddings
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "ring"]
@@ -147,9 +149,9 @@ def load_image(path: Path, size: int) -> np.ndarray:
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
             return np.array(im.resize((size, size), Image.BICUBIC))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image file not found") from None
+        raise MissingInput(f"{path}: image file not found") from None
     except OSError as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+        raise InputError(f"{path}: cannot read image ({e})") from None
 
 
 class JsonlDataset(Dataset):
@@ -159,7 +161,7 @@ class JsonlDataset(Dataset):
         self.root, self.size = Path(root), size
         path = self.root / "captions.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found; --data DIR needs DIR/captions.jsonl (see README)")
+            raise MissingInput(f"{path}: not found; --data DIR needs DIR/captions.jsonl (see README)")
         rows = []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
@@ -167,14 +169,16 @@ class JsonlDataset(Dataset):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
             if not isinstance(row.get("image"), str):
-                raise ValueError(f"{path}:{n}: missing \"image\" path")
+                raise InputError(f"{path}:{n}: missing \"image\" path")
             if not isinstance(row.get("caption"), str) or not row["caption"].strip():
-                raise ValueError(f"{path}:{n}: missing or empty caption for {row['image']}")
+                raise InputError(f"{path}:{n}: missing or empty caption for {row['image']}")
+            if not isinstance(row.get("label", -1), int):
+                raise InputError(f"{path}:{n}: \"label\" must be an integer, got {row['label']!r}")
             rows.append(row)
         if not rows:
-            raise ValueError(f"{path}: no images listed")
+            raise InputError(f"{path}: no images listed")
         self.jsonl_sha1 = hashlib.sha1(path.read_bytes()).hexdigest()
         self.indices = list(range(len(rows))) if indices is None else list(indices)
         rows = [rows[i] for i in self.indices]
@@ -187,6 +191,23 @@ class JsonlDataset(Dataset):
 
     def __getitem__(self, i):
         return dict(image=to_tensor(load_image(self.files[i], self.size)), index=i)
+
+    def scan(self, threads: int = 16, show: int = 10) -> None:
+        """Checks, in parallel, that every listed image exists and its header decodes; raises one InputError naming
+        up to `show` bad files and their count, so a bad file stops a run before its first step."""
+        def problem(f):
+            try:
+                with Image.open(f) as im:
+                    im.verify()
+            except FileNotFoundError:
+                return f"{f}: image file not found"
+            except Exception as e:  # PIL raises many types for undecodable data
+                return f"{f}: cannot read image ({e})"
+        with ThreadPoolExecutor(threads) as pool:
+            bad = [p for p in pool.map(problem, self.files) if p]
+        if bad:
+            raise InputError(f"{self.root / 'captions.jsonl'}: {len(bad)} of {len(self.files)} listed images are bad: "
+                             + "; ".join(bad[:show]) + ("; ..." if len(bad) > show else ""))
 
     def identity(self) -> str:
         """A hash of what determines the items: captions.jsonl's content, the selected rows, the resolution, and each
@@ -234,13 +255,17 @@ def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, see
         return pool
     path = Path(data) / "class_captions.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; class-conditional sampling needs held-out captions per class")
+        raise MissingInput(f"{path}: not found; class-conditional sampling needs held-out captions per class")
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
-            row = json.loads(line)
-            if not str(row.get("caption", "")).strip():
-                raise ValueError(f"{path}:{n}: missing or empty caption")
-            pool.setdefault(int(row["label"]), []).append(row["caption"])
+            try:
+                row = json.loads(line)
+                label, text = int(row["label"]), str(row.get("caption", ""))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise InputError(f"{path}:{n}: expected {{\"label\": int, \"caption\": str}} ({e})") from None
+            if not text.strip():
+                raise InputError(f"{path}:{n}: missing or empty caption")
+            pool.setdefault(label, []).append(text)
     return pool
 
 

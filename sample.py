@@ -14,7 +14,6 @@ the ADM evaluator's layout) and OUT/samples.png.
 """
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import InputError, atomic_write, autocast, load_json, save_image_grid, setup_distributed, to_uint8
+from common import (InputError, atomic_write, autocast, load_json, run_main, save_image_grid, setup_distributed,
+                    to_uint8)
 from config import DiTTrainConfig, from_dict
 from data import Conditions, class_caption_pool, make_datasets
 from diffusion import Diffusion, cfg_scale
@@ -183,7 +183,4 @@ def sample(args, rank, world, device):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

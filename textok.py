@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from common import load_json, load_state, load_tensors, save_json, save_tensors
+from common import InputError, load_json, load_state, load_tensors, save_json, save_tensors
 from config import TexTokConfig, from_dict, to_dict
 from detokenizer import Detokenizer
 from tokenizer import Tokenizer, VectorQuantizer
@@ -57,7 +57,7 @@ class TexTok(nn.Module):
         directory = Path(directory)
         cfg = from_dict(TexTokConfig, load_json(directory / "config.json"))
         if text_encoder is not None and cfg.conditioning == "text" and cfg.text_encoder != text_encoder:
-            raise ValueError(f"{directory}: this TexTok was trained with text encoder {cfg.text_encoder!r}, "
+            raise InputError(f"{directory}: this TexTok was trained with text encoder {cfg.text_encoder!r}, "
                              f"not {text_encoder!r}; text embeddings of another encoder do not fit it")
         model = cls(cfg)
         load_state(model, load_tensors(directory / "model.safetensors"), directory / "model.safetensors")

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (InputError, all_reduce_grads, atomic_write, autocast, global_mean, load_checkpoint,
-                    load_tensors, save_checkpoint, save_image_grid, save_json, save_tensors, setup_distributed)
+                    load_tensors, run_main, save_checkpoint, save_image_grid, save_json, save_tensors,
+                    setup_distributed)
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
                     get_preset, given_flags, to_dict)
 from data import Conditions, LatentSet, collate, conditioned, make_datasets, step_loader
@@ -176,6 +176,7 @@ class Run:
         if self.args.resume:
             check = lambda saved, path: check_config(saved, self.run_config, path)
             start = load_checkpoint(self.out, objects, check, self.device)
+            self.last_ckpt = self.out / f"step-{start:07d}"
             path = self.out / "log.jsonl"  # drop rows after the checkpoint: the log reads as one uninterrupted run
             if self.rank == 0 and path.is_file():
                 rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= start]
@@ -184,7 +185,7 @@ class Run:
                              self.stop, self.args.workers)
         self.bar = tqdm(total=self.stop, initial=start, disable=self.rank != 0, desc=self.args.stage,
                         dynamic_ncols=True)
-        for step, batch in enumerate(loader, start):
+        for step, batch in enumerate(self.checked(loader), start):
             torch.manual_seed(seed * 1_000_003 + step * self.world + self.rank)
             yield step, {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             done = step + 1
@@ -192,6 +193,21 @@ class Run:
                 self.last_ckpt = save_checkpoint(self.out, done, objects, self.run_config)
             self.bar.update(1)
         self.bar.close()
+
+
+    def checked(self, loader):
+        """The loader's batches; bad data met mid-run (a truncated image, from a worker) is one InputError line that
+        names the last good checkpoint."""
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except InputError as e:  # a worker's error arrives with its traceback: keep the message line
+                message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
+                raise InputError(f"{message}; last good checkpoint: {self.last_ckpt or 'none written yet'}") from None
+            yield batch
 
 
 def perceptual_loss(device):
@@ -205,16 +221,19 @@ def perceptual_loss(device):
     return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
 
-def datasets_for(args, cfg: TexTokConfig, device):
-    """(train, val) data sets with the conditions `cfg` reads (cached caption embeddings, labels)."""
+def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0):
+    """(train, val) data sets with the conditions `cfg` reads (cached caption embeddings, labels); rank 0 first
+    checks that every image of a --data folder decodes."""
     train, val = make_datasets(args.data, args.val, cfg.image_size, args.num_images)
+    for ds in (train, val) if args.data and rank == 0 else ():
+        ds.scan()
     return (conditioned(train, cfg, args.cache_dir, device), conditioned(val, cfg, args.cache_dir, device))
 
 
 # --------------------------------------------------------------------------------------------------- stage 1
 def train_tokenizer(args, rank, world, device):
     cfg, tc, note = run_configs(args)
-    train_set, val_set = datasets_for(args, cfg, device)
+    train_set, val_set = datasets_for(args, cfg, device, rank)
     run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
                   "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),
                   "perceptual_loss": "on (LPIPS-VGG)" if tc.perceptual_weight > 0 else "OFF (perceptual_weight 0)"}
@@ -348,7 +367,7 @@ def train_dit(args, rank, world, device):
     if args.task == "t2i" and cfg.conditioning != "text":
         raise InputError(f"{tok_path}: text-to-image needs a text-conditioned TexTok (it has "
                          f"conditioning={cfg.conditioning!r})")
-    train_set, _ = datasets_for(args, cfg, device)
+    train_set, _ = datasets_for(args, cfg, device, rank)
     labels = train_set.labels
     if args.task == "class" and min(labels) < 0:
         raise InputError(f"{args.data}/captions.jsonl: class-conditional DiT needs a \"label\" for every image")
@@ -420,7 +439,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        sys.exit(f"error: {e}")
+    run_main(main)

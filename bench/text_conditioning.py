@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 import metrics  # noqa: E402
-from common import atomic_write, load_json, save_image_grid, save_json, to_uint8  # noqa: E402
+from common import atomic_write, load_json, run_main, save_image_grid, save_json, to_uint8  # noqa: E402
 from data import collate, conditioned, make_datasets  # noqa: E402
 from speed import machine  # noqa: E402
 from textok import TexTok  # noqa: E402
@@ -312,4 +312,4 @@ decoded with the next image's caption instead of their own.{rfid_note}
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

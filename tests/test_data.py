@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from config import OFFLINE_TEXT_ENCODER
+from common import InputError
 from data import (SHAPES, JsonlDataset, ShapesDataset, class_caption_pool, make_datasets, render, split_indices)
 from text_encoder import TextEncoder, cached_text_embeddings
 import text_encoder
@@ -100,7 +101,7 @@ def test_offline_text_encoder_is_real_and_per_token():
 
 
 def test_missing_weights_give_one_clear_error():
-    with pytest.raises(RuntimeError, match="weights not found locally.*huggingface-cli download"):
+    with pytest.raises(InputError, match="weights not found locally.*huggingface-cli download"):
         TextEncoder("/nonexistent/t5-v1_1-xl")
 
 
@@ -112,3 +113,20 @@ def test_embedding_cache_computes_once(tmp_path, monkeypatch):
     emb2, _ = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 16, caps, tmp_path)
     assert np.array_equal(emb, emb2)
     assert len(list(tmp_path.glob("*.npy"))) == 2 and not list(tmp_path.glob(".*"))
+
+
+def test_scan_reports_bad_files_and_their_count(tmp_path):
+    rows = [{"image": f"img/{i}.png", "caption": f"gray {i}"} for i in range(3)]
+    rows += [{"image": f"img/missing{i}.png", "caption": "gone"} for i in range(12)]
+    write_folder(tmp_path, rows)
+    (tmp_path / "img" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(InputError, match=r"captions.jsonl: 13 of 15 listed images are bad: .*1.png: cannot read image"
+                                         r".*missing0.png: image file not found.*; \.\.\.$"):
+        JsonlDataset(tmp_path, 16).scan()
+    JsonlDataset(tmp_path, 16, indices=[0, 2]).scan()  # the good subset passes
+
+
+def test_class_caption_pool_errors_name_the_line(tmp_path):
+    (tmp_path / "class_captions.jsonl").write_text('{"label": 0, "caption": "a dog"}\n{"caption": "no label"}\n')
+    with pytest.raises(InputError, match=r"class_captions.jsonl:2: expected"):
+        class_caption_pool(tmp_path)

@@ -10,15 +10,6 @@ from dit import DiT, DiT_models
 N, D, CLASSES, TEXT_DIM = 8, 8, 10, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast alone and far faster on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _num_params(module):
     return sum(p.numel() for p in module.parameters())
 
