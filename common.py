@@ -1,10 +1,12 @@
 """Small shared utilities that know nothing of the models: the user-input error, atomic file writing, safetensors
 weights and the one training-checkpoint format (both stages), the image grid writer, bf16 autocast."""
 import json
+import math
 import os
 import shutil
 import sys
 import tempfile
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 
 class InputError(ValueError):
@@ -217,3 +221,101 @@ def load_checkpoint(out: Path, objects: dict, check_config, map_location) -> int
         else:
             obj.load_state_dict(states[name])
     return meta["step"]
+
+
+# ---------------------------------------------------------------------------------- the training loops' shared part
+class Run:
+    """What train.py's two loops share: output folder, JSONL log, tqdm progress, exact resume and checkpoints, the
+    micro-batch split, DDP and torch.compile, the non-finite guard. `args` are train.py's parsed flags;
+    `check_config(saved, path)` refuses to resume from a checkpoint of another run config."""
+
+    def __init__(self, args, rank, world, device, run_config, batch_size, total, check_config):
+        self.args, self.rank, self.world, self.device, self.run_config = args, rank, world, device, run_config
+        self.check_config = check_config
+        self.out = Path(args.out or f"runs/{args.stage}")
+        self.total, self.stop = total, min(total, args.max_steps) if args.max_steps else total
+        self.micro = batch_size // (world * args.grad_accum)  # per-rank micro-batch of one accumulation step
+        if self.micro * world * args.grad_accum != batch_size:
+            raise InputError(f"--batch-size {batch_size} is not divisible by {world} ranks x {args.grad_accum} "
+                             "accumulation steps")
+        self.last_ckpt, self.t0, self.seen = None, time.perf_counter(), 0
+        if rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_json(run_config, self.out / "config.json")
+
+    def micro_batches(self, batch: dict):
+        """(micro-batch, DDP sync context) for each accumulation step of `batch`; DDP all-reduces on the last."""
+        for i in range(self.args.grad_accum):
+            s = slice(i * self.micro, (i + 1) * self.micro)
+            last = self.world == 1 or i == self.args.grad_accum - 1
+            yield {k: v.part(s) if k == "cond" else v[s] for k, v in batch.items()}, last
+
+    def wrap(self, model):
+        """DDP across ranks (when there are several), then torch.compile (default on CUDA)."""
+        net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world > 1 \
+            else model
+        compile_ = self.device.type == "cuda" if self.args.compile is None else self.args.compile
+        return torch.compile(net) if compile_ else net
+
+    def log(self, step: int, terms: dict, batch_size: int, name: str = "img_per_s") -> None:
+        """Logs the mean over ranks of `terms` with throughput (and peak GPU memory on CUDA)."""
+        self.seen += batch_size
+        if step % self.args.log_every and step != self.stop:
+            return
+        row = {"step": step, **{k: float(f"{global_mean(torch.tensor(v), self.world).item():.6g}")
+                                for k, v in terms.items()},
+               name: round(self.seen / (time.perf_counter() - self.t0), 2)}
+        if self.device.type == "cuda":
+            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
+        self.write_log(row)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"}, refresh=False)
+
+    def write_log(self, row: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def check_finite(self, step: int, terms: dict) -> None:
+        bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite loss at step {step}: " + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                + f"; last good checkpoint: {self.last_ckpt or 'none written yet'}")
+
+    def steps(self, make_loader, objects: dict, seed: int):
+        """Resumes `objects` with --resume, then yields (step, batch on the device) from `make_loader(start, stop,
+        micro-batch x accumulation)` with the checkpoint cadence and every random draw seeded by (seed, step, rank)."""
+        start = 0
+        if self.args.resume:
+            start = load_checkpoint(self.out, objects, self.check_config, self.device)
+            self.last_ckpt = self.out / f"step-{start:07d}"
+            path = self.out / "log.jsonl"  # drop rows after the checkpoint: the log reads as one uninterrupted run
+            if self.rank == 0 and path.is_file():
+                rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= start]
+                atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+        loader = make_loader(start, self.stop, self.micro * self.args.grad_accum)
+        self.bar = tqdm(total=self.stop, initial=start, disable=self.rank != 0, desc=self.args.stage,
+                        dynamic_ncols=True)
+        for step, batch in enumerate(self.checked(loader), start):
+            torch.manual_seed(seed * 1_000_003 + step * self.world + self.rank)
+            yield step, {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            done = step + 1
+            if self.rank == 0 and (done % self.args.ckpt_every == 0 or done == self.stop):
+                self.last_ckpt = save_checkpoint(self.out, done, objects, self.run_config)
+            self.bar.update(1)
+        self.bar.close()
+
+
+    def checked(self, loader):
+        """The loader's batches; bad data met mid-run (a truncated image, from a worker) is one InputError line that
+        names the last good checkpoint."""
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except InputError as e:  # a worker's error arrives with its traceback: keep the message line
+                message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
+                raise InputError(f"{message}; last good checkpoint: {self.last_ckpt or 'none written yet'}") from None
+            yield batch

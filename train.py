@@ -13,21 +13,17 @@ the data order and every random draw are functions of (seed, step, rank), so N +
 import argparse
 import dataclasses
 import hashlib
-import json
 import math
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (InputError, all_reduce_grads, atomic_write, autocast, global_mean, load_checkpoint,
-                    load_tensors, run_main, save_checkpoint, save_image_grid, save_json, save_tensors,
-                    setup_distributed)
+from common import (InputError, Run, all_reduce_grads, autocast, global_mean, load_tensors, run_main,
+                    save_image_grid, save_tensors, setup_distributed)
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
                     get_preset, given_flags, to_dict)
 from data import Conditions, LatentSet, collate, conditioned, make_datasets, step_loader
@@ -114,102 +110,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - decay)
 
 
-class Run:
-    """What both stages share: output folder, JSONL log, progress, checkpoints, the micro-batch split, DDP/compile."""
-
-    def __init__(self, args, rank, world, device, run_config, batch_size, total):
-        self.args, self.rank, self.world, self.device, self.run_config = args, rank, world, device, run_config
-        self.out = Path(args.out or f"runs/{args.stage}")
-        self.total, self.stop = total, min(total, args.max_steps) if args.max_steps else total
-        self.micro = batch_size // (world * args.grad_accum)  # per-rank micro-batch of one accumulation step
-        if self.micro * world * args.grad_accum != batch_size:
-            raise InputError(f"--batch-size {batch_size} is not divisible by {world} ranks x {args.grad_accum} "
-                             "accumulation steps")
-        self.last_ckpt, self.t0, self.seen = None, time.perf_counter(), 0
-        if rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_json(run_config, self.out / "config.json")
-
-    def micro_batches(self, batch: dict):
-        """(micro-batch, DDP sync context) for each accumulation step of `batch`; DDP all-reduces on the last."""
-        for i in range(self.args.grad_accum):
-            s = slice(i * self.micro, (i + 1) * self.micro)
-            last = self.world == 1 or i == self.args.grad_accum - 1
-            yield {k: v.part(s) if k == "cond" else v[s] for k, v in batch.items()}, last
-
-    def wrap(self, model):
-        """DDP across ranks (when there are several), then torch.compile (default on CUDA)."""
-        net = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world > 1 \
-            else model
-        compile_ = self.device.type == "cuda" if self.args.compile is None else self.args.compile
-        return torch.compile(net) if compile_ else net
-
-    def log(self, step: int, terms: dict, batch_size: int, name: str = "img_per_s") -> None:
-        """Logs the mean over ranks of `terms` with throughput (and peak GPU memory on CUDA)."""
-        self.seen += batch_size
-        if step % self.args.log_every and step != self.stop:
-            return
-        row = {"step": step, **{k: float(f"{global_mean(torch.tensor(v), self.world).item():.6g}")
-                                for k, v in terms.items()},
-               name: round(self.seen / (time.perf_counter() - self.t0), 2)}
-        if self.device.type == "cuda":
-            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
-        self.write_log(row)
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"}, refresh=False)
-
-    def write_log(self, row: dict) -> None:
-        if self.rank == 0:
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def check_finite(self, step: int, terms: dict) -> None:
-        bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
-        if bad:
-            raise FloatingPointError(
-                f"non-finite loss at step {step}: " + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-                + f"; last good checkpoint: {self.last_ckpt or 'none written yet'}")
-
-    def steps(self, dataset, objects: dict, seed: int):
-        """Resumes `objects` with --resume, then yields (step, batch on the device) with the checkpoint cadence and
-        every random draw seeded by (seed, step, rank)."""
-        start = 0
-        if self.args.resume:
-            check = lambda saved, path: check_config(saved, self.run_config, path)
-            start = load_checkpoint(self.out, objects, check, self.device)
-            self.last_ckpt = self.out / f"step-{start:07d}"
-            path = self.out / "log.jsonl"  # drop rows after the checkpoint: the log reads as one uninterrupted run
-            if self.rank == 0 and path.is_file():
-                rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= start]
-                atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
-        loader = step_loader(dataset, self.micro * self.args.grad_accum, self.rank, self.world, seed, start,
-                             self.stop, self.args.workers)
-        self.bar = tqdm(total=self.stop, initial=start, disable=self.rank != 0, desc=self.args.stage,
-                        dynamic_ncols=True)
-        for step, batch in enumerate(self.checked(loader), start):
-            torch.manual_seed(seed * 1_000_003 + step * self.world + self.rank)
-            yield step, {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            done = step + 1
-            if self.rank == 0 and (done % self.args.ckpt_every == 0 or done == self.stop):
-                self.last_ckpt = save_checkpoint(self.out, done, objects, self.run_config)
-            self.bar.update(1)
-        self.bar.close()
-
-
-    def checked(self, loader):
-        """The loader's batches; bad data met mid-run (a truncated image, from a worker) is one InputError line that
-        names the last good checkpoint."""
-        batches = iter(loader)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except InputError as e:  # a worker's error arrives with its traceback: keep the message line
-                message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
-                raise InputError(f"{message}; last good checkpoint: {self.last_ckpt or 'none written yet'}") from None
-            yield batch
-
-
 def perceptual_loss(device):
     """LPIPS-VGG (App. C: perceptual loss), requiring the pretrained VGG trunk in the torch hub cache."""
     path = Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
@@ -230,6 +130,11 @@ def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0):
     return (conditioned(train, cfg, args.cache_dir, device), conditioned(val, cfg, args.cache_dir, device))
 
 
+def loader_for(args, dataset, rank, world, seed):
+    """A factory of this rank's loader over steps start..stop (`data.StepBatches`), for `Run.steps`."""
+    return lambda start, stop, batch: step_loader(dataset, batch, rank, world, seed, start, stop, args.workers)
+
+
 # --------------------------------------------------------------------------------------------------- stage 1
 def train_tokenizer(args, rank, world, device):
     cfg, tc, note = run_configs(args)
@@ -237,7 +142,8 @@ def train_tokenizer(args, rank, world, device):
     run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
                   "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),
                   "perceptual_loss": "on (LPIPS-VGG)" if tc.perceptual_weight > 0 else "OFF (perceptual_weight 0)"}
-    run = Run(args, rank, world, device, run_config, tc.batch_size, max(1, len(train_set) // tc.batch_size) * tc.epochs)
+    run = Run(args, rank, world, device, run_config, tc.batch_size, max(1, len(train_set) // tc.batch_size) * tc.epochs,
+              lambda saved, path: check_config(saved, run_config, path))
 
     torch.manual_seed(tc.seed)  # after data set-up, so the initial weights never depend on a cache hit
     model = TexTok(cfg).to(device)
@@ -258,7 +164,7 @@ def train_tokenizer(args, rank, world, device):
               f"{run_config['perceptual_loss']}; {run.total} steps on {device} x {world}")
     val_batch = {k: v.to(device) for k, v in collate([val_set[i] for i in range(min(len(val_set), 64))]).items()}
     K = args.grad_accum
-    for step, batch in run.steps(train_set, objects, tc.seed):
+    for step, batch in run.steps(loader_for(args, train_set, rank, world, tc.seed), objects, tc.seed):
         gan_on = step >= tc.disc_start
         terms, fakes = {}, []
         # ---- tokenizer / detokenizer update: l2 + perceptual + GAN (+ VQ) losses (§3.2, App. C)
@@ -376,7 +282,8 @@ def train_dit(args, rank, world, device):
     run_config = {"stage": "dit", "preset": args.preset, "note": note, "task": args.task, "split": split,
                   "tokenizer": str(tok_path.resolve()), "num_classes": num_classes, "tokenizer_config": to_dict(cfg),
                   "train": to_dict(dc)}
-    run = Run(args, rank, world, device, run_config, dc.batch_size, max(1, len(train_set) // dc.batch_size) * dc.epochs)
+    run = Run(args, rank, world, device, run_config, dc.batch_size, max(1, len(train_set) // dc.batch_size) * dc.epochs,
+              lambda saved, path: check_config(saved, run_config, path))
 
     # Keyed by the tokenizer's weights and the data's identity: never stale, never shared by two data sets.
     weights = hashlib.sha1((tok_path / "model.safetensors").read_bytes()).hexdigest()[:16]
@@ -404,7 +311,7 @@ def train_dit(args, rank, world, device):
     if rank == 0:
         print(f"{dc.model} ({args.task}) {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params over "
               f"{cfg.num_tokens}x{cfg.token_dim} tokens; {run.total} steps on {device} x {world}")
-    for step, batch in run.steps(latents, objects, dc.seed):
+    for step, batch in run.steps(loader_for(args, latents, rank, world, dc.seed), objects, dc.seed):
         loss_sum = 0.0
         for mb, sync in run.micro_batches(batch):
             with nullcontext() if sync else net.no_sync(), autocast(device, args.precision):
