@@ -64,11 +64,21 @@ def make_scene(rng: np.random.Generator) -> dict:
                 objects=objects, noise_seed=int(rng.integers(2 ** 31)))
 
 
-def caption(scene: dict) -> str:
-    """A descriptive caption: every object's size, colour, shape and place, and the background."""
-    parts = [f"a {o['size']} {o['colour']} {o['shape']} {_place(o['row'], o['col'])}" for o in scene["objects"]]
+CAPTION_STYLES = ("full", "short", "class")  # Tab. 4a: detailed caption, short caption, class-name template
+
+
+def caption(scene: dict, style: str = "full") -> str:
+    """The scene's caption. "full" (the descriptive caption, like the paper's 75 words): every object's size,
+    colour, shape and place, and the background; "short" (like 25 words): each object's colour and shape; "class"
+    (Tab. 4a's class-name template): the first object's shape, the class label."""
+    if style == "class":
+        return f"An image of a {scene['objects'][0]['shape']}."
+    if style == "short":
+        parts = [f"a {o['colour']} {o['shape']}" for o in scene["objects"]]
+    else:
+        parts = [f"a {o['size']} {o['colour']} {o['shape']} {_place(o['row'], o['col'])}" for o in scene["objects"]]
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"An image of {body}, on a {scene['background']} background."
+    return f"An image of {body}." if style == "short" else f"An image of {body}, on a {scene['background']} background."
 
 
 def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list:
@@ -122,10 +132,13 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
 class ShapesDataset(Dataset):
     """The embedded captioned shapes set: item i of `split` is drawn from seed (split, seed, i)."""
 
-    def __init__(self, split: str = "train", size: int = 32, num_images: int = 4096, seed: int = 0):
-        self.size, self.split, self.seed = size, split, seed
+    def __init__(self, split: str = "train", size: int = 32, num_images: int = 4096, seed: int = 0,
+                 captions: str = "full"):
+        if captions not in CAPTION_STYLES:
+            raise InputError(f"caption style {captions!r}: choose from {CAPTION_STYLES}")
+        self.size, self.split, self.seed, self.style = size, split, seed, captions
         self.scenes = [make_scene(np.random.default_rng([SPLITS[split], seed, i])) for i in range(num_images)]
-        self.captions = [caption(s) for s in self.scenes]
+        self.captions = [caption(s, captions) for s in self.scenes]
         self.labels = [SHAPES.index(s["objects"][0]["shape"]) for s in self.scenes]
 
     def __len__(self):
@@ -136,7 +149,7 @@ class ShapesDataset(Dataset):
 
     def identity(self) -> str:
         """What determines the items: the generator's split, seed, count and size."""
-        return f"shapes-{self.split}-{self.seed}-{len(self)}-{self.size}px"
+        return f"shapes-{self.split}-{self.seed}-{len(self)}-{self.size}px-{self.style}"
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -226,11 +239,12 @@ def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0):
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 
-def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, seed: int = 0):
-    """(train, val) datasets: the JSONL folder `data` (and `val`, else a seeded 10% of `data`), or the embedded set."""
+def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, seed: int = 0, captions: str = "full"):
+    """(train, val) datasets: the JSONL folder `data` (and `val`, else a seeded 10% of `data`), or the embedded set
+    with captions of style `captions` (CAPTION_STYLES)."""
     if data is None:
-        return (ShapesDataset("train", size, num_images, seed),
-                ShapesDataset("val", size, max(64, num_images // 16), seed))
+        return (ShapesDataset("train", size, num_images, seed, captions),
+                ShapesDataset("val", size, max(64, num_images // 16), seed, captions))
     if val is not None:
         return JsonlDataset(data, size), JsonlDataset(val, size)
     n = len(JsonlDataset(data, size))
@@ -238,7 +252,7 @@ def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, s
     return JsonlDataset(data, size, train_idx), JsonlDataset(data, size, val_idx)
 
 
-def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, seed: int = 0) -> dict:
+def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, seed: int = 0, captions: str = "full") -> dict:
     """Held-out captions per class for class-conditional sampling (§3.2): {label: [captions]}.
 
     Embedded set: captions of the `pool` split, never seen in training. JSONL folder: `DIR/class_captions.jsonl`
@@ -250,7 +264,7 @@ def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, see
             scene = make_scene(np.random.default_rng([SPLITS["pool"], seed, i]))
             label = SHAPES.index(scene["objects"][0]["shape"])
             if label < num_classes and len(pool[label]) < per_class:
-                pool[label].append(caption(scene))
+                pool[label].append(caption(scene, captions))
             i += 1
         return pool
     path = Path(data) / "class_captions.jsonl"

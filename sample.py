@@ -61,13 +61,13 @@ def write_npz(images: np.ndarray, path: Path) -> Path:
 def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
     """(labels, captions) of samples 0..n-1: classes in turn with a held-out caption each, or T2I captions."""
     meta, cfg = dit.meta, tokenizer.cfg
-    split = meta.get("split", {})
-    data = args.data or split.get("data")
+    split = meta["split"]  # the DiT's training data: its held-out part is what sampling may read
+    data = args.data or split["data"]
     if meta["task"] == "class":
         labels = [i % meta["num_classes"] for i in range(n)]
         if cfg.conditioning != "text":
             return labels, None
-        pool = class_caption_pool(data, meta["num_classes"])
+        pool = class_caption_pool(data, meta["num_classes"], captions=split["captions"])
         for c in sorted(set(labels)):
             if not pool.get(c):
                 where = f"{data}/class_captions.jsonl" if data else "the embedded caption pool"
@@ -78,7 +78,8 @@ def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
         if not captions:
             raise InputError(f"{args.prompts}: no prompts (one caption per line)")
     else:  # the validation split of the DiT's training data: held out from both stages
-        captions = make_datasets(data, split.get("val"), cfg.image_size, split.get("num_images", 4096))[1].captions
+        captions = make_datasets(data, split["val"], cfg.image_size, split["num_images"],
+                                 captions=split["captions"])[1].captions
     return [0] * n, [captions[i % len(captions)] for i in range(n)]
 
 

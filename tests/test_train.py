@@ -173,7 +173,8 @@ def test_embedded_default_command_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("task", ["class", "t2i"])
 def test_stage2_and_sampling_end_to_end(tmp_path, text_cache, task):
-    """Tiny tokenizer -> latent cache -> DiT (a few steps) -> sample.py writes an ADM .npz and a PNG grid."""
+    """Tiny tokenizer -> latent cache -> DiT (a few steps) -> sample.py writes an ADM .npz and a PNG grid. Whatever
+    the sampling seed, the captions are held out: T2I reads the validation split, class sampling the caption pool."""
     import numpy as np
     import sample
     tok = tmp_path / "tok"
@@ -184,11 +185,31 @@ def test_stage2_and_sampling_end_to_end(tmp_path, text_cache, task):
                 "--max-steps", "3", "--log-every", "1", "--warmup-steps", "1"])
     assert [r["step"] for r in log_rows(dit)] == [1, 2, 3] and all(r["loss"] > 0 for r in log_rows(dit))
     npz = sample.main(["--dit", str(dit / "dit"), "--num-samples", "5", "--batch-size", "4", "--steps", "3",
-                       "--cfg-scale", "1.5", "--out", str(tmp_path / "samples")])
+                       "--cfg-scale", "1.5", "--out", str(tmp_path / "samples"), "--seed", "1"])
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8
     assert (tmp_path / "samples" / "samples.png").is_file()
-    assert len((tmp_path / "samples" / "captions.txt").read_text().splitlines()) == 5
+    captions = (tmp_path / "samples" / "captions.txt").read_text().splitlines()
+    from data import ShapesDataset, class_caption_pool
+    held_out = ShapesDataset("val", 32, 64).captions if task == "t2i" else sum(class_caption_pool().values(), [])
+    assert len(captions) == 5 and set(captions) <= set(held_out)
+    assert not set(captions) & set(ShapesDataset("train", 32, 32).captions)
+
+
+def test_sample_refuses_bad_values_and_missing_class_captions(tmp_path, monkeypatch):
+    import sample
+    from types import SimpleNamespace
+    args = SimpleNamespace(num_samples=4, batch_size=2, steps=0, cfg_scale=None, cfg_power=None)
+    with pytest.raises(InputError, match="--steps 0: DDIM needs 1 to 1000 steps"):
+        sample.check_args(args, 1000)
+    args.steps, args.cfg_power = None, 0.0
+    with pytest.raises(InputError, match="--cfg-power 0.0"):
+        sample.check_args(args, 1000)
+    (tmp_path / "class_captions.jsonl").write_text('{"label": 0, "caption": "a dog"}\n')
+    dit = SimpleNamespace(meta={"task": "class", "num_classes": 2, "split": {"data": str(tmp_path), "captions": "full"}})
+    tok = SimpleNamespace(cfg=SimpleNamespace(conditioning="text"))
+    with pytest.raises(InputError, match=r"class_captions.jsonl: no held-out caption for class 1"):
+        sample.conditions(dit, tok, SimpleNamespace(data=None, seed=0), 4)
 
 
 def jsonl_folder(root, n=8, bad=None):
