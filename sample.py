@@ -33,20 +33,20 @@ from textok import TexTok
 
 @torch.no_grad()
 def generate(dit: DiT, tokenizer: TexTok, diffusion: Diffusion, cond, noise, steps: int, w: float, schedule: str,
-             power: float, precision: str = "auto", model=None):
+             power: float, precision: str = "auto", compiled=None):
     """One batch of images [B, 3, H, W] in [-1, 1] from initial noise [B, N, d] and the batch's data.Cond.
 
     DiT samples normalised tokens with DDIM (guided by `w` on the MDT schedule; w = 1 runs no unconditional half),
-    they are de-normalised to Z, and the detokenizer decodes Z once for the whole batch with the caption. `model`
-    is the DiT's forward to call (e.g. compiled); default `dit`."""
-    device = noise.device
-    model = model or dit
+    they are de-normalised to Z, and the detokenizer decodes Z once for the whole batch with the caption.
+    `compiled`: a compiled `dit` (w = 1) or `dit.forward_with_cfg` (w != 1) to call instead."""
+    device, guided = noise.device, w != 1.0
+    net = compiled if compiled is not None else (dit.forward_with_cfg if guided else dit)
 
     def model_fn(x, t):
         with autocast(device, precision):
-            if w == 1.0:
-                return model(x, t, cond).float()
-            return dit.forward_with_cfg(x, t, cfg_scale(t, w, diffusion.num_timesteps, power, schedule), cond).float()
+            if guided:
+                return net(x, t, cfg_scale(t, w, diffusion.num_timesteps, power, schedule), cond).float()
+            return net(x, t, cond).float()
 
     Z = dit.denormalize(diffusion.ddim_sample(model_fn, noise.shape, steps, device, noise=noise))
     with autocast(device, precision):
@@ -136,7 +136,7 @@ def sample(args, rank, world, device):
     power = train.cfg_power if args.cfg_power is None else args.cfg_power
     diffusion = Diffusion(train.diffusion_steps, train.beta_start, train.beta_end)
     compile_ = device.type == "cuda" if args.compile is None else args.compile
-    model = torch.compile(dit, mode="reduce-overhead") if compile_ else dit
+    compiled = torch.compile(dit.forward_with_cfg if w != 1.0 else dit, mode="reduce-overhead") if compile_ else None
 
     n = args.num_samples
     labels, captions = conditions(dit, tokenizer, args, n)
@@ -155,7 +155,7 @@ def sample(args, rank, world, device):
         noise = torch.stack([torch.randn(cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(
             args.seed * 1_000_003 + i)) for i in idx]).to(device)
         parts.append(to_uint8(generate(dit, tokenizer, diffusion, conds.batch(idx).to(device), noise, steps, w,
-                                       schedule, power, args.precision, model)))
+                                       schedule, power, args.precision, compiled)))
     seconds = time.perf_counter() - start
     mine_images = np.concatenate(parts) if parts else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
     out = Path(args.out)

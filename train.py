@@ -273,9 +273,9 @@ def train_dit(args, rank, world, device):
     tokenizer = TexTok.from_pretrained(tok_path).to(device).eval().requires_grad_(False)
     cfg = tokenizer.cfg
     _, dc, note = run_configs(args)
-    if args.task == "t2i" and cfg.conditioning != "text":
-        raise InputError(f"{tok_path}: text-to-image needs a text-conditioned TexTok (it has "
-                         f"conditioning={cfg.conditioning!r})")
+    if args.task == "t2i" and cfg.conditioning == "class":  # Table 3 pairs DiT-T2I with TexTok or the Baseline
+        raise InputError(f"{tok_path}: a class-conditioned TexTok cannot decode text-to-image samples (it needs "
+                         "labels); use a text-conditioned TexTok or the Baseline (conditioning none)")
     train_set, _ = datasets_for(args, cfg, device, rank)
     labels = train_set.labels
     if args.task == "class" and min(labels) < 0:
@@ -297,7 +297,8 @@ def train_dit(args, rank, world, device):
         Z = load_tensors(cache)["Z"] if Z is None else Z
     mean, std = Z.mean(dim=(0, 1)), Z.std(dim=(0, 1)).clamp_min(1e-6)  # per-channel latent normalisation
     text = cfg.text_encoder if args.task == "t2i" else None  # the same cached embeddings the tokenizer read
-    latents = LatentSet((Z - mean) / std, Conditions(train_set.captions, labels, text, cfg.text_len, args.cache_dir))
+    latents = LatentSet((Z - mean) / std, Conditions(train_set.captions, labels, text, cfg.text_len, args.cache_dir,
+                                                     device))
 
     torch.manual_seed(dc.seed)
     model = build_dit(dc.model, dc.class_dropout, cfg, args.task, num_classes).to(device)
