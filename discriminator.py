@@ -21,25 +21,25 @@ class BlurPool2d(nn.Module):
     """[1,3,3,1] outer-product blur, then stride-2 subsampling (Zhang et al., 2019), per channel.
 
     Exactly the depthwise conv with the normalised 4x4 kernel, stride 2 and zero padding 1 (what JAX 'SAME' gives a
-    4-tap, stride-2 filter on even sizes; odd sizes work too), computed as the separable 1D [1,3,3,1] / 8 filter
-    along H, then W, from strided views and sums. Its first and second derivatives are then pads, slices and
-    elementwise sums: R1's double backward through the depthwise conv was one slow cuDNN kernel, 85% of the R1
-    step on an H100.
+    4-tap, stride-2 filter on even sizes; odd sizes work too), computed as the separable 1D [1,3,3,1] filter along
+    H, then W, from strided views and sums, then / 64. Its first and second derivatives are then pads, slices and
+    elementwise sums, where R1's double backward through the depthwise conv was one slow cuDNN kernel (85% of the
+    R1 step on an H100, issue 14).
     """
 
     def forward(self, x):
-        return _blur_1331(_blur_1331(x, 2), 3)
+        return _blur_1331(_blur_1331(x, 2), 3) / 64  # the 2D kernel's taps sum to 8 x 8
 
 
 def _blur_1331(x, dim):
-    """[1,3,3,1] / 8 along `dim`, zero padding 1, stride 2: out[i] = (x[2i-1] + 3 x[2i] + 3 x[2i+1] + x[2i+2]) / 8."""
+    """Unscaled [1,3,3,1] along `dim`, zero padding 1, stride 2: out[i] = x[2i-1] + 3 x[2i] + 3 x[2i+1] + x[2i+2]."""
     size = x.shape[dim]
     n = (size - 2) // 2 + 1  # the conv's output length, (size + 2 * 1 - 4) // 2 + 1
     # Pad to 2n + 2 entries (1 on the left, 1 or 0 on the right) and read them as n + 1 (even, odd) pairs: output i
     # is pair i with taps (1, 3) plus pair i + 1 with taps (3, 1). F.pad lists the last dim first.
     x = F.pad(x, (0, 0) * (x.dim() - 1 - dim) + (1, 2 * n + 1 - size))
     even, odd = x.unflatten(dim, (n + 1, 2)).unbind(dim + 1)
-    return ((even + 3 * odd).narrow(dim, 0, n) + (3 * even + odd).narrow(dim, 1, n)) / 8
+    return torch.add(even, odd, alpha=3).narrow(dim, 0, n) + torch.add(odd, even, alpha=3).narrow(dim, 1, n)
 
 
 class ResBlock(nn.Module):

@@ -115,7 +115,7 @@ def best_seconds(fn, repeats: int, device) -> float:
 
 
 def count_flops(fn) -> int:
-    """Matmul, conv and attention FLOPs of one call of fn (torch.utils.flop_counter; elementwise ops are not counted)."""
+    """Matmul, conv and attention FLOPs of one call of fn (torch.utils.flop_counter; elementwise ops not counted)."""
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
@@ -168,7 +168,8 @@ def inference_rows(args, size: int, encoder: TextEncoder, device, bar) -> list:
             dit_s, dit_flops = sampling(dit, (B, N, model.cfg.token_dim))
             rows.append(dict(size=size, system=f"TexTok-{N} + {args.dit}", tokens=N, text=text_s, tokenize=tok_s,
                              detokenize=detok_s, dit=dit_s, tokenization=text_s + tok_s + detok_s,
-                             generation=dit_s + text_s + detok_s, generation_flops=dit_flops + text_flops + detok_flops))
+                             generation=dit_s + text_s + detok_s,
+                             generation_flops=dit_flops + text_flops + detok_flops))
             del model, dit
             bar.update()
         # The original DiT: DiT/2 over the SD-VAE latent (size/8)^2 x 4. Patch size 2 makes every token a 2x2x4
