@@ -16,7 +16,8 @@ def cfg_scale(t, w: float, T: int = 1000, scale_pow: float = 4.0, schedule: str 
     """Guidance scale at timestep(s) t (App. C: the guidance schedule of MDT [12]).
 
     'power-cosine' (MDT's code, forward_with_cfg): w_t = 1 + (w − 1) · (1 − cos(π · (1 − t/T) ** scale_pow)) / 2,
-    which rises from ≈1 at t = T−1 (pure noise) to w at t = 0. 'constant': w_t = w. Returns float32, t's shape.
+    which rises from ≈1 at t = T−1 (pure noise) to w at t = 0. 'constant': w_t = w. Returns float32, t's shape,
+    on t's device (elementwise, so a device t needs no host sync).
     """
     t = torch.as_tensor(t, dtype=torch.float32)
     if schedule == "constant":
@@ -35,12 +36,20 @@ class Diffusion:
         # math, cast to the data's dtype where used.
         self.betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # ᾱ_t = Π_{s≤t} (1 − β_s), DDPM Eq. 4
+        self._alphas_cumprod_on = {}  # device -> ᾱ there (see alphas_cumprod_on)
+
+    def alphas_cumprod_on(self, device) -> torch.Tensor:
+        """ᾱ [T] (float64) on `device`, copied there once and cached: gathers with device timesteps need no sync."""
+        device = torch.device(device)
+        if device not in self._alphas_cumprod_on:
+            self._alphas_cumprod_on[device] = self.alphas_cumprod.to(device)
+        return self._alphas_cumprod_on[device]
 
     def _coefs(self, t, x):
-        """(√ᾱ_t, √(1−ᾱ_t)) for timesteps t [B], shaped [B, 1, …] like x, in x's dtype and on x's device."""
-        a = self.alphas_cumprod[torch.as_tensor(t).cpu()]
+        """(√ᾱ_t, √(1−ᾱ_t)) for timesteps t [B], shaped [B, 1, …] like x, in x's dtype, gathered on x's device."""
+        a = self.alphas_cumprod_on(x.device)[torch.as_tensor(t, device=x.device)]
         shape = (-1,) + (1,) * (x.dim() - 1)
-        return (a.sqrt().to(x.device, x.dtype).view(shape), (1 - a).sqrt().to(x.device, x.dtype).view(shape))
+        return a.sqrt().to(x.dtype).view(shape), (1 - a).sqrt().to(x.dtype).view(shape)
 
     def q_sample(self, x0, t, noise):
         """Noise x0 to step t: x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε (DDPM Eq. 4)."""
@@ -69,7 +78,7 @@ class Diffusion:
         Returns the mean over all elements (a scalar).
         """
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (x0.shape[0],))  # on the CPU: gathers need no device sync
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
@@ -93,16 +102,22 @@ class Diffusion:
     def ddim_sample(self, model_fn, shape, steps: int = 250, device="cpu", generator=None, progress=False, noise=None):
         """Deterministic DDIM (η = 0) from x_{T−1} ~ N(0, I) to x0 (App. C: DDIM, 250 steps).
 
-        model_fn(x [B, …] float32, t [B] long) returns v; for guidance pass e.g.
-        `lambda x, t: model.forward_with_cfg(x, t, cfg_scale(t, w), y=y)`. `generator` must live on `device`.
+        model_fn(x [B, …] float32, t [B] long on `device`) returns v; for guidance pass e.g.
+        `lambda x, t: model.forward_with_cfg(x, t, cfg_scale(t, w), cond)`. The start x_{T−1} is `noise` when given
+        (sample.py seeds it per sample), else drawn with `generator`, which must live on `device`.
         Each step is DDIM Eq. 12 with σ_t = 0: x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev) ε̂, with ᾱ_prev = 1 after t = 0.
+        The timesteps and coefficients are device tensors made once per call, so the loop never waits for the
+        device: it is as fast as model_fn.
         """
-        ts = self.sample_timesteps(steps)
+        ts = torch.tensor(self.sample_timesteps(steps), device=device)
+        a = self.alphas_cumprod_on(device)[ts]  # ᾱ_t, then ᾱ_prev = ᾱ of the next (smaller) timestep
+        a_prev = torch.cat([a[1:], a.new_ones(1)])
+        sqrt_a, sqrt_1ma, sqrt_a_prev, sqrt_1ma_prev = (c.sqrt().float() for c in (a, 1 - a, a_prev, 1 - a_prev))
+        t_batch = ts[:, None].repeat(1, shape[0])  # row i: timestep i for every sample, [B] contiguous
         x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.float()
-        for i, t in enumerate(tqdm(ts, disable=not progress, desc="DDIM")):
-            t_cpu = torch.full((shape[0],), t, dtype=torch.long)
-            v = model_fn(x, t_cpu.to(device)).float()
-            x0, eps = self.x0_from_v(x, v, t_cpu), self.eps_from_v(x, v, t_cpu)
-            a_prev = self.alphas_cumprod[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
-            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+        for i in tqdm(range(len(ts)), disable=not progress, desc="DDIM"):
+            v = model_fn(x, t_batch[i]).float()
+            x0 = sqrt_a[i] * x - sqrt_1ma[i] * v  # x0_from_v
+            eps = sqrt_1ma[i] * x + sqrt_a[i] * v  # eps_from_v
+            x = sqrt_a_prev[i] * x0 + sqrt_1ma_prev[i] * eps
         return x

@@ -198,18 +198,14 @@ def train_tokenizer(args, rank, world, device):
         # Lazy R1 (--r1-every k): the penalty on every k-th D step, weighted by k (StyleGAN2).
         if gan_on:
             disc.requires_grad_(True)
-            r1_now = (step - tc.disc_start) % tc.r1_every == 0
             mean_real = mean_fake = 0.0
             for (mb, _), fake in zip(run.micro_batches(batch), fakes):
                 with autocast(device, args.precision):
-                    logits_real, r1 = r1_penalty(disc, mb["image"]) if r1_now else (disc(mb["image"]), None)
+                    logits_real, r1 = r1_penalty(disc, mb["image"], every=tc.r1_every, step=step - tc.disc_start)
                     logits_fake = disc(fake)
-                d_parts = {"d_loss": discriminator_loss(logits_real, logits_fake),
+                d_parts = {"d_loss": discriminator_loss(logits_real, logits_fake), "r1": r1,
                            "lecam": lecam.penalty(logits_real, logits_fake)}
-                d_loss = d_parts["d_loss"] + tc.lecam_weight * d_parts["lecam"]
-                if r1_now:
-                    d_parts["r1"] = r1
-                    d_loss = d_loss + tc.r1_cost * tc.r1_every * r1
+                d_loss = d_parts["d_loss"] + tc.r1_cost * r1 + tc.lecam_weight * d_parts["lecam"]
                 (d_loss / K).backward()
                 mean_real = mean_real + logits_real.detach().float().mean() / K
                 mean_fake = mean_fake + logits_fake.detach().float().mean() / K

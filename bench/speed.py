@@ -6,11 +6,16 @@ Inference, at each resolution, all models with random weights (speed does not de
                    "tokenization" = text + tokenize + detokenize and "generation" = sampling + text + detokenize.
   SD-VAE + DiT/2   the original DiT over the 2D latent, DDIM sampling only: the SD-VAE decoder is not available
                    offline, so the baseline's generation time leaves it out and the speed-up is a lower bound.
+On CUDA both DiTs run compiled with CUDA graphs (torch.compile mode="reduce-overhead"; --no-compile for eager), so
+sampling is compute-bound, not launch-bound. "speed-up / FLOP ratio" divides the measured generation speed-up by the
+ratio of generation FLOPs per image (matmul, conv and attention FLOPs counted by torch.utils.flop_counter): 1.0 is
+the speed-up the FLOPs alone allow.
 Training: images/s and peak memory of one TexTok training step (l2 loss, Adam, App. C) beside the identical
 architecture built from `timm` ViT `Block`s (a bench-only dependency: pip install timm); ours should be at least
 as fast. On CUDA, model FLOPs utilisation (MFU) of TexTok-Base in bf16 as well.
 
     python bench/speed.py                 # CPU default, a few minutes: TexTok-Small-32, DiT-S, 4 DDIM steps, batch 2
+    python bench/speed.py --resolutions 256 --repeats 1 --train-steps 1   # CPU, the smallest run (~1 minute)
     python bench/speed.py --paper         # GPU: TexTok-Base, DiT-XL, 250 DDIM steps, batch 32, N = 32 64 128 256
     python bench/speed.py --paper --text-encoder /path/to/t5-v1_1-xl   # the paper's text encoder (§4.1)
 
@@ -26,17 +31,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import atomic_write, save_json  # noqa: E402
+from common import atomic_write, autocast, run_main, save_json  # noqa: E402
 from config import MODEL_PRESETS, OFFLINE_TEXT_ENCODER, TexTokConfig  # noqa: E402
-from data import ShapesDataset  # noqa: E402
+from data import Cond, ShapesDataset  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from dit import DiT_models  # noqa: E402
 from text_encoder import TextEncoder  # noqa: E402
 from textok import TexTok  # noqa: E402
 from tokenizer import patchify, unpatchify  # noqa: E402
-from train import autocast  # noqa: E402
 
 # Flag defaults: a CPU run of a few minutes, or the paper's sizes (Table 5 / Fig. 4: TexTok-Base, DiT-XL,
 # DDIM 250 steps, batch 32; N from Table 1).
@@ -68,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, help="timed training steps per repeat")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up; the best is kept")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA")
+    p.add_argument("--no-compile", action="store_true",
+                   help="on CUDA, run the DiTs eagerly instead of torch.compile(mode='reduce-overhead') (CUDA graphs)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="accelerator bf16 peak for MFU (default: the known GPUs in PEAK_BF16_FLOPS)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -105,6 +113,14 @@ def best_seconds(fn, repeats: int, device) -> float:
     return best
 
 
+def count_flops(fn) -> int:
+    """Matmul, conv and attention FLOPs of one call of fn (torch.utils.flop_counter; elementwise ops not counted)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def textok_config(args, size: int, tokens: int, text_dim: int) -> TexTokConfig:
     """TexTok of the chosen size (Tab. 4e) at `size` px with N = `tokens`, text in context on both sides (§3.2)."""
     return TexTokConfig(image_size=size, patch_size=args.patch_size or max(1, size // 32), num_tokens=tokens,
@@ -113,44 +129,63 @@ def textok_config(args, size: int, tokens: int, text_dim: int) -> TexTokConfig:
 
 
 @torch.inference_mode()
-def inference_rows(args, size: int, encoder: TextEncoder, device) -> list:
-    """Seconds per image of each stage, TexTok-N + DiT for every N and SD-VAE + DiT/2, at `size` px."""
+def inference_rows(args, size: int, encoder: TextEncoder, device, bar) -> list:
+    """Seconds and FLOPs per image of each stage, TexTok-N + DiT for every N and SD-VAE + DiT/2, at `size` px."""
     B, steps = args.batch_size, args.sampling_steps
     captions = ShapesDataset("val", num_images=B).captions  # padded to N_t, so their length does not matter
     images = torch.rand(B, 3, size, size, device=device) * 2 - 1
     labels = torch.randint(0, 1000, (B,), device=device)
     diffusion = Diffusion()  # App. C: 1000 steps, linear schedule, v-prediction
 
-    def sample(dit, shape):
-        return lambda: diffusion.ddim_sample(lambda x, t: dit(x, t, y=labels), shape, steps, device)
+    def sampling(dit, shape):
+        """(seconds per image, FLOPs per image) of DDIM sampling with `dit` over tokens of `shape`."""
+        x, t = torch.zeros(shape, device=device), torch.zeros(B, dtype=torch.long, device=device)
+        flops = steps * count_flops(lambda: dit(x, t, Cond(label=labels))) / B
+        if args.compile_dit:
+            torch.compiler.reset()  # each DiT compiles afresh: static shapes, no recompile limit across rows
+            dit = torch.compile(dit, mode="reduce-overhead")  # compiles and records in best_seconds' warm-up call
+
+        def run():
+            return diffusion.ddim_sample(lambda x, t: dit(x, t, Cond(label=labels)), shape, steps, device)
+
+        return best_seconds(run, args.repeats, device) / B, flops
 
     rows = []
     with autocast(device, args.precision):
         text_s = best_seconds(lambda: encoder(captions), args.repeats, device) / B
+        text_flops = count_flops(lambda: encoder(captions)) / B
         text, mask = encoder(captions)
         for N in args.tokens:
+            bar.set_postfix_str(f"{size} px, TexTok-{N} + {args.dit}")
             torch.manual_seed(0)
             model = TexTok(textok_config(args, size, N, encoder.dim)).to(device).eval()
-            Z = model.encode(images, text, mask)
-            tok_s = best_seconds(lambda: model.encode(images, text, mask), args.repeats, device) / B
-            detok_s = best_seconds(lambda: model.decode(Z, text, mask), args.repeats, device) / B
+            Z = model.encode(images, Cond(text, mask))
+            tok_s = best_seconds(lambda: model.encode(images, Cond(text, mask)), args.repeats, device) / B
+            detok_s = best_seconds(lambda: model.decode(Z, Cond(text, mask)), args.repeats, device) / B
+            detok_flops = count_flops(lambda: model.decode(Z, Cond(text, mask))) / B
             dit = DiT_models[args.dit](num_tokens=N, in_channels=model.cfg.token_dim).to(device).eval()
-            dit_s = best_seconds(sample(dit, (B, N, model.cfg.token_dim)), args.repeats, device) / B
+            dit_s, dit_flops = sampling(dit, (B, N, model.cfg.token_dim))
             rows.append(dict(size=size, system=f"TexTok-{N} + {args.dit}", tokens=N, text=text_s, tokenize=tok_s,
                              detokenize=detok_s, dit=dit_s, tokenization=text_s + tok_s + detok_s,
-                             generation=dit_s + text_s + detok_s))
+                             generation=dit_s + text_s + detok_s,
+                             generation_flops=dit_flops + text_flops + detok_flops))
             del model, dit
+            bar.update()
         # The original DiT: DiT/2 over the SD-VAE latent (size/8)^2 x 4. Patch size 2 makes every token a 2x2x4
         # patch, so DiT/2's patch embedding (Conv2d 4 -> D, kernel 2, stride 2) is a linear map of 16 channels per
         # token: our DiT over (size/16)^2 tokens of 16 channels computes the same (256 tokens at 256 px, 1024 at
         # 512 px). Its output layer predicts 16 values per token where DiT's also learns the variance (32): negligible.
+        bar.set_postfix_str(f"{size} px, SD-VAE + {args.dit}/2")
         n2 = (size // 16) ** 2
         dit = DiT_models[args.dit](num_tokens=n2, in_channels=16).to(device).eval()
-        base_s = best_seconds(sample(dit, (B, n2, 16)), args.repeats, device) / B
+        base_s, base_flops = sampling(dit, (B, n2, 16))
         rows.append(dict(size=size, system=f"SD-VAE + {args.dit}/2 (DiT only)", tokens=n2, text=None, tokenize=None,
-                         detokenize=None, dit=base_s, tokenization=None, generation=base_s))
+                         detokenize=None, dit=base_s, tokenization=None, generation=base_s,
+                         generation_flops=base_flops))
+        bar.update()
     for row in rows:
         row["speedup"] = base_s / row["generation"]
+        row["speedup_per_flop_ratio"] = row["speedup"] / (base_flops / row["generation_flops"])
     return rows
 
 
@@ -188,8 +223,9 @@ class TimmEncoderDecoder(nn.Module):
             h = block(h, attn_mask=mask)
         return norm(h)[:, :S]
 
-    def forward(self, images, text, text_mask):
-        """images [B, 3, H, W], text [B, N_t, C] with mask [B, N_t] -> reconstruction [B, 3, H, W]."""
+    def forward(self, images, cond):
+        """images [B, 3, H, W], cond: Cond(text [B, N_t, C], text_mask [B, N_t]) -> reconstruction [B, 3, H, W]."""
+        text, text_mask = cond.text, cond.text_mask
         P = self.patch_embed(patchify(images, self.cfg.patch_size)) + self.pos_embed
         x = torch.cat([P, self.L.expand(len(P), -1, -1)], 1)
         Z = self.to_Z(self._vit(self.enc, self.enc_norm, x, self.enc_text(text), text_mask)[:, P.shape[1]:])
@@ -231,7 +267,7 @@ def training_row(name: str, build, cfg: TexTokConfig, args, device, precision: s
 
     def step():
         with autocast(device, precision):
-            out = model(images, text, mask)
+            out = model(images, Cond(text, mask))
         F.mse_loss((out[0] if isinstance(out, tuple) else out).float(), images).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -257,17 +293,18 @@ def training_rows(args, text_dim: int, device) -> list:
     """Ours against timm's blocks at the chosen size; on CUDA also TexTok-Base in bf16 for MFU."""
     cfg = textok_config(args, args.train_size, args.train_tokens, text_dim)
     label = f"TexTok-{args.model_size.capitalize()}-{args.train_tokens}"
-    rows = [training_row(f"{label} (ours)", TexTok, cfg, args, device, args.precision)]
+    specs = [(f"{label} (ours)", TexTok, cfg, args.precision)]
     try:
         import timm  # noqa: F401
     except ImportError:
         print("timm is not installed, so the timm row is skipped: pip install timm (a bench-only dependency)")
     else:
-        rows.append(training_row(f"{label} (timm ViT blocks)", TimmEncoderDecoder, cfg, args, device, args.precision))
+        specs.append((f"{label} (timm ViT blocks)", TimmEncoderDecoder, cfg, args.precision))
     if device.type == "cuda" and (args.model_size != "base" or args.precision == "fp32"):
         base = dataclasses.replace(cfg, **MODEL_PRESETS["base"])
-        rows.append(training_row(f"TexTok-Base-{args.train_tokens} (ours, MFU)", TexTok, base, args, device, "bf16"))
-    return rows
+        specs.append((f"TexTok-Base-{args.train_tokens} (ours, MFU)", TexTok, base, "bf16"))
+    return [training_row(name, build, c, args, device, precision)
+            for name, build, c, precision in tqdm(specs, desc="training rows")]
 
 
 def fmt(v, digits=4) -> str:
@@ -276,14 +313,16 @@ def fmt(v, digits=4) -> str:
 
 def tables(inference: list, training: list, args) -> str:
     """The two markdown tables."""
-    lines = [f"Inference, seconds per image (batch {args.batch_size}, {args.sampling_steps} DDIM steps, text encoder "
-             f"{args.text_encoder}, N_t {args.text_len}):", "",
+    compiled = "DiT compiled with CUDA graphs" if args.compile_dit else "DiT eager"
+    lines = [f"Inference, seconds and GFLOP per image (batch {args.batch_size}, {args.sampling_steps} DDIM steps, text "
+             f"encoder {args.text_encoder}, N_t {args.text_len}, {compiled}):", "",
              "| px | system | tokens | text | tokenize | detokenize | DiT sampling | tokenization (Tab. 5) | "
-             "generation (Tab. 5) | generation speed-up |", "|" + "---|" * 10]
+             "generation (Tab. 5) | generation GFLOP | generation speed-up | speed-up / FLOP ratio |",
+             "|" + "---|" * 12]
     for r in inference:
         lines.append(f"| {r['size']} | {r['system']} | {r['tokens']} | {fmt(r['text'])} | {fmt(r['tokenize'])} | "
                      f"{fmt(r['detokenize'])} | {fmt(r['dit'])} | {fmt(r['tokenization'])} | {fmt(r['generation'])} | "
-                     f"{r['speedup']:.2f}x |")
+                     f"{r['generation_flops'] / 1e9:.4g} | {r['speedup']:.2f}x | {r['speedup_per_flop_ratio']:.2f} |")
     lines += ["", "Tokenizer training throughput (one step: forward, l2 loss, backward, Adam):", "",
               "| model | px | tokens | batch | precision | params (M) | images/s | peak memory (GiB) | MFU | "
               "vs timm |", "|" + "---|" * 10]
@@ -301,13 +340,15 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.compile_dit = device.type == "cuda" and not args.no_compile
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     command = "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"{machine(device)}; TexTok-{args.model_size}, {args.dit}")
     encoder = TextEncoder(args.text_encoder, args.text_len, device)
-    inference = [row for size in args.resolutions for row in inference_rows(args, size, encoder, device)]
+    with tqdm(total=len(args.resolutions) * (len(args.tokens) + 1), desc="inference rows") as bar:
+        inference = [row for size in args.resolutions for row in inference_rows(args, size, encoder, device, bar)]
     training = training_rows(args, encoder.dim, device)
     text = tables(inference, training, args)
     notes = ("SD-VAE + DiT/2: DDIM sampling only (the SD-VAE decoder is not available offline), so its generation "
@@ -323,4 +364,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

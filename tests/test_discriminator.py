@@ -1,10 +1,12 @@
-"""Tests for discriminator.py: layout size (§4.1, App. C), shapes, and GAN losses vs hand values."""
+"""Tests for discriminator.py: layout size (§4.1, App. C), shapes, the blur against a depthwise conv, and GAN
+losses vs hand values."""
 
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from discriminator import (
     BlurPool2d,
@@ -59,6 +61,33 @@ def test_blur_pool_of_a_delta_is_the_normalised_1331_kernel():
     expected[:2, :2] = torch.tensor([[1.0, 3.0], [3.0, 9.0]]) / 64
     torch.testing.assert_close(y[0, 0], expected)
     torch.testing.assert_close(y[0, 1], expected)
+
+
+def _depthwise_conv_blur(x):
+    """The reference BlurPool2d: depthwise conv, normalised [1,3,3,1] outer product, stride 2, padding 1."""
+    taps = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=x.dtype)
+    kernel = (taps[:, None] * taps[None, :] / 64).expand(x.shape[1], 1, 4, 4)
+    return F.conv2d(x, kernel, stride=2, padding=1, groups=x.shape[1])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 4, 7, 9), (3, 2, 6, 5), (1, 1, 2, 3)])
+def test_blur_pool_equals_the_depthwise_conv_to_second_order(shape):
+    # R1's path: penalty = ||grad_x D(x)||^2 with create_graph, then its gradient w.r.t. weights and inputs.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    weight = torch.randn(1, shape[1], 1, 1, generator=gen)  # a per-channel "D weight" in front of the blur
+    readout = torch.randn(_depthwise_conv_blur(x).shape, generator=gen)
+
+    def derivatives(blur):
+        xs, w = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = blur(w * xs)
+        logits = (F.softplus(out) * readout).sum()  # nonlinear, so second derivatives pass through the blur
+        (grad,) = torch.autograd.grad(logits, xs, create_graph=True)
+        penalty = grad.pow(2).sum()
+        return (out, grad, *torch.autograd.grad(penalty, (w, xs)))
+
+    for ours, oracle in zip(derivatives(BlurPool2d()), derivatives(_depthwise_conv_blur)):
+        torch.testing.assert_close(ours, oracle, rtol=1e-5, atol=1e-5)
 
 
 def test_generator_and_discriminator_losses_match_hand_values():
@@ -128,3 +157,13 @@ def test_r1_penalty_on_stylegan_discriminator_reaches_every_parameter():
     for name, p in d.named_parameters():
         if name.endswith("weight"):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_lazy_r1_is_k_times_the_penalty_every_kth_step_and_zero_between():
+    d = _SquareD()
+    x = torch.randn(2, 3, 1, 2, generator=torch.Generator().manual_seed(0))
+    _, penalty = r1_penalty(d, x)
+    for step in range(8):
+        logits, lazy = r1_penalty(d, x, every=4, step=step)
+        torch.testing.assert_close(logits, d(x))
+        torch.testing.assert_close(lazy, 4 * penalty if step % 4 == 0 else torch.tensor(0.0))

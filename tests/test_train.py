@@ -276,3 +276,11 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0, abs=1e-12)
     assert f(6) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4))) and f(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lazy_r1_flag(tmp_path, text_cache):
+    """--r1-every 2: the penalty (x 2) on D steps 0, 2, ...; none on step 1."""
+    out = tmp_path / "run"
+    train.main(base_args(out, text_cache, "--max-steps", "3", "--disc-start", "0", "--r1-every", "2"))
+    r1 = [r["r1"] for r in log_rows(out) if "l2" in r]
+    assert r1[0] > 0 and r1[1] == 0 and r1[2] > 0

@@ -1,0 +1,152 @@
+"""What the adversarial losses cost in a stage-1 (tokenizer) training step (App. C: GAN loss, LeCAM, R1 with cost 10).
+
+Rows, each the mean time of one training step (tokenizer update, then discriminator update where there is one):
+  stage-1 step, ℓ2 only                  TexTok forward, l2 loss, backward, Adam.
+  stage-1 step with D + R1 + LeCAM       + the generator loss through D, and a D step: non-saturating loss, R1 on
+                                         the real batch (double backward), LeCAM; App. C's setting.
+  ... lazy R1 (k = 16)                   R1 every 16th D step, weighted by 16 (StyleGAN2's lazy regularisation).
+  ... depthwise-conv blur                (--compare-conv-blur) the discriminator's blur as the depthwise conv it
+                                         was before (issue 14: on an H100 its double backward took 85% of the
+                                         R1 step).
+TexTok runs with conditioning "none" (no text encoder needed; text adds the same cost to every row). Random images,
+bf16 autocast on CUDA, float32 on the CPU.
+
+    python bench/gan_step.py --threads 1 --compare-conv-blur   # CPU: the tiny preset at batch 8, ~20 s
+    python bench/gan_step.py --preset imagenet256 --batch-size 32 --steps 32 --compare-conv-blur   # GPU (App. C sizes)
+
+On a shared CPU, --threads 1 gives steadier times than two threads competing with other processes.
+"""
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import run_main  # noqa: E402
+from config import PRESETS, get_preset  # noqa: E402
+from discriminator import (LeCAM, ResBlock, StyleGANDiscriminator, discriminator_loss, generator_loss,  # noqa: E402
+                           r1_penalty)
+from textok import TexTok  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="TexTok and discriminator sizes")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=16, help="timed steps per row (a multiple of --r1-every)")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks of --steps steps; the best is kept")
+    p.add_argument("--r1-every", type=int, default=16, help="k of the lazy-R1 row (StyleGAN2: 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compare-conv-blur", action="store_true",
+                   help="add a row with the former depthwise-conv blur in the discriminator")
+    args = p.parse_args(argv)
+    if args.steps % args.r1_every:
+        p.error(f"--steps {args.steps} is not a multiple of --r1-every {args.r1_every}")
+    return args
+
+
+def reconstruct(model, images):
+    """TexTok's reconstruction of images [B, 3, H, W] with conditioning "none": this script's one TexTok call."""
+    return model(images)[0]
+
+
+class DepthwiseConvBlur(nn.Module):
+    """The former BlurPool2d: a depthwise conv with the normalised [1,3,3,1] outer product, stride 2, padding 1."""
+
+    def __init__(self):
+        super().__init__()
+        taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
+        self.register_buffer("kernel", (taps[:, None] * taps[None, :] / 64)[None, None])
+
+    def forward(self, x):
+        channels = x.shape[1]
+        return F.conv2d(x, self.kernel.to(x.dtype).expand(channels, 1, 4, 4), stride=2, padding=1, groups=channels)
+
+
+def seconds_per_step(args, device, gan: bool, r1_every: int = 1, conv_blur: bool = False) -> float:
+    """Seconds per stage-1 step (the best block's mean, after a warm-up step), App. C's loss weights and Adam betas."""
+    preset = get_preset(args.preset)
+    cfg, tc = dataclasses.replace(preset.model, conditioning="none"), preset.train
+    torch.manual_seed(0)
+    model = TexTok(cfg).to(device).train()
+    disc = StyleGANDiscriminator(cfg.image_size, tc.disc_channels, tc.disc_multipliers).to(device)
+    if conv_blur:
+        for block in disc.modules():
+            if isinstance(block, ResBlock):
+                block.blur = DepthwiseConvBlur().to(device)
+    lecam = LeCAM(tc.lecam_decay).to(device)
+    fused = device.type == "cuda"
+    opt = torch.optim.Adam(model.parameters(), tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
+    d_opt = torch.optim.Adam(disc.parameters(), tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
+    images = torch.rand(args.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(i):
+        disc.requires_grad_(False)
+        with autocast():
+            recon = reconstruct(model, images).float()
+            loss = tc.recon_weight * F.mse_loss(recon, images)
+            if gan:
+                loss = loss + tc.gan_weight * generator_loss(disc(recon))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if gan:
+            disc.requires_grad_(True)
+            with autocast():
+                logits_real, r1 = r1_penalty(disc, images, every=r1_every, step=i)
+                logits_fake = disc(recon.detach())
+            lecam.update(logits_real, logits_fake)
+            d_loss = (discriminator_loss(logits_real, logits_fake) + tc.r1_cost * r1
+                      + tc.lecam_weight * lecam.penalty(logits_real, logits_fake))
+            d_loss.backward()
+            d_opt.step()
+            d_opt.zero_grad(set_to_none=True)
+
+    step(0)  # warm-up (an R1 step in every row)
+    best = float("inf")
+    for repeat in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for i in range(1, args.steps + 1):
+            step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - start) / args.steps)
+    return best
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    k = args.r1_every
+    rows = [("stage-1 step, ℓ2 only", dict(gan=False)),
+            ("stage-1 step with D + R1 + LeCAM", dict(gan=True)),
+            (f"stage-1 step with D + lazy R1 (k = {k}) + LeCAM", dict(gan=True, r1_every=k))]
+    if args.compare_conv_blur:
+        rows += [("stage-1 step with D + R1 + LeCAM, depthwise-conv blur", dict(gan=True, conv_blur=True)),
+                 (f"stage-1 step with D + lazy R1 (k = {k}) + LeCAM, depthwise-conv blur",
+                  dict(gan=True, r1_every=k, conv_blur=True))]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"preset {args.preset}, batch {args.batch_size}, best of {args.repeats} x {args.steps} steps; {where}, "
+          f"torch {torch.__version__}\n")
+    print("| step | ms / step | vs ℓ2 only |\n|---|---|---|")
+    base = None
+    for name, kwargs in rows:
+        seconds = seconds_per_step(args, device, **kwargs)
+        base = base or seconds
+        print(f"| {name} | {1e3 * seconds:.1f} | {seconds / base:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
