@@ -40,12 +40,13 @@ from speed import machine  # noqa: E402
 from textok import TexTok  # noqa: E402
 
 VARIANTS = {"baseline": "Baseline-{n} (w/o text)", "textok": "TexTok-{n} (w/ text)"}
-COLOURS = {"baseline": (90, 90, 90), "textok": (214, 39, 40)}
+COLOURS = {"baseline": (90, 90, 90), "textok": (214, 39, 40), "thumbnail": (31, 119, 180)}
+LABELS = {**VARIANTS, "thumbnail": "Thumbnail ≈{n}x8 numbers"}  # the plain anchor: as many numbers as N x 8
 # (key, label, higher is better): the columns of Table 1 that can be measured here.
 METRICS = [("rfid", "rFID", False), ("psnr", "PSNR", True), ("ssim", "SSIM", True), ("lpips", "LPIPS", False)]
 # Flags the benchmark sets itself, identically for both variants: passing them through would break the pairing.
 OWN_FLAGS = {"--stage", "--num-tokens", "--no-text", "--conditioning", "--out", "--max-steps", "--epochs",
-             "--batch-size", "--num-images", "--seed", "--data", "--val", "--cache-dir", "--preset", "--resume"}
+             "--batch-size", "--num-images", "--seed", "--seeds", "--data", "--val", "--cache-dir", "--preset", "--resume"}
 
 
 def parse_args(argv=None):
@@ -61,7 +62,8 @@ def parse_args(argv=None):
                         "step 1024, so the default compares the l2-trained autoencoders)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=4096, help="size of the embedded training set")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds per run; with several, the table gives mean ± std (e.g. --seeds 0 1 2)")
     p.add_argument("--cache-dir", default="cache", help="text-embedding cache (shared with train.py)")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--inception", default=None, help="FID Inception weights for rFID (default: metrics.py's lookup)")
@@ -76,30 +78,31 @@ def parse_args(argv=None):
     return args, extra
 
 
-def train_argv(args, extra, variant: str, tokens: int, epochs: int) -> list:
+def train_argv(args, extra, variant: str, tokens: int, epochs: int, seed: int = 0) -> list:
     """train.py's command line for one run; the two variants differ only by --no-text."""
     argv = ["--stage", "tokenizer", "--preset", args.preset, "--num-tokens", str(tokens),
-            "--out", str(Path(args.out) / "runs" / f"{variant}-{tokens}"), "--max-steps", str(args.steps),
+            "--out", str(Path(args.out) / "runs" / f"{variant}-{tokens}-seed{seed}"), "--max-steps", str(args.steps),
             "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--num-images", str(args.num_images),
-            "--seed", str(args.seed), "--cache-dir", args.cache_dir]
+            "--seed", str(seed), "--cache-dir", args.cache_dir]
     argv += ["--data", args.data] if args.data else []
     argv += ["--val", args.val] if args.val else []
     argv += ["--no-text"] if variant == "baseline" else []
     return argv + list(extra)
 
 
-def train_run(argv: list) -> float:
-    """Runs `python train.py ARGV` unless an identical finished run exists; returns its training seconds."""
+def train_run(argv: list, script: str = "train.py") -> float:
+    """Runs `python SCRIPT ARGV` (train.py, or sample.py) unless an identical finished run exists; returns its
+    seconds. A run is finished when it recorded its argv in OUT/bench_run.json."""
     out = Path(argv[argv.index("--out") + 1])
     record = out / "bench_run.json"
-    if record.is_file() and (out / "tokenizer" / "model.safetensors").is_file():
+    if record.is_file():
         done = load_json(record)
         if done.get("argv") == argv:
             print(f"reusing {out} (same settings, trained in {done['seconds']:.0f} s)")
             return done["seconds"]
     shutil.rmtree(out, ignore_errors=True)  # a stale or half-finished run: start it afresh
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=ROOT, check=True)
     seconds = time.perf_counter() - start
     save_json({"argv": argv, "seconds": seconds}, record)
     return seconds
@@ -133,11 +136,13 @@ def reconstruct(model: TexTok, dataset, device, batch_size: int):
     return np.concatenate(real), np.concatenate(rec), np.concatenate(swap) if text else None
 
 
-def evaluate(run_dir: Path, args, device, batch_size: int, lpips_model, inception, reference: dict):
-    """Metrics of one trained tokenizer on the held-out split, and its uint8 reconstructions for the grids.
-    `reference` keeps the Inception statistics of the originals between calls (rFID)."""
+def evaluate(run_dir: Path, args, device, batch_size: int, lpips_model, inception, reference: dict,
+             captions: str = "full"):
+    """Metrics of one trained tokenizer on the held-out split (embedded set: captions of style `captions`), and its
+    uint8 reconstructions for the grids. `reference` keeps the Inception statistics of the originals between calls
+    (rFID)."""
     model = TexTok.from_pretrained(run_dir / "tokenizer", map_location=device).eval()
-    val = make_datasets(args.data, args.val, model.cfg.image_size, args.num_images)[1]
+    val = make_datasets(args.data, args.val, model.cfg.image_size, args.num_images, captions=captions)[1]
     real, rec, swap = reconstruct(model, conditioned(val, model.cfg, args.cache_dir, device), device, batch_size)
     row = {"psnr": metrics.psnr(real, rec), "ssim": metrics.ssim(real, rec), "lpips": None, "rfid": None,
            "psnr_swapped": metrics.psnr(real, swap) if swap is not None else None}
@@ -151,6 +156,30 @@ def evaluate(run_dir: Path, args, device, batch_size: int, lpips_model, inceptio
             reference["real"] = stats(real)
         row["rfid"] = metrics.frechet_distance(*stats(rec), *reference["real"])
     return row, real, rec, swap
+
+
+def thumbnail(real: np.ndarray, tokens: int) -> np.ndarray:
+    """The images squeezed to a bicubic k x k x 3 thumbnail with about as many numbers as N tokens of d = 8
+    (k = round(sqrt(8 N / 3))), then enlarged back (bicubic): what a tokenizer must beat."""
+    k = max(1, round(math.sqrt(8 * tokens / 3)))
+    size = real.shape[1]
+    return np.stack([np.asarray(Image.fromarray(x).resize((k, k), Image.BICUBIC).resize((size, size), Image.BICUBIC))
+                     for x in real])
+
+
+def mean_over_seeds(runs: list) -> list:
+    """One row per (variant, tokens): each metric's mean over the seeds, with its standard deviation as key_std."""
+    rows = []
+    for variant, tokens in dict.fromkeys((r["variant"], r["tokens"]) for r in runs):
+        same = [r for r in runs if (r["variant"], r["tokens"]) == (variant, tokens)]
+        row = {"variant": variant, "tokens": tokens, "seeds": len(same)}
+        for key in same[0]:
+            if key not in row:
+                vals = [r[key] for r in same]
+                row[key] = None if None in vals else float(np.mean(vals))
+                row[key + "_std"] = None if None in vals else float(np.std(vals))
+        rows.append(row)
+    return rows
 
 
 def last_step(log_path: Path) -> int:
@@ -202,9 +231,10 @@ def line_plot(path, tokens: list, panels: list) -> Path:
                 draw.line(points, fill=COLOURS[variant], width=2)
             for qx, qy in points:
                 draw.ellipse([qx - 3, qy - 3, qx + 3, qy + 3], fill=COLOURS[variant])
-            lx = x0 + j * (x1 - x0) / 2  # legend between the title and the axes
+            lx = x0 + j * (x1 - x0) / len(series)  # legend between the title and the axes
             draw.line([lx + 4, 36, lx + 22, 36], fill=COLOURS[variant], width=2)
-            draw.text((lx + 26, 36), VARIANTS[variant].format(n="N"), fill="black", font=small, anchor="lm")
+            draw.text((lx + 26, 36), LABELS[variant].format(n="N").split(" (")[0], fill="black", font=small,
+                      anchor="lm")
     return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
@@ -216,17 +246,20 @@ def markdown_table(rows: list) -> str:
     head += ["PSNR, swapped caption"] * swapped + ["steps", "train time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = {r["tokens"]: r for r in rows if r["variant"] == "baseline"}
-    for r in sorted(rows, key=lambda r: (r["tokens"], r["variant"])):
-        cells = [VARIANTS[r["variant"]].format(n=r["tokens"]), str(r["tokens"])]
+    order = {"thumbnail": 0, "baseline": 1, "textok": 2}
+    for r in sorted(rows, key=lambda r: (r["tokens"], order[r["variant"]])):
+        cells = [LABELS[r["variant"]].format(n=r["tokens"]), str(r["tokens"])]
         for key, _, _ in shown:
-            v, b = r[key], base.get(r["tokens"], {}).get(key)
+            v, b, sd = r[key], base.get(r["tokens"], {}).get(key), r.get(key + "_std")
             cell = "–" if v is None else f"{v:.4f}" if key in ("ssim", "lpips") else f"{v:.2f}"
+            if sd and r.get("seeds", 1) > 1:
+                cell += f" ± {sd:.4f}" if key in ("ssim", "lpips") else f" ± {sd:.2f}"
             if r["variant"] == "textok" and v is not None and b is not None:
                 cell += f" ({v - b:+.4f})" if key in ("ssim", "lpips") else f" ({v - b:+.2f})"
             cells.append(cell)
         if swapped:
             cells.append("–" if r["psnr_swapped"] is None else f"{r['psnr_swapped']:.2f}")
-        cells += [str(r["steps"]), f"{r['seconds']:.0f} s"]
+        cells += ["–", "–"] if r["variant"] == "thumbnail" else [str(round(r["steps"])), f"{r['seconds']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -248,21 +281,29 @@ def main(argv=None):
 
     lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
-    rows, recons, swaps, reference = [], {}, {}, {}
+    runs, recons, swaps, reference = [], {}, {}, {}
     for tokens in args.tokens:
-        for variant in VARIANTS:
-            argv_run = train_argv(args, extra, variant, tokens, epochs)
-            seconds = train_run(argv_run)
-            run_dir = Path(argv_run[argv_run.index("--out") + 1])
-            row, real, rec, swap = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception,
-                                            reference)
-            rows.append({"variant": variant, "tokens": tokens, **row, "steps": last_step(run_dir / "log.jsonl"),
-                         "seconds": round(seconds, 1)})
-            recons[variant, tokens] = rec[: args.grid_images]
-            if swap is not None:
-                swaps[tokens] = (rec[: args.grid_images], swap[: args.grid_images])
-            save_json(rows, out / "results.json")
-            print(f"{VARIANTS[variant].format(n=tokens)}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}")
+        for seed in args.seeds:
+            for variant in VARIANTS:
+                argv_run = train_argv(args, extra, variant, tokens, epochs, seed)
+                seconds = train_run(argv_run)
+                run_dir = Path(argv_run[argv_run.index("--out") + 1])
+                row, real, rec, swap = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception,
+                                                reference)
+                runs.append({"variant": variant, "tokens": tokens, "seed": seed, **row,
+                             "steps": last_step(run_dir / "log.jsonl"), "seconds": round(seconds, 1)})
+                if seed == args.seeds[0]:
+                    recons[variant, tokens] = rec[: args.grid_images]
+                    if swap is not None:
+                        swaps[tokens] = (rec[: args.grid_images], swap[: args.grid_images])
+                save_json(runs, out / "results.json")
+                print(f"{VARIANTS[variant].format(n=tokens)}, seed {seed}: PSNR {row['psnr']:.2f} dB, "
+                      f"SSIM {row['ssim']:.4f}")
+        thumb = thumbnail(real, tokens)
+        runs.append({"variant": "thumbnail", "tokens": tokens, "seed": None, "psnr": metrics.psnr(real, thumb),
+                     "ssim": metrics.ssim(real, thumb), "lpips": None, "rfid": None, "psnr_swapped": None,
+                     "steps": 0, "seconds": 0.0})
+    rows = mean_over_seeds([{k: v for k, v in r.items() if k != "seed"} for r in runs])
 
     first_batch = min(args.eval_batch_size, len(val_set))
     k = min(args.grid_images, first_batch)
@@ -276,7 +317,7 @@ def main(argv=None):
                     ncol=len(columns))
     panels = [(f"{label} ({'higher' if up else 'lower'} is better)",
                {v: [next(r[key] for r in rows if r["variant"] == v and r["tokens"] == n) for n in tokens]
-                for v in VARIANTS})
+                for v in COLOURS if any(r["variant"] == v and r[key] is not None for r in rows)})
               for key, label, up in METRICS if all(r[key] is not None for r in rows)]
     line_plot(out / "metrics.png", tokens, panels)
 
@@ -289,14 +330,16 @@ def main(argv=None):
 
 Command: `{command}`
 Machine: {machine(device)}
-Settings: preset `{args.preset}`, {args.steps} steps of batch {args.batch_size} per run, seed {args.seed}, \
+Settings: preset `{args.preset}`, {args.steps} steps of batch {args.batch_size} per run, seeds {args.seeds}, \
 {len(train_set)} training images, evaluated on {len(val_set)} held-out images (EMA weights).
 Train flags passed through: `{' '.join(extra) or 'none'}`
 
 {table}
 
-Numbers in brackets: TexTok minus Baseline at the same number of tokens. "PSNR, swapped caption": TexTok's tokens
-decoded with the next image's caption instead of their own.{rfid_note}
+Numbers in brackets: TexTok minus Baseline at the same number of tokens (means over the seeds; ± is the standard
+deviation over seeds). "PSNR, swapped caption": TexTok's tokens decoded with the next image's caption instead of
+their own. The thumbnail rows are the plain anchor: each image squeezed to a bicubic k x k x 3 thumbnail with about
+N x 8 numbers and enlarged back; a tokenizer should beat it.{rfid_note}
 
 - `metrics.png`: the metrics against the number of tokens (Fig. 3 analogue).
 - `comparison.png`: columns original, then Baseline-N, TexTok-N for N = {', '.join(map(str, tokens))} (Fig. 1).

@@ -1,0 +1,153 @@
+"""Table 4 at small scale: what each design choice of TexTok does to reconstruction (§4.7).
+
+Trains one tokenizer per row with train.py under identical settings (steps, seed, data, batch: only the row's flags
+differ), evaluates each EMA tokenizer on the held-out split (PSNR, SSIM; LPIPS and rFID where their weights are
+present) and writes, in --out:
+    results.json / results.md   one row per run, grouped as the paper's Table 4 (a, c, d, e)
+    psnr.png                    PSNR of every row (bars), the default row marked
+    runs/<row>/                 the train.py outputs
+
+Rows (the embedded set provides the class-name text and the short caption, data.caption):
+    4a  none (Baseline) | class embedding | class text "An image of a <shape>." | short caption | full caption (default)
+    4c  cross-attention layer | in-context (default)
+    4d  text in the tokenizer only | the detokenizer only | both (default)
+    4e  the tiny preset (default) | a larger model (--large-flags)
+Tab. 4b (T5 size) is not run: one offline text encoder exists here (pass --text-encoder PATH to train.py for T5).
+
+    python bench/ablations.py                       # embedded set, 2 CPU cores: ~30 min
+    python bench/ablations.py --steps 100000 --batch-size 256 --preset imagenet256 --data DIR \\
+        --large-flags "--model-size large" --perceptual-weight 0.1      # on GPUs; unknown flags go to train.py
+
+A finished run whose settings are unchanged is reused, so an interrupted benchmark continues where it stopped.
+"""
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from common import atomic_write, run_main, save_json  # noqa: E402
+from data import make_datasets  # noqa: E402
+from speed import machine  # noqa: E402
+from text_conditioning import evaluate, last_step, load_optional, train_run  # noqa: E402
+import metrics  # noqa: E402
+
+# (table, row label, train.py flags, caption style); the default row (full caption, in-context, both, tiny) is
+# trained once and shown in every group.
+DEFAULT = ("default", "full caption, in-context, both, tiny (default)", [], "full")
+ROWS = [("4a", "none (Baseline)", ["--conditioning", "none"], "full"),
+        ("4a", "class embedding", ["--conditioning", "class"], "full"),
+        ("4a", "class text", [], "class"),
+        ("4a", "short caption", [], "short"),
+        ("4c", "cross-attention layer", ["--cond-arch", "cross-attention"], "full"),
+        ("4d", "text in tokenizer only", ["--cond-location", "tokenizer"], "full"),
+        ("4d", "text in detokenizer only", ["--cond-location", "detokenizer"], "full"),
+        ("4e", "larger model", None, "full")]  # flags from --large-flags
+OWN_FLAGS = {"--stage", "--out", "--max-steps", "--epochs", "--batch-size", "--num-images", "--seed", "--data",
+             "--val", "--cache-dir", "--preset", "--resume", "--captions", "--conditioning", "--cond-arch",
+             "--cond-location"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--data", default=None, help="JSONL folder; default: the embedded shapes set (4a's caption rows "
+                   "need it)")
+    p.add_argument("--val", default=None)
+    p.add_argument("--out", default="runs/bench/ablations")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--steps", type=int, default=640, help="training steps per run (the schedule ends there)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-images", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="cache")
+    p.add_argument("--eval-batch-size", type=int, default=64)
+    p.add_argument("--inception", default=None, help="FID Inception weights for rFID (default: metrics.py's lookup)")
+    p.add_argument("--large-flags", default="--width 192 --heads 6 --mlp-dim 768 --enc-layers 3 --dec-layers 3",
+                   help="train.py flags of Tab. 4e's larger model")
+    p.add_argument("--rows", nargs="+", default=None, help="only these tables (4a 4c 4d 4e)")
+    args, extra = p.parse_known_args(argv)
+    clash = sorted({a.split("=")[0] for a in extra if a.split("=")[0] in OWN_FLAGS})
+    if clash:
+        p.error(f"{', '.join(clash)}: set by the benchmark itself (identically for every row)")
+    return args, extra
+
+
+def train_argv(args, extra, name: str, flags: list, captions: str, epochs: int) -> list:
+    argv = ["--stage", "tokenizer", "--preset", args.preset, "--out", str(Path(args.out) / "runs" / name),
+            "--max-steps", str(args.steps), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
+            "--num-images", str(args.num_images), "--seed", str(args.seed), "--cache-dir", args.cache_dir,
+            "--captions", captions, "--eval-every", str(args.steps)]
+    argv += ["--data", args.data] if args.data else []
+    argv += ["--val", args.val] if args.val else []
+    return argv + flags + list(extra)
+
+
+def bar_plot(path, rows: list) -> Path:
+    """PSNR of every row as a horizontal bar, the default row in red."""
+    font = ImageFont.load_default(size=13)
+    W, bar_h, left = 760, 24, 330
+    img = Image.new("RGB", (W, 40 + bar_h * len(rows)), "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = min(r["psnr"] for r in rows) - 0.5, max(r["psnr"] for r in rows) + 0.2
+    draw.text((W / 2, 8), f"validation PSNR (dB), axis from {lo:.1f}", fill="black", font=font, anchor="mt")
+    for i, r in enumerate(rows):
+        y = 32 + i * bar_h
+        x = left + (r["psnr"] - lo) / (hi - lo) * (W - left - 70)
+        colour = (214, 39, 40) if r["table"] == "default" else (90, 90, 90)
+        draw.text((left - 8, y + bar_h / 2), f"{r['table']}: {r['row']}", fill="black", font=font, anchor="rm")
+        draw.rectangle([left, y + 4, x, y + bar_h - 4], fill=colour)
+        draw.text((x + 6, y + bar_h / 2), f"{r['psnr']:.2f}", fill="black", font=font, anchor="lm")
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def markdown_table(rows: list) -> str:
+    """Table 4 analogue: each group with the default row repeated, the change against it in brackets."""
+    default = next(r for r in rows if r["table"] == "default")
+    lines = ["| table | conditioning | PSNR ↑ | SSIM ↑ | LPIPS ↓ | rFID ↓ | steps | train time |", "|" + "---|" * 8]
+    for table in dict.fromkeys(r["table"] for r in rows if r["table"] != "default"):
+        for r in [x for x in rows if x["table"] == table] + [default]:
+            cells = [table, r["row"], f"{r['psnr']:.2f}" + ("" if r is default else f" ({r['psnr'] - default['psnr']:+.2f})"),
+                     f"{r['ssim']:.4f}"]
+            cells += ["–" if r[k] is None else f"{r[k]:.4f}" for k in ("lpips", "rfid")]
+            cells += [str(r["steps"]), f"{r['seconds']:.0f} s"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args, extra = parse_args(argv)
+    out = Path(args.out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    command = "python bench/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images)
+    epochs = -(-args.steps // max(1, len(train_set) // args.batch_size))
+    lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
+    inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
+    todo = [DEFAULT] + [r for r in ROWS if args.rows is None or r[0] in args.rows]
+    rows = []
+    for table, label, flags, captions in todo:
+        flags = shlex.split(args.large_flags) if flags is None else flags
+        name = "default" if table == "default" else f"{table}-{label.split(' (')[0].replace(' ', '-')}"
+        argv_run = train_argv(args, extra, name, flags, captions, epochs)
+        seconds = train_run(argv_run)
+        run_dir = Path(argv_run[argv_run.index("--out") + 1])
+        row = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception, {}, captions)[0]
+        rows.append({"table": table, "row": label, "flags": flags, "captions": captions, **row,
+                     "steps": last_step(run_dir / "log.jsonl"), "seconds": round(seconds, 1)})
+        save_json(rows, out / "results.json")
+        print(f"{table} {label}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}")
+    table = markdown_table(rows)
+    bar_plot(out / "psnr.png", rows)
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(
+        f"`{command}` on {machine(device)}; {args.steps} steps of batch {args.batch_size} per run, seed "
+        f"{args.seed}, EMA weights, held-out split.\n\n{table}\n"))
+    print("\n" + table + f"\n\nwritten: {out / 'results.md'}, results.json, psnr.png")
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)

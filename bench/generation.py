@@ -1,0 +1,113 @@
+"""Does text conditioning help generation? TexTok vs Baseline (w/o text) tokenizers under the same DiT (Table 1's
+generation half, Table 3 at small scale).
+
+For each token count N and each tokenizer variant: train the tokenizer (train.py, as bench/text_conditioning.py),
+train a class-conditional DiT and a DiT-T2I over its tokens, sample both with sample.py, and measure the samples
+with metrics.evaluate_domain: the domain FID against real held-out images (FID in the feature space of a small
+classifier trained on the embedded set, domain.py: never FID-Inception, comparable only within this table), class
+accuracy of class-conditional samples, and for T2I whether the caption's first object has the named shape and colour.
+Writes, in --out: results.json, results.md (the table), fid.png (domain FID against N), runs/.
+
+    python bench/generation.py                      # embedded set, 2 CPU cores: ~30 min
+    python bench/generation.py --tokens 32 128 --tokenizer-steps 100000 --dit-steps 400000 --batch-size 256 \\
+        --num-samples 50000 --preset imagenet256 --data DIR     # on GPUs: then use metrics.py's ADM suite on the .npz
+
+A finished run whose settings are unchanged is reused, so an interrupted benchmark continues where it stopped.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import metrics  # noqa: E402
+from common import atomic_write, run_main, save_json  # noqa: E402
+from data import make_datasets  # noqa: E402
+from speed import machine  # noqa: E402
+from text_conditioning import COLOURS, VARIANTS, line_plot, train_argv, train_run  # noqa: E402
+
+TASKS = {"class": "class-conditional", "t2i": "text-to-image"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="JSONL folder; domain metrics need the embedded set (the default)")
+    p.add_argument("--val", default=None)
+    p.add_argument("--tokens", type=int, nargs="+", default=[8, 32], help="token counts N")
+    p.add_argument("--out", default="runs/bench/generation")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--tokenizer-steps", type=int, default=768)
+    p.add_argument("--dit-steps", type=int, default=768)
+    p.add_argument("--batch-size", type=int, default=32, help="tokenizer batch (the DiT uses its preset's)")
+    p.add_argument("--num-images", type=int, default=4096)
+    p.add_argument("--num-samples", type=int, default=256)
+    p.add_argument("--sampling-steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default="cache")
+    return p.parse_args(argv)
+
+
+def run_pair(args, variant: str, tokens: int, task: str, tokenizer: Path) -> dict:
+    """DiT over one tokenizer's tokens -> samples -> domain metrics for one task."""
+    out = Path(args.out) / "runs" / f"{variant}-{tokens}-{task}"
+    dit_argv = ["--stage", "dit", "--task", task, "--tokenizer", str(tokenizer), "--out", str(out / "train"),
+                "--preset", args.preset, "--max-steps", str(args.dit_steps), "--num-images", str(args.num_images),
+                "--seed", str(args.seed), "--cache-dir", args.cache_dir]
+    dit_argv += ["--data", args.data] if args.data else []
+    dit_seconds = train_run(dit_argv)
+    sample_argv = ["--dit", str(out / "train" / "dit"), "--num-samples", str(args.num_samples), "--steps",
+                   str(args.sampling_steps), "--cfg-scale", str(args.cfg_scale), "--cache-dir", args.cache_dir,
+                   "--out", str(out / "samples"), "--seed", str(args.seed)]
+    train_run(sample_argv, "sample.py")
+    (npz,) = (out / "samples").glob("samples_*.npz")
+    captions = (out / "samples" / "captions.txt").read_text().splitlines() if task == "t2i" else None
+    report = metrics.evaluate_domain(None, npz, classes_in_turn=task == "class", captions=captions,
+                                     cache_dir=args.cache_dir)
+    return {"variant": variant, "tokens": tokens, "task": task, "dit_seconds": round(dit_seconds, 1), **report}
+
+
+def markdown_table(rows: list) -> str:
+    keys = [k for k in rows[0] if k not in ("variant", "tokens", "task", "dit_seconds")]
+    lines = ["| task | tokenizer | # tokens | " + " | ".join(keys) + " | DiT train time |", "|" + "---|" * (len(keys) + 4)]
+    for r in sorted(rows, key=lambda r: (r["task"], r["tokens"], r["variant"])):
+        cells = [TASKS[r["task"]], VARIANTS[r["variant"]].format(n=r["tokens"]), str(r["tokens"])]
+        cells += ["–" if r.get(k) is None else f"{r[k]:.4g}" for k in keys] + [f"{r['dit_seconds']:.0f} s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    command = "python bench/generation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images)
+    tok_args = argparse.Namespace(**{**vars(args), "steps": args.tokenizer_steps})  # text_conditioning's names
+    epochs = -(-args.tokenizer_steps // max(1, len(train_set) // args.batch_size))
+    rows = []
+    for tokens in args.tokens:
+        for variant in VARIANTS:
+            argv_tok = train_argv(tok_args, [], variant, tokens, epochs)
+            train_run(argv_tok)
+            tokenizer = Path(argv_tok[argv_tok.index("--out") + 1]) / "tokenizer"
+            for task in TASKS:
+                rows.append(run_pair(args, variant, tokens, task, tokenizer))
+                save_json(rows, out / "results.json")
+                print({k: v for k, v in rows[-1].items()})
+    table = markdown_table(rows)
+    fid = [k for k in rows[0] if "FID" in k][0]
+    line_plot(out / "fid.png", sorted(args.tokens), [
+        (f"{TASKS[t]}: {fid}", {v: [r[fid] for r in sorted(rows, key=lambda r: r["tokens"])
+                                    if r["variant"] == v and r["task"] == t] for v in COLOURS}) for t in TASKS])
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(
+        f"`{command}` on {machine(device)}; tokenizers {args.tokenizer_steps} steps, DiTs {args.dit_steps} steps, "
+        f"{args.num_samples} samples of {args.sampling_steps} DDIM steps (w = {args.cfg_scale}) each; domain FID "
+        f"(domain.py), never FID-Inception.\n\n{table}\n"))
+    print("\n" + table + f"\n\nwritten: {out / 'results.md'}, results.json, fid.png")
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)
