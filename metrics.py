@@ -1,239 +1,63 @@
-"""The ADM evaluation suite (FID, sFID, IS, precision, recall) plus PSNR, SSIM, LPIPS and reconstruction FID (§4.2).
+"""The ADM evaluation suite (FID, sFID, IS, precision, recall) plus PSNR, SSIM, LPIPS and reconstruction FID (§4.2),
+and a domain FID for the embedded shapes set where the Inception weights cannot be had.
 
     python metrics.py REF.npz SAMPLE.npz                   # gFID, gIS, precision, recall: the ADM evaluator's report
     python metrics.py --tokenizer CKPT [--data DIR]        # rFID, rIS, PSNR, SSIM, LPIPS of TexTok reconstructions
+    python metrics.py --domain REF.npz SAMPLE.npz          # embedded set only: domain FID, class / caption accuracy
 
-The ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py) runs TensorFlow's 2015 Inception-v3 graph.
-Here the same network runs as the PyTorch port that pytorch-fid publishes (`pt_inception-2015-12-05-6726825d.pth`),
-with pytorch-fid's preprocessing (bilinear resize to 299, x / 127.5 - 1), so the features match pytorch-fid's; they
-are close to, not bit-identical with, the TF graph's (its legacy resize and its (x - 128) / 128 scaling differ).
+The ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py) runs TensorFlow's 2015 Inception-v3 graph;
+here it is the PyTorch port in inception.py. `--domain` replaces Inception by a small classifier trained on the
+embedded set (domain.py): its numbers are not FID-Inception and compare only with each other.
 """
 import argparse
 import os
 import sys
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
-INCEPTION_ENV = "TEXTOK_INCEPTION"  # path of the weights file, overridden by --inception
-SPATIAL_CHANNELS = 7  # sFID: the evaluator keeps mixed_6/conv[..., :7]
+from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, SPATIAL_CHANNELS,  # noqa: F401 (re-exported)
+                       InceptionFeatures, inception_path, load_inception)
+
 STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (17 * 17 * SPATIAL_CHANNELS,),
                "sigma_s": (17 * 17 * SPATIAL_CHANNELS,) * 2}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# FID Inception-v3. Module names are those of the weights file (torchvision's Inception3 names); the TF graph names
-# its blocks mixed, mixed_1, ..., mixed_10, which are Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c here.
+# Feature extraction
 
-class _ConvBN(nn.Module):
-    """Conv (no bias) -> BatchNorm (eps 1e-3, as the TF graph) -> ReLU, for inference only: the BatchNorm, with its
-    running statistics, is folded into the convolution's weight and bias at each call (no pass over activations)."""
-
-    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
-
-    def forward(self, x):
-        scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
-        weight = self.conv.weight * scale.view(-1, 1, 1, 1)
-        bias = self.bn.bias - self.bn.running_mean * scale
-        return F.relu(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding), inplace=True)
-
-
-def _avg_pool(x):
-    """3x3 average pool, stride 1; TF's average excludes the zero padding."""
-    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-
-
-class _BlockA(nn.Module):
-    """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 (TF mixed .. mixed_2)."""
-
-    def __init__(self, cin, pool_features):
-        super().__init__()
-        self.branch1x1 = _ConvBN(cin, 64, 1)
-        self.branch5x5_1 = _ConvBN(cin, 48, 1)
-        self.branch5x5_2 = _ConvBN(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = _ConvBN(cin, 64, 1)
-        self.branch3x3dbl_2 = _ConvBN(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = _ConvBN(96, 96, 3, padding=1)
-        self.branch_pool = _ConvBN(cin, pool_features, 1)
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          self.branch_pool(_avg_pool(x))], 1)
-
-
-class _BlockB(nn.Module):
-    """35 -> 17 reduction: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2 (TF mixed_3)."""
-
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3 = _ConvBN(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = _ConvBN(cin, 64, 1)
-        self.branch3x3dbl_2 = _ConvBN(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = _ConvBN(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                          F.max_pool2d(x, 3, 2)], 1)
-
-
-class _BlockC(nn.Module):
-    """17x17 block with factorised 7x7 convolutions (TF mixed_4 .. mixed_7)."""
-
-    def __init__(self, cin, c7):
-        super().__init__()
-        self.branch1x1 = _ConvBN(cin, 192, 1)
-        self.branch7x7_1 = _ConvBN(cin, c7, 1)
-        self.branch7x7_2 = _ConvBN(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = _ConvBN(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = _ConvBN(cin, c7, 1)
-        self.branch7x7dbl_2 = _ConvBN(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = _ConvBN(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = _ConvBN(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = _ConvBN(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = _ConvBN(cin, 192, 1)
-
-    def branches(self, x):
-        """The four branch outputs; the first (1x1) is TF's `mixed_k/conv`."""
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d7 = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            d7 = conv(d7)
-        return [self.branch1x1(x), b7, d7, self.branch_pool(_avg_pool(x))]
-
-    def forward(self, x):
-        return torch.cat(self.branches(x), 1)
-
-
-class _BlockD(nn.Module):
-    """17 -> 8 reduction: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2 (TF mixed_8)."""
-
-    def __init__(self, cin):
-        super().__init__()
-        self.branch3x3_1 = _ConvBN(cin, 192, 1)
-        self.branch3x3_2 = _ConvBN(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = _ConvBN(cin, 192, 1)
-        self.branch7x7x3_2 = _ConvBN(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = _ConvBN(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = _ConvBN(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
-
-
-class _BlockE(nn.Module):
-    """8x8 block with split 1x3 / 3x1 outputs (TF mixed_9, mixed_10)."""
-
-    def __init__(self, cin, max_pool):
-        super().__init__()
-        self.max_pool = max_pool  # the TF graph's mixed_10 pools with max where the paper says average
-        self.branch1x1 = _ConvBN(cin, 320, 1)
-        self.branch3x3_1 = _ConvBN(cin, 384, 1)
-        self.branch3x3_2a = _ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = _ConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = _ConvBN(cin, 448, 1)
-        self.branch3x3dbl_2 = _ConvBN(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = _ConvBN(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = _ConvBN(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = _ConvBN(cin, 192, 1)
-
-    def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pooled = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg_pool(x)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-                          self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pooled)], 1)
-
-
-class InceptionFeatures(nn.Module):
-    """The FID Inception-v3 (TF inception-2015-12-05, 1008 classes): uint8 images -> pool, spatial and logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.Conv2d_1a_3x3 = _ConvBN(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = _ConvBN(32, 32, 3)
-        self.Conv2d_2b_3x3 = _ConvBN(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = _ConvBN(64, 80, 1)
-        self.Conv2d_4a_3x3 = _ConvBN(80, 192, 3)
-        self.Mixed_5b = _BlockA(192, 32)
-        self.Mixed_5c = _BlockA(256, 64)
-        self.Mixed_5d = _BlockA(288, 64)
-        self.Mixed_6a = _BlockB(288)
-        self.Mixed_6b = _BlockC(768, 128)
-        self.Mixed_6c = _BlockC(768, 160)
-        self.Mixed_6d = _BlockC(768, 160)
-        self.Mixed_6e = _BlockC(768, 192)
-        self.Mixed_7a = _BlockD(768)
-        self.Mixed_7b = _BlockE(1280, max_pool=False)
-        self.Mixed_7c = _BlockE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)
-        # Real use loads the weights file; He init keeps random weights (tests, bench) at unit-scale activations.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-
-    def forward(self, images):
-        """uint8 [B, H, W, 3] -> (pool [B, 2048], spatial [B, 17*17*7], logits [B, 1008]), float32."""
-        x = images.permute(0, 3, 1, 2).float() / 255
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # pytorch-fid's resize
-        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2))), 3, 2)
-        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
-        # sFID: the evaluator reads TF `mixed_6/conv:0`. TF's mixed_6 is the 7th mixed block, Mixed_6d here, and
-        # its `conv` is the 1x1 branch (conv-bn-relu); keep 7 channels, flattened channels-last as TF's [B, 17, 17, 7].
-        branches = self.Mixed_6d.branches(x)
-        spatial = branches[0][:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(x), -1)
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(torch.cat(branches, 1)))))
-        pool = x.mean((2, 3))  # TF pool_3
-        # The evaluator's softmax takes pool_3 times softmax/logits' weights, without the bias (improved-gan's IS code).
-        logits = F.linear(pool, self.fc.weight)
-        return pool, spatial, logits
-
-
-def inception_path(path=None) -> str:
-    """The weights file: `path`, else $TEXTOK_INCEPTION, else torch.hub.get_dir()/checkpoints/ (pytorch-fid's cache,
-    moved by $TORCH_HOME)."""
-    return path or os.environ.get(INCEPTION_ENV) or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
-
-
-def load_inception(path=None, device="cpu") -> InceptionFeatures:
-    """The FID Inception with the pt_inception weights from a local file (see inception_path); never downloads."""
-    path = inception_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights {INCEPTION_FILE} not found at {path}; download it from "
-                                f"{INCEPTION_URL} and pass --inception PATH, set ${INCEPTION_ENV}, or put it in "
-                                f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
-    model = InceptionFeatures()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
+@contextmanager
+def no_tf32():
+    """Full float32 inside: TF32 off for CUDA matmuls and cuDNN convolutions (with it, GPU FID differs from CPU FID by
+    ~4e-4 relative); the previous settings come back on exit, also after an exception."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @torch.inference_mode()
-def compute_features(model: InceptionFeatures, images, batch_size: int = 64, progress: bool = True,
-                     desc: str = "inception") -> dict:
-    """uint8 [N, H, W, 3] images (an array, or NpzImages streamed from disk), run in batches on the model's device
-    -> {"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]} float32 numpy arrays."""
+def compute_features(model, images, batch_size: int = 64, progress: bool = True, desc: str = "inception") -> dict:
+    """uint8 [N, H, W, 3] images (an array, or NpzImages streamed from disk), run in batches in full float32 on the
+    model's device -> {name: float32 numpy [N, ...]} for each of the model's `outputs`; for InceptionFeatures
+    {"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]}."""
     device = next(model.parameters()).device
     if isinstance(images, NpzImages):
         batches = images.batches(batch_size)
     else:
         batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-    out = {"pool": [], "spatial": [], "logits": []}
-    with tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
+    out = {key: [] for key in model.outputs}
+    with no_tf32(), tqdm(total=len(images), desc=desc, unit="img", disable=not progress) as bar:
         for batch in batches:
             for key, value in zip(out, model(torch.as_tensor(batch).to(device, non_blocking=True))):
                 out[key].append(value.float().cpu().numpy())
@@ -309,25 +133,25 @@ def _knn_radii(features, k, batch):
                       for i in range(0, len(features), batch)])
 
 
-def precision_recall(real_features, fake_features, k: int = 3, batch: int = 10000):
+def precision_recall(real_features, fake_features, k: int = 3, batch: int = 10000, device="cpu"):
     """Improved precision and recall (Kynkäänniemi et al. 2019) with the ADM manifold estimator: a point lies on a
     set's manifold when it is within the k-NN radius of one of its points. Returns (precision, recall): the share of
-    fake points on the real manifold and of real points on the fake manifold. Distances in float32 (the evaluator
-    tries float16 first)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fake points on the real manifold and of real points on the fake manifold. Distances in full float32 on `device`
+    (the evaluator tries float16 first)."""
     real = torch.as_tensor(np.asarray(real_features), dtype=torch.float32, device=device)
     fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float32, device=device)
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} real and fake images, "
                          f"got {len(real)} and {len(fake)}")
-    radii_real, radii_fake = _knn_radii(real, k, batch), _knn_radii(fake, k, batch)
     real_in = torch.zeros(len(real), dtype=torch.bool, device=device)
     fake_in = torch.zeros(len(fake), dtype=torch.bool, device=device)
-    for i in range(0, len(real), batch):
-        for j in range(0, len(fake), batch):
-            d = _sq_dists(real[i:i + batch], fake[j:j + batch])
-            real_in[i:i + batch] |= (d <= radii_fake[j:j + batch]).any(1)
-            fake_in[j:j + batch] |= (d <= radii_real[i:i + batch, None]).any(0)
+    with no_tf32():
+        radii_real, radii_fake = _knn_radii(real, k, batch), _knn_radii(fake, k, batch)
+        for i in range(0, len(real), batch):
+            for j in range(0, len(fake), batch):
+                d = _sq_dists(real[i:i + batch], fake[j:j + batch])
+                real_in[i:i + batch] |= (d <= radii_fake[j:j + batch]).any(1)
+                fake_in[j:j + batch] |= (d <= radii_real[i:i + batch, None]).any(0)
     return fake_in.double().mean().item(), real_in.double().mean().item()
 
 
@@ -506,12 +330,49 @@ def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, de
     sample_features = compute_features(model, sample, batch_size, desc="sample batch")
     ref_stats = ref_stats or _fid_stats(ref_features)
     sample_stats = sample_stats or _fid_stats(sample_features)
-    precision, recall = precision_recall(ref_features["pool"], sample_features["pool"])
+    precision, recall = precision_recall(ref_features["pool"], sample_features["pool"], device=device)
     return {"Inception Score": inception_score(sample_features["logits"]),
             "FID": frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]),
             "sFID": frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"],
                                      ref_stats["mu_s"], ref_stats["sigma_s"]),
             "Precision": precision, "Recall": recall}
+
+
+def evaluate_domain(ref_path, sample_path, classes_in_turn: bool = False, captions=None, batch_size: int = 64,
+                    cache_dir="cache", device="cpu") -> dict:
+    """Domain FID of a sample .npz against a reference .npz, or, with ref_path None, against as many (at most 10K)
+    real held-out images of the embedded set: FID in the feature space of domain.py's classifier, never
+    FID-Inception. Class accuracy when the labels are known, from the sample file's `labels` array or, with
+    `classes_in_turn`, sample i of class i % 8 (sample.py's order); caption shape / colour accuracy for `captions`,
+    one per sample (sample.py's captions.txt)."""
+    import domain  # the embedded set's classifier; the ADM suite runs without it
+
+    sample, _ = read_npz_batch(sample_path)
+    if ref_path:
+        ref = read_npz_batch(ref_path)[0]
+    else:
+        ref = domain.rendered("val", sample.shape[1], min(len(sample), 10_000))[0]
+    if ref.shape[1:] != sample.shape[1:]:
+        raise NpzError(f"{ref_path or 'embedded set'}: images of shape {list(ref.shape[1:])}, but the samples' "
+                       f"are {list(sample.shape[1:])}")
+    with np.load(sample_path) as arrays:
+        labels = arrays["labels"] if "labels" in arrays.files else None
+    if labels is None and classes_in_turn:
+        labels = np.arange(len(sample)) % len(domain.SHAPES)
+    for name, given in [("labels", labels), ("captions", captions)]:
+        if given is not None and len(given) != len(sample):
+            raise NpzError(f"{sample_path}: {len(sample)} samples but {len(given)} {name}")
+    model = domain.load_classifier(domain.DomainSettings(image_size=sample.shape[1]), cache_dir, device)
+    ref_features = compute_features(model, ref, batch_size, desc="reference batch")
+    features = compute_features(model, sample, batch_size, desc="sample batch")
+    report = {"Domain FID": frechet_distance(*feature_statistics(features["features"]),
+                                             *feature_statistics(ref_features["features"]))}
+    if labels is not None:
+        report["Class accuracy"] = domain.class_accuracy(features["shape"], labels)
+    if captions is not None:
+        report["Caption shape accuracy"], report["Caption colour accuracy"] = domain.caption_accuracy(
+            features["shape"], features["colour"], captions)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -555,8 +416,9 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="ADM evaluation suite (FID, sFID, IS, precision, recall) and "
-                                                 "TexTok reconstruction metrics (rFID, rIS, PSNR, SSIM, LPIPS)")
+    parser = argparse.ArgumentParser(description="ADM evaluation suite (FID, sFID, IS, precision, recall), TexTok "
+                                                 "reconstruction metrics (rFID, rIS, PSNR, SSIM, LPIPS), and a domain "
+                                                 "FID for the embedded shapes set (--domain)")
     parser.add_argument("ref_batch", nargs="?", help="reference batch .npz (ADM format: arr_0 uint8 [N, H, W, 3])")
     parser.add_argument("sample_batch", nargs="?", help="sample batch .npz (ADM format)")
     parser.add_argument("--tokenizer", help="TexTok checkpoint directory: evaluate its reconstructions instead")
@@ -564,22 +426,39 @@ def main(argv=None):
     parser.add_argument("--split", default="train", choices=["train", "val"], help="§4.2 uses training images")
     parser.add_argument("--num-images", type=int, default=50_000, help="§4.2: 50K images")
     parser.add_argument("--text-cache", default="cache", help="text-embedding cache folder for --tokenizer")
+    parser.add_argument("--domain", action="store_true",
+                        help="embedded set, no Inception: domain FID (not FID-Inception), class and caption accuracy; "
+                             "`--domain SAMPLE.npz` compares with real held-out images")
+    parser.add_argument("--classes-in-turn", action="store_true",
+                        help="--domain: sample i is of class i %% 8, as sample.py draws them (else the sample file's "
+                             "`labels` array, if any)")
+    parser.add_argument("--captions", help="--domain: text file, the caption of each sample on its line (sample.py's "
+                                           "captions.txt)")
+    parser.add_argument("--domain-cache", default="cache", help="--domain: folder of the cached classifier")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--inception", help=f"{INCEPTION_FILE} path (default: ${INCEPTION_ENV}, else the torch "
                                             "hub cache)")
     parser.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if not args.tokenizer and not (args.ref_batch and args.sample_batch):
-        parser.error("give REF.npz SAMPLE.npz, or --tokenizer CKPT")
+    if args.domain and args.ref_batch and not args.sample_batch:  # `--domain SAMPLE.npz`: real images as reference
+        args.ref_batch, args.sample_batch = None, args.ref_batch
+    if not args.tokenizer and not (args.sample_batch and (args.ref_batch or args.domain)):
+        parser.error("give REF.npz SAMPLE.npz, --domain [REF.npz] SAMPLE.npz, or --tokenizer CKPT")
     try:
         if args.tokenizer:
             report = evaluate_reconstruction(args.tokenizer, args.data, args.split, args.num_images, args.batch_size,
                                              args.inception, args.lpips_net, args.text_cache, args.device)
+        elif args.domain:
+            captions = Path(args.captions).read_text().splitlines() if args.captions else None
+            report = evaluate_domain(args.ref_batch, args.sample_batch, args.classes_in_turn, captions,
+                                     args.batch_size, args.domain_cache, args.device)
         else:
             report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device)
-    except (NpzError, FileNotFoundError) as e:
-        sys.exit(f"metrics.py: error: {e}")
+    except (NpzError, FileNotFoundError, ValueError) as e:
+        hint = ("\n(without them, `metrics.py --domain` measures samples of the embedded set in a domain feature "
+                "space: not FID-Inception)") if INCEPTION_FILE in str(e) else ""
+        sys.exit(f"metrics.py: error: {e}{hint}")
     for name, value in report.items():
         print(f"{name}: {value}")
 

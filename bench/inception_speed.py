@@ -1,4 +1,4 @@
-"""Inception feature-extraction throughput: metrics.InceptionFeatures against pytorch-fid's InceptionV3.
+"""Inception feature-extraction throughput: inception.InceptionFeatures against pytorch-fid's InceptionV3.
 
 Both networks get the same random weights and the same uint8 images. pytorch-fid is timed on its own input (float
 [0, 1] NCHW, as its data loader produces it) and returns pool features only; ours starts from uint8 NHWC and returns
@@ -15,7 +15,7 @@ import pytorch_fid.inception as pfi
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import metrics  # noqa: E402
+import inception  # noqa: E402
 
 
 def throughputs(runs, repeats):
@@ -46,7 +46,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    ours = metrics.InceptionFeatures().eval().to(args.device, memory_format=torch.channels_last)
+    ours = inception.InceptionFeatures().eval().to(args.device, memory_format=torch.channels_last)
     state = {k: v.cpu() for k, v in ours.state_dict().items()}
     pfi.load_state_dict_from_url = lambda *a, **k: state  # same random weights, no download
     theirs = pfi.InceptionV3([pfi.InceptionV3.DEFAULT_BLOCK_INDEX]).eval().to(args.device)
@@ -57,7 +57,7 @@ def main():
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     diff = (ours(u8[0])[0] - theirs(f01[0])[0].flatten(1)).abs().max().item()
 
-    names = ["pytorch-fid InceptionV3 (pool)", "metrics.InceptionFeatures (pool+spatial+logits)"]
+    names = ["pytorch-fid InceptionV3 (pool)", "inception.InceptionFeatures (pool+spatial+logits)"]
     rows = list(zip(names, throughputs([(lambda b: (theirs(b), sync()), f01),
                                         (lambda b: (ours(b), sync()), u8)], args.repeats)))
     print(f"{args.images} images {args.size}px, batch {args.batch_size}, {args.threads} threads, {args.device}; "

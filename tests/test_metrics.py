@@ -1,4 +1,5 @@
-"""metrics.py against closed forms, scikit-image and pytorch-fid (test-only oracles); random weights throughout."""
+"""metrics.py and inception.py against closed forms, scikit-image and pytorch-fid (test-only oracles); random
+weights throughout."""
 import zipfile
 
 import numpy as np
@@ -7,6 +8,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
+import inception
 import metrics
 
 
@@ -114,6 +116,44 @@ def test_precision_recall_matches_the_adm_estimator_across_batches():
     assert recall == pytest.approx(exp_recall, abs=1.5 / 130)
 
 
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU"))])
+def test_precision_recall_runs_on_the_given_device_with_the_same_result(device):
+    rng = np.random.default_rng(5)
+    real = rng.standard_normal((130, 8)).astype(np.float32)
+    fake = (rng.standard_normal((97, 8)) * 1.3 + 0.4).astype(np.float32)
+    # The values of the CPU code before precision_recall took a device (54/97, 127/130).
+    assert metrics.precision_recall(real, fake, batch=32, device=device) == (54 / 97, 127 / 130)
+
+
+def test_no_tf32_turns_tf32_off_inside_and_restores_the_flags(monkeypatch):
+    def flags():
+        return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    for before in [(True, False), (False, True), (True, True)]:
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", before[0])
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", before[1])
+        with metrics.no_tf32():
+            assert flags() == (False, False)
+        assert flags() == before
+        with pytest.raises(RuntimeError, match="inside"), metrics.no_tf32():
+            raise RuntimeError("raised inside")
+        assert flags() == before
+
+
+def test_features_are_extracted_without_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+
+    class Spy(torch.nn.Linear):
+        outputs = ("flags",)
+
+        def forward(self, x):
+            return (torch.tensor([[torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]] * len(x)),)
+    out = metrics.compute_features(Spy(1, 1), images(5), batch_size=2, progress=False)
+    assert out["flags"].shape == (5, 2) and not out["flags"].any()
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
 # --- PSNR / SSIM / LPIPS ----------------------------------------------------------------------------------------------
 
 def image_pairs():
@@ -165,7 +205,7 @@ def test_lpips_without_cached_backbone_names_the_file(tmp_path, monkeypatch):
 def random_state():
     """Random weights with non-trivial BatchNorm statistics, in the pt_inception layout."""
     torch.manual_seed(0)
-    state = metrics.InceptionFeatures().state_dict()
+    state = inception.InceptionFeatures().state_dict()
     for key, value in state.items():
         if key.endswith("running_var"):
             value.uniform_(0.5, 2.0)  # mild enough to keep unit-scale activations through 94 layers
@@ -185,7 +225,7 @@ def pytorch_fid_oracle(monkeypatch, state):
 
 def test_inception_matches_pytorch_fid(monkeypatch, random_state):
     oracle = pytorch_fid_oracle(monkeypatch, random_state)
-    ours = metrics.InceptionFeatures().eval()
+    ours = inception.InceptionFeatures().eval()
     ours.load_state_dict(random_state)
     spatial_out = {}  # oracle blocks[2] holds Mixed_5b .. Mixed_6e; index 6 is Mixed_6d (TF mixed_6)
     oracle.blocks[2][6].branch1x1.register_forward_hook(lambda m, i, out: spatial_out.update(x=out))
@@ -210,25 +250,25 @@ def test_pt_inception_keys_load_without_renaming(tmp_path, monkeypatch, random_s
     file_state = pfi.fid_inception_v3().state_dict()
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
-    torch.save(file_state, cache / metrics.INCEPTION_FILE)
+    torch.save(file_state, cache / inception.INCEPTION_FILE)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
-    model = metrics.load_inception()  # found through TORCH_HOME, as pytorch-fid caches it
+    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+    model = inception.load_inception()  # found through TORCH_HOME, as pytorch-fid caches it
     loaded = model.state_dict()
     assert set(loaded) == set(file_state)
     for key, value in file_state.items():
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
-    monkeypatch.setenv(metrics.INCEPTION_ENV, str(tmp_path / "elsewhere.pth"))
-    assert metrics.inception_path() == str(tmp_path / "elsewhere.pth")
-    assert metrics.inception_path("given.pth") == "given.pth"
+    monkeypatch.setenv(inception.INCEPTION_ENV, str(tmp_path / "elsewhere.pth"))
+    assert inception.inception_path() == str(tmp_path / "elsewhere.pth")
+    assert inception.inception_path("given.pth") == "given.pth"
 
 
 def test_missing_inception_weights_name_the_file_and_its_url(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.delenv(metrics.INCEPTION_ENV, raising=False)
+    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
     with pytest.raises(FileNotFoundError) as err:
-        metrics.load_inception()
-    assert metrics.INCEPTION_FILE in str(err.value) and metrics.INCEPTION_URL in str(err.value)
+        inception.load_inception()
+    assert inception.INCEPTION_FILE in str(err.value) and inception.INCEPTION_URL in str(err.value)
 
 
 # --- ADM .npz batches and the CLI -------------------------------------------------------------------------------------
@@ -306,17 +346,31 @@ def test_cli_rejects_malformed_npz(tmp_path, monkeypatch, capsys, kind, problem)
 
 
 def test_cli_prints_the_adm_report(tmp_path, monkeypatch, capsys):
-    """The wiring of `metrics.py REF SAMPLE`, with Inception replaced by small fixed features (no weights here)."""
-    np.savez(tmp_path / "ref.npz", images(40, seed=10))
-    np.savez(tmp_path / "sample.npz", images(30, seed=11))
+    """The wiring of `metrics.py REF SAMPLE`, with Inception replaced by small fixed features (no weights here). The
+    samples sit in a small corner of the reference distribution, so precision (samples on the reference manifold) is
+    1 and recall (reference images on the sample manifold) near 0: a swap of the two fails."""
+    rng = np.random.default_rng(10)
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (60, 20, 20, 3), dtype=np.uint8))
+    np.savez(tmp_path / "sample.npz", rng.integers(100, 140, (40, 20, 20, 3), dtype=np.uint8))
     monkeypatch.setattr(metrics, "load_inception", lambda *a, **k: None)
 
     def fake_features(model, batch, *args, **kwargs):
         x = np.concatenate(list(batch.batches(16))).reshape(len(batch), -1).astype(np.float32)
-        return {"pool": x[:, :12], "spatial": x[:, 12:20], "logits": x[:, :30] / 20}
+        return {"pool": x[:, :4], "spatial": x[:, 4:12], "logits": x[:, :30] / 20}
     monkeypatch.setattr(metrics, "compute_features", fake_features)
     metrics.main([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(": ")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
-    values = [float(line.split(": ")[1]) for line in lines]
-    assert values[0] > 1 and values[1] > 0 and values[2] > 0 and 0 <= values[3] <= 1 and 0 <= values[4] <= 1
+    report = {line.split(": ")[0]: float(line.split(": ")[1]) for line in lines}
+    assert report["Inception Score"] > 1 and report["FID"] > 0 and report["sFID"] > 0
+    assert report["Precision"] == 1.0
+    assert report["Recall"] < 0.1
+
+
+def test_cli_without_inception_weights_points_to_the_domain_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+    np.savez(tmp_path / "ref.npz", images())
+    with pytest.raises(SystemExit) as err:
+        metrics.main([str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz")])
+    assert inception.INCEPTION_FILE in str(err.value.code) and "--domain" in str(err.value.code)

@@ -1,0 +1,220 @@
+"""FID in a domain feature space, and class / caption accuracy, for the embedded shapes set (data.py).
+
+    python domain.py [--image-size 32]       # train (or load) the classifier, print its held-out accuracy
+
+Offline, without the FID Inception weights, generation on the embedded set is measured with a small CNN trained on
+that set: the Fréchet distance between its penultimate features on reference and sample images (metrics.py's
+feature_statistics and frechet_distance), and how often its predictions agree with the condition a sample was drawn
+for. This is FID in a domain feature space, for toy data; it is never FID-Inception, and its values compare only with
+values from the same classifier (the same DomainSettings), never with published FIDs.
+
+The classifier reads a scene as data.make_scene lays it out: for each cell of the 3x3 grid, the shape and the colour
+of the object there, or none. The class label (the shape of the first object) cannot be read off an image, since
+nothing marks which object is first: a class-conditional sample counts as right when its class's shape is in it
+(`class_accuracy`). A caption names the cell of its first object, whose shape and colour are checked there
+(`caption_accuracy`). On 1024 real held-out 32 px images: class accuracy 0.947 (0.116 with a wrong label), caption
+shape accuracy 0.938, caption colour accuracy 0.990.
+
+The classifier trains once per settings, deterministically (fixed seed; 80 s on 2 idle CPU cores), and is cached
+as safetensors in CACHE/domain/.
+"""
+import argparse
+import hashlib
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import load_state, load_tensors, save_tensors
+from data import COLORS, SHAPES, SIZES, ShapesDataset, _place, render
+
+CELLS = 9  # data.make_scene's 3x3 grid, row-major
+NO_SHAPE, NO_COLOUR = len(SHAPES), len(COLORS)  # the class of an empty cell, after the shapes / colours
+PLACES = {_place(row, col): 3 * row + col for row in range(3) for col in range(3)}  # caption phrase -> cell
+
+
+def _alternatives(words) -> str:
+    """A regex group matching any of `words`, the longest first ("at the top left" before "at the top")."""
+    return "(" + "|".join(sorted(words, key=len, reverse=True)) + ")"
+
+
+FIRST_OBJECT = re.compile(f"an? {_alternatives(SIZES)} {_alternatives(COLORS)} {_alternatives(SHAPES)} "
+                          f"{_alternatives(PLACES)}")  # data.caption's "a {size} {colour} {shape} {place}"
+
+
+@dataclass(frozen=True)
+class DomainSettings:
+    """Everything the cached classifier depends on; its cache key."""
+    image_size: int = 32  # of the training images; the classifier resizes any size to its 36 px
+    num_images: int = 16384  # training scenes (the train split of data.ShapesDataset)
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    width: int = 64  # features per cell: the domain features are [B, 9 * width]
+    seed: int = 0
+    version: int = 1  # bump when the network or the training changes
+
+    def path(self, cache_dir) -> Path:
+        """The weights file in `cache_dir`, named by a hash of the settings."""
+        key = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        return Path(cache_dir) / "domain" / f"shapes-{self.image_size}px-{key}.safetensors"
+
+
+def _conv(cin, cout, stride=1, kernel=3, padding=1) -> list:
+    return [nn.Conv2d(cin, cout, kernel, stride, padding, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class ShapesClassifier(nn.Module):
+    """uint8 [B, H, W, 3] -> (features [B, 9 * width], shape logits [B, 9, 9], colour logits [B, 9, 13]): per cell of
+    the 3x3 grid, scores for each shape / colour and, last, for an empty cell."""
+    outputs = ("features", "shape", "colour")  # the names metrics.compute_features gives them
+    size = 36  # working resolution: 36 -> 18 -> 9 -> 3, one output per 12 px cell
+    grid = 9  # positions of the trunk's output map
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.trunk = nn.Sequential(*_conv(6, 32), *_conv(32, 64, 2), *_conv(64, 64), *_conv(64, 128, 2),
+                                   *_conv(128, 128))
+        self.cells = nn.Sequential(*_conv(128, width, 3, 3, 0))  # 3x3 stride 3: one output per cell
+        self.shape = nn.Conv2d(width, NO_SHAPE + 1, 1)
+        self.colour = nn.Conv2d(width, NO_COLOUR + 1, 1)
+        self.dense = nn.Conv2d(128, NO_SHAPE + NO_COLOUR + 2, 1)  # training only: the same at each trunk position
+
+    def encode(self, images):
+        """uint8 [B, H, W, 3] -> trunk features [B, 128, 9, 9]. The input holds the image and its difference from the
+        per-channel median, the background colour: the shapes' outlines stand out on every background."""
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+        x = F.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        background = x.flatten(2).median(-1).values[..., None, None]
+        return self.trunk(torch.cat([x, x - background], 1))
+
+    def read_cells(self, h):
+        """Trunk features -> (features, shape logits, colour logits) of the cells."""
+        cells = self.cells(h)  # [B, width, 3, 3]
+        return (cells.flatten(1), self.shape(cells).flatten(2).transpose(1, 2),
+                self.colour(cells).flatten(2).transpose(1, 2))
+
+    def forward(self, images):
+        return self.read_cells(self.encode(images))
+
+
+def targets(scenes, grid: int = ShapesClassifier.grid) -> tuple:
+    """Training targets of data.make_scene scenes: the shape and colour class of each cell (long [N, 9] each) and of
+    each position of a grid x grid map (long [N, grid, grid] each), a position taking the last-drawn object whose
+    centre lies within 0.8 of its radius (data.render's geometry), else empty."""
+    n = len(scenes)
+    cell_shape, cell_colour = torch.full((n, CELLS), NO_SHAPE), torch.full((n, CELLS), NO_COLOUR)
+    map_shape, map_colour = torch.full((n, grid, grid), NO_SHAPE), torch.full((n, grid, grid), NO_COLOUR)
+    centres = (np.arange(grid) + 0.5) / grid
+    for i, scene in enumerate(scenes):
+        for o in scene["objects"]:
+            shape, colour = SHAPES.index(o["shape"]), list(COLORS).index(o["colour"])
+            cell_shape[i, 3 * o["row"] + o["col"]], cell_colour[i, 3 * o["row"] + o["col"]] = shape, colour
+            x, y = (o["col"] + 0.5 + 3 * o["jitter"][0]) / 3, (o["row"] + 0.5 + 3 * o["jitter"][1]) / 3
+            inside = torch.from_numpy((centres - x) ** 2 + (centres[:, None] - y) ** 2 <= (0.8 * SIZES[o["size"]]) ** 2)
+            map_shape[i][inside], map_colour[i][inside] = shape, colour
+    return cell_shape, cell_colour, map_shape, map_colour
+
+
+def rendered(split: str, size: int, num_images: int, seed: int = 0):
+    """(uint8 [N, size, size, 3] images, the ShapesDataset they come from) of a split of the embedded set."""
+    data = ShapesDataset(split, size, num_images, seed)
+    return np.stack([render(scene, size) for scene in data.scenes]), data
+
+
+@torch.random.fork_rng(devices=[])
+def train_classifier(settings: DomainSettings) -> ShapesClassifier:
+    """Trains the classifier on the train split (AdamW, one-cycle schedule, bfloat16 autocast), seeded by
+    settings.seed. Cross-entropy on each cell's shape and colour, plus the same on each position of the trunk's
+    map: an object then teaches the trunk at every position it covers, not only through its cell."""
+    images, data = rendered("train", settings.image_size, settings.num_images, settings.seed)
+    images, wanted = torch.from_numpy(images), targets(data.scenes)
+    torch.manual_seed(settings.seed)  # the caller's random state comes back afterwards (fork_rng)
+    model = ShapesClassifier(settings.width).train()
+    opt = torch.optim.AdamW(model.parameters(), settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=settings.steps, pct_start=0.15)
+    for _ in range(settings.steps):
+        idx = torch.randint(len(images), (settings.batch_size,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = model.encode(images[idx])
+            _, shape_logits, colour_logits = model.read_cells(h)
+            logits = [shape_logits.transpose(1, 2), colour_logits.transpose(1, 2),  # all [B, classes, ...]
+                      *model.dense(h).split([NO_SHAPE + 1, NO_COLOUR + 1], 1)]
+        loss = sum(F.cross_entropy(z.float(), t[idx]) for z, t in zip(logits, wanted))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+    return model.eval()
+
+
+def load_classifier(settings: DomainSettings = DomainSettings(), cache_dir="cache", device="cpu") -> ShapesClassifier:
+    """The classifier for `settings` on `device`: from its file under cache_dir/domain/, else trained now (on the CPU)
+    and saved there."""
+    path = settings.path(cache_dir)
+    if path.is_file():
+        model = ShapesClassifier(settings.width)
+        load_state(model, load_tensors(path), path)
+    else:
+        model = train_classifier(settings)
+        save_tensors(model.state_dict(), path)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def class_accuracy(shape_logits, labels) -> float:
+    """Share of images in which some cell holds the shape of their class (label = index in data.SHAPES), from shape
+    logits [N, 9, 9]."""
+    return float((np.asarray(shape_logits).argmax(-1) == np.asarray(labels)[:, None]).any(1).mean())
+
+
+def first_object(caption: str) -> tuple:
+    """(shape index, colour index, cell) of the first object a data.caption-style caption names."""
+    match = FIRST_OBJECT.search(caption)
+    if match is None:
+        raise ValueError(f"caption names no object as the embedded set does (a SIZE COLOUR SHAPE PLACE): {caption!r}")
+    _, colour, shape, place = match.groups()
+    return SHAPES.index(shape), list(COLORS).index(colour), PLACES[place]
+
+
+def caption_accuracy(shape_logits, colour_logits, captions) -> tuple:
+    """(shape, colour) accuracy of the first object each caption names, read in the cell the caption places it in."""
+    shape, colour, cell = np.array([first_object(c) for c in captions]).reshape(-1, 3).T
+    image = np.arange(len(cell))
+    return (float((np.asarray(shape_logits).argmax(-1)[image, cell] == shape).mean()),
+            float((np.asarray(colour_logits).argmax(-1)[image, cell] == colour).mean()))
+
+
+def held_out_accuracy(model: ShapesClassifier, image_size: int = 32, num_images: int = 1024) -> dict:
+    """The classifier on real held-out images (the val split) with their labels and captions: class accuracy,
+    caption (first-object) shape and colour accuracy."""
+    images, data = rendered("val", image_size, num_images)
+    with torch.inference_mode():
+        _, shape_logits, colour_logits = (x.cpu().numpy() for x in model(torch.from_numpy(images).to(
+            next(model.parameters()).device)))
+    shape, colour = caption_accuracy(shape_logits, colour_logits, data.captions)
+    return {"class accuracy": class_accuracy(shape_logits, data.labels), "caption shape accuracy": shape,
+            "caption colour accuracy": colour}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train (or load from the cache) the embedded set's classifier and "
+                                                 "print its accuracy on real held-out images")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--cache", default="cache", help="cache folder (the classifier goes in CACHE/domain/)")
+    args = parser.parse_args(argv)
+    settings = DomainSettings(image_size=args.image_size)
+    start = time.perf_counter()
+    classifier = load_classifier(settings, args.cache)
+    print(f"{settings.path(args.cache)}: ready in {time.perf_counter() - start:.1f} s")
+    for name, value in held_out_accuracy(classifier, args.image_size).items():
+        print(f"{name}: {value:.4f}")
+
+
+if __name__ == "__main__":
+    main()

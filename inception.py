@@ -1,0 +1,208 @@
+"""The FID Inception-v3 in PyTorch: the network of the ADM evaluator's 2015 TensorFlow graph, loaded from the port that
+pytorch-fid publishes (`pt_inception-2015-12-05-6726825d.pth`), with pytorch-fid's preprocessing (bilinear resize to
+299, x / 127.5 - 1). Its features match pytorch-fid's; they are close to, not bit-identical with, the TF graph's (its
+legacy resize and its (x - 128) / 128 scaling differ). metrics.py computes FID, sFID, IS, precision and recall from
+them.
+
+Module names are those of the weights file (torchvision's Inception3 names); the TF graph names its blocks mixed,
+mixed_1, ..., mixed_10, which are Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c here.
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
+INCEPTION_ENV = "TEXTOK_INCEPTION"  # path of the weights file, overridden by --inception
+SPATIAL_CHANNELS = 7  # sFID: the evaluator keeps mixed_6/conv[..., :7]
+
+
+class _ConvBN(nn.Module):
+    """Conv (no bias) -> BatchNorm (eps 1e-3, as the TF graph) -> ReLU, for inference only: the BatchNorm, with its
+    running statistics, is folded into the convolution's weight and bias at each call (no pass over activations)."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        scale = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        weight = self.conv.weight * scale.view(-1, 1, 1, 1)
+        bias = self.bn.bias - self.bn.running_mean * scale
+        return F.relu(F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding), inplace=True)
+
+
+def _avg_pool(x):
+    """3x3 average pool, stride 1; TF's average excludes the zero padding."""
+    return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+
+
+class _BlockA(nn.Module):
+    """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 (TF mixed .. mixed_2)."""
+
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = _ConvBN(cin, 64, 1)
+        self.branch5x5_1 = _ConvBN(cin, 48, 1)
+        self.branch5x5_2 = _ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = _ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = _ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = _ConvBN(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg_pool(x))], 1)
+
+
+class _BlockB(nn.Module):
+    """35 -> 17 reduction: 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2 (TF mixed_3)."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = _ConvBN(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = _ConvBN(cin, 64, 1)
+        self.branch3x3dbl_2 = _ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, 2)], 1)
+
+
+class _BlockC(nn.Module):
+    """17x17 block with factorised 7x7 convolutions (TF mixed_4 .. mixed_7)."""
+
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = _ConvBN(cin, 192, 1)
+        self.branch7x7_1 = _ConvBN(cin, c7, 1)
+        self.branch7x7_2 = _ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = _ConvBN(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = _ConvBN(cin, c7, 1)
+        self.branch7x7dbl_2 = _ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = _ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = _ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = _ConvBN(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = _ConvBN(cin, 192, 1)
+
+    def branches(self, x):
+        """The four branch outputs; the first (1x1) is TF's `mixed_k/conv`."""
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d7 = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            d7 = conv(d7)
+        return [self.branch1x1(x), b7, d7, self.branch_pool(_avg_pool(x))]
+
+    def forward(self, x):
+        return torch.cat(self.branches(x), 1)
+
+
+class _BlockD(nn.Module):
+    """17 -> 8 reduction: 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2 (TF mixed_8)."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = _ConvBN(cin, 192, 1)
+        self.branch3x3_2 = _ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = _ConvBN(cin, 192, 1)
+        self.branch7x7x3_2 = _ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = _ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = _ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
+
+
+class _BlockE(nn.Module):
+    """8x8 block with split 1x3 / 3x1 outputs (TF mixed_9, mixed_10)."""
+
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool  # the TF graph's mixed_10 pools with max where the paper says average
+        self.branch1x1 = _ConvBN(cin, 320, 1)
+        self.branch3x3_1 = _ConvBN(cin, 384, 1)
+        self.branch3x3_2a = _ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = _ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = _ConvBN(cin, 448, 1)
+        self.branch3x3dbl_2 = _ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = _ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = _ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = _ConvBN(cin, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg_pool(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pooled)], 1)
+
+
+class InceptionFeatures(nn.Module):
+    """The FID Inception-v3 (TF inception-2015-12-05, 1008 classes): uint8 images -> pool, spatial and logits."""
+    outputs = ("pool", "spatial", "logits")  # the names metrics.compute_features gives them
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = _ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = _ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = _ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = _ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = _ConvBN(80, 192, 3)
+        self.Mixed_5b = _BlockA(192, 32)
+        self.Mixed_5c = _BlockA(256, 64)
+        self.Mixed_5d = _BlockA(288, 64)
+        self.Mixed_6a = _BlockB(288)
+        self.Mixed_6b = _BlockC(768, 128)
+        self.Mixed_6c = _BlockC(768, 160)
+        self.Mixed_6d = _BlockC(768, 160)
+        self.Mixed_6e = _BlockC(768, 192)
+        self.Mixed_7a = _BlockD(768)
+        self.Mixed_7b = _BlockE(1280, max_pool=False)
+        self.Mixed_7c = _BlockE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)
+        # Real use loads the weights file; He init keeps random weights (tests, bench) at unit-scale activations.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+    def forward(self, images):
+        """uint8 [B, H, W, 3] -> (pool [B, 2048], spatial [B, 17*17*7], logits [B, 1008]), float32."""
+        x = images.permute(0, 3, 1, 2).float() / 255
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # pytorch-fid's resize
+        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2))), 3, 2)
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
+        # sFID: the evaluator reads TF `mixed_6/conv:0`. TF's mixed_6 is the 7th mixed block, Mixed_6d here, and
+        # its `conv` is the 1x1 branch (conv-bn-relu); keep 7 channels, flattened channels-last as TF's [B, 17, 17, 7].
+        branches = self.Mixed_6d.branches(x)
+        spatial = branches[0][:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(x), -1)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(torch.cat(branches, 1)))))
+        pool = x.mean((2, 3))  # TF pool_3
+        # The evaluator's softmax takes pool_3 times softmax/logits' weights, without the bias (improved-gan's IS code).
+        logits = F.linear(pool, self.fc.weight)
+        return pool, spatial, logits
+
+
+def inception_path(path=None) -> str:
+    """The weights file: `path`, else $TEXTOK_INCEPTION, else torch.hub.get_dir()/checkpoints/ (pytorch-fid's cache,
+    moved by $TORCH_HOME)."""
+    return path or os.environ.get(INCEPTION_ENV) or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+
+
+def load_inception(path=None, device="cpu") -> InceptionFeatures:
+    """The FID Inception with the pt_inception weights from a local file (see inception_path); never downloads."""
+    path = inception_path(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FID Inception weights {INCEPTION_FILE} not found at {path}; download it from "
+                                f"{INCEPTION_URL} and pass --inception PATH, set ${INCEPTION_ENV}, or put it in "
+                                f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+    model = InceptionFeatures()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
