@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import InputError
 from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, SPATIAL_CHANNELS,  # noqa: F401 (re-exported)
                        InceptionFeatures, inception_path, load_inception)
 
@@ -229,7 +230,7 @@ def lpips_distance(a, b, model=None, batch_size: int = 32) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # ADM reference / sample batches (.npz)
 
-class NpzError(ValueError):
+class NpzError(InputError):
     """A reference or sample .npz that the ADM evaluator could not read."""
 
 
@@ -425,7 +426,7 @@ def main(argv=None):
     parser.add_argument("--data", help="JSONL image folder for --tokenizer (default: the embedded dataset)")
     parser.add_argument("--split", default="train", choices=["train", "val"], help="§4.2 uses training images")
     parser.add_argument("--num-images", type=int, default=50_000, help="§4.2: 50K images")
-    parser.add_argument("--text-cache", default="cache", help="text-embedding cache folder for --tokenizer")
+    parser.add_argument("--text-cache", default="cache", help="--tokenizer: the cache folder train.py filled (--cache-dir)")
     parser.add_argument("--domain", action="store_true",
                         help="embedded set, no Inception: domain FID (not FID-Inception), class and caption accuracy; "
                              "`--domain SAMPLE.npz` compares with real held-out images")
@@ -455,10 +456,10 @@ def main(argv=None):
                                      args.batch_size, args.domain_cache, args.device)
         else:
             report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device)
-    except (NpzError, FileNotFoundError, ValueError) as e:
+    except (InputError, FileNotFoundError) as e:  # the user's input; bugs keep their tracebacks
         hint = ("\n(without them, `metrics.py --domain` measures samples of the embedded set in a domain feature "
                 "space: not FID-Inception)") if INCEPTION_FILE in str(e) else ""
-        sys.exit(f"metrics.py: error: {e}{hint}")
+        sys.exit(f"error: {e}{hint}")
     for name, value in report.items():
         print(f"{name}: {value}")
 
