@@ -69,7 +69,7 @@ def run_pair(args, variant: str, tokens: int, task: str, tokenizer: Path) -> dic
 
 
 def markdown_table(rows: list) -> str:
-    keys = [k for k in rows[0] if k not in ("variant", "tokens", "task", "dit_seconds")]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("variant", "tokens", "task", "dit_seconds")]
     lines = ["| task | tokenizer | # tokens | " + " | ".join(keys) + " | DiT train time |", "|" + "---|" * (len(keys) + 4)]
     for r in sorted(rows, key=lambda r: (r["task"], r["tokens"], r["variant"])):
         cells = [TASKS[r["task"]], VARIANTS[r["variant"]].format(n=r["tokens"]), str(r["tokens"])]
