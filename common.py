@@ -229,11 +229,12 @@ class Run:
     micro-batch split, DDP and torch.compile, the non-finite guard. `args` are train.py's parsed flags;
     `check_config(saved, path)` refuses to resume from a checkpoint of another run config."""
 
-    def __init__(self, args, rank, world, device, run_config, batch_size, total, check_config):
+    def __init__(self, args, rank, world, device, run_config, num_items, batch_size, epochs, check_config):
         self.args, self.rank, self.world, self.device, self.run_config = args, rank, world, device, run_config
         self.check_config = check_config
         self.out = Path(args.out or f"runs/{args.stage}")
-        self.total, self.stop = total, min(total, args.max_steps) if args.max_steps else total
+        self.total = max(1, num_items // batch_size) * epochs  # the schedule's length; --max-steps stops earlier
+        self.stop = min(self.total, args.max_steps) if args.max_steps else self.total
         self.micro = batch_size // (world * args.grad_accum)  # per-rank micro-batch of one accumulation step
         if self.micro * world * args.grad_accum != batch_size:
             raise InputError(f"--batch-size {batch_size} is not divisible by {world} ranks x {args.grad_accum} "
@@ -244,7 +245,8 @@ class Run:
             save_json(run_config, self.out / "config.json")
 
     def micro_batches(self, batch: dict):
-        """(micro-batch, DDP sync context) for each accumulation step of `batch`; DDP all-reduces on the last."""
+        """(micro-batch, sync) for each accumulation step of `batch`: sync is True where DDP should all-reduce
+        (the last micro-batch, or always with one rank)."""
         for i in range(self.args.grad_accum):
             s = slice(i * self.micro, (i + 1) * self.micro)
             last = self.world == 1 or i == self.args.grad_accum - 1
@@ -304,7 +306,6 @@ class Run:
                 self.last_ckpt = save_checkpoint(self.out, done, objects, self.run_config)
             self.bar.update(1)
         self.bar.close()
-
 
     def checked(self, loader):
         """The loader's batches; bad data met mid-run (a truncated image, from a worker) is one InputError line that

@@ -362,10 +362,10 @@ class LatentSet(Dataset):
         return {"Z": self.Z[i], "cond": self.conds[i]}
 
 
-def conditioned(dataset, cfg, cache_dir="cache", device="cpu", text: bool = True) -> WithCond:
+def conditioned(dataset, cfg, cache_dir="cache", device="cpu") -> WithCond:
     """`dataset` with the conditions a TexTok of config `cfg` reads: caption embeddings (when `cfg.conditioning` is
-    "text" and `text`) and labels."""
-    encoder = cfg.text_encoder if text and cfg.conditioning == "text" else None
+    "text") and labels."""
+    encoder = cfg.text_encoder if cfg.conditioning == "text" else None
     return WithCond(dataset, Conditions(dataset.captions, dataset.labels, encoder, cfg.text_len, cache_dir, device))
 
 

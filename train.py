@@ -145,7 +145,7 @@ def train_tokenizer(args, rank, world, device):
                   "captions": args.captions if args.data is None else "captions.jsonl",
                   "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),
                   "perceptual_loss": "on (LPIPS-VGG)" if tc.perceptual_weight > 0 else "OFF (perceptual_weight 0)"}
-    run = Run(args, rank, world, device, run_config, tc.batch_size, max(1, len(train_set) // tc.batch_size) * tc.epochs,
+    run = Run(args, rank, world, device, run_config, len(train_set), tc.batch_size, tc.epochs,
               lambda saved, path: check_config(saved, run_config, path))
 
     torch.manual_seed(tc.seed)  # after data set-up, so the initial weights never depend on a cache hit
@@ -281,7 +281,7 @@ def train_dit(args, rank, world, device):
     run_config = {"stage": "dit", "preset": args.preset, "note": note, "task": args.task, "split": split,
                   "tokenizer": str(tok_path.resolve()), "num_classes": num_classes, "tokenizer_config": to_dict(cfg),
                   "train": to_dict(dc)}
-    run = Run(args, rank, world, device, run_config, dc.batch_size, max(1, len(train_set) // dc.batch_size) * dc.epochs,
+    run = Run(args, rank, world, device, run_config, len(train_set), dc.batch_size, dc.epochs,
               lambda saved, path: check_config(saved, run_config, path))
 
     # Keyed by the tokenizer's weights and the data's identity: never stale, never shared by two data sets.

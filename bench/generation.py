@@ -25,7 +25,7 @@ import metrics  # noqa: E402
 from common import atomic_write, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
 from speed import machine  # noqa: E402
-from text_conditioning import COLOURS, VARIANTS, line_plot, train_argv, train_run  # noqa: E402
+from text_conditioning import VARIANTS, line_plot, train_argv, train_run  # noqa: E402
 
 TASKS = {"class": "class-conditional", "t2i": "text-to-image"}
 
@@ -100,7 +100,7 @@ def main(argv=None):
     fid = [k for k in rows[0] if "FID" in k][0]
     line_plot(out / "fid.png", sorted(args.tokens), [
         (f"{TASKS[t]}: {fid}", {v: [r[fid] for r in sorted(rows, key=lambda r: r["tokens"])
-                                    if r["variant"] == v and r["task"] == t] for v in COLOURS}) for t in TASKS])
+                                    if r["variant"] == v and r["task"] == t] for v in VARIANTS}) for t in TASKS])
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(
         f"`{command}` on {machine(device)}; tokenizers {args.tokenizer_steps} steps, DiTs {args.dit_steps} steps, "
         f"{args.num_samples} samples of {args.sampling_steps} DDIM steps (w = {args.cfg_scale}) each; domain FID "
