@@ -4,7 +4,7 @@ text tokens projected to T' go through one ViT; the outputs at P' are projected 
 import torch
 import torch.nn as nn
 
-from block import ViT, Conditioner, init_weights
+from block import ViT, Conditioner, init_tokens, init_weights
 from config import TexTokConfig
 from tokenizer import unpatchify
 
@@ -23,8 +23,7 @@ class Detokenizer(nn.Module):
         self.vit = ViT(cfg, cfg.dec_layers, conditioned=self.cond is not None)
         self.to_pixels = nn.Linear(D, 3 * s * s)                           # outputs at P' -> pixel patches
         init_weights(self)
-        for p in (self.P_prime, self.z_pos):
-            nn.init.trunc_normal_(p, std=0.02)
+        init_tokens(self.P_prime, self.z_pos)
 
     def forward(self, Z, cond=None) -> torch.Tensor:
         """Z: [B, N, d]; cond: the batch's data.Cond (caption embeddings or labels). Returns images [B, 3, H, W]."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from block import ViT, Conditioner, init_weights
+from block import ViT, Conditioner, init_tokens, init_weights
 from config import TexTokConfig
 
 
@@ -38,8 +38,7 @@ class Tokenizer(nn.Module):
         self.vit = ViT(cfg, cfg.enc_layers, conditioned=self.cond is not None)
         self.to_Z = nn.Linear(D, cfg.token_dim)                          # outputs at L -> Z in R^{N x d}
         init_weights(self)
-        for p in (self.pos_embed, self.L):
-            nn.init.trunc_normal_(p, std=0.02)
+        init_tokens(self.pos_embed, self.L)
 
     def check_images(self, images: torch.Tensor) -> None:
         """Raises a ValueError naming the problem when `images` is not [B, 3, image_size, image_size]."""

@@ -122,9 +122,9 @@ def states(out, step):
 
 def assert_same_states(a, b):
     assert a.keys() == b.keys() and any(k.startswith("s.disc.") for k in a) and "s.lecam.ema_real" in a
-    for k in a:  # Adam magnifies float noise in near-zero gradients: 2e-5 is 2% of one step at lr 1e-3
-        tol = dict(rtol=1e-4, atol=0) if k.startswith("s.lecam.") else dict(rtol=1e-4, atol=2e-5)
-        torch.testing.assert_close(a[k], b[k], **tol, msg=k)
+    for k in a:  # Adam magnifies float noise in near-zero gradients: 5e-5 is 5% of one step at lr 1e-3
+        tol = dict(rtol=1e-4, atol=0) if k.startswith("s.lecam.") else dict(rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f"{k}: {m}")
 
 
 GAN_ON = ("--disc-start", "0", "--max-steps", "2", "--ckpt-every", "2")  # both steps train D: R1, LeCAM, its EMAs
