@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import metrics
 from common import load_state, load_tensors, save_tensors
 from data import COLORS, SHAPES, SIZES, ShapesDataset, _place, render
 
@@ -200,6 +201,41 @@ def held_out_accuracy(model: ShapesClassifier, image_size: int = 32, num_images:
     shape, colour = caption_accuracy(shape_logits, colour_logits, data.captions)
     return {"class accuracy": class_accuracy(shape_logits, data.labels), "caption shape accuracy": shape,
             "caption colour accuracy": colour}
+
+
+def evaluate_domain(ref_path, sample_path, classes_in_turn: bool = False, captions=None, batch_size: int = 64,
+                    cache_dir="cache", device="cpu") -> dict:
+    """Domain FID of a sample .npz against a reference .npz, or, with ref_path None, against as many (at most 10K)
+    real held-out images of the embedded set: FID in the feature space of this file's classifier, never
+    FID-Inception. Class accuracy when the labels are known, from the sample file's `labels` array or, with
+    `classes_in_turn`, sample i of class i % 8 (sample.py's order); caption shape / colour accuracy for `captions`,
+    one per sample (sample.py's captions.txt)."""
+    sample, _ = metrics.read_npz_batch(sample_path)
+    if ref_path:
+        ref = metrics.read_npz_batch(ref_path)[0]
+    else:
+        ref = rendered("val", sample.shape[1], min(len(sample), 10_000))[0]
+    if ref.shape[1:] != sample.shape[1:]:
+        raise metrics.NpzError(f"{ref_path or 'embedded set'}: images of shape {list(ref.shape[1:])}, but the "
+                               f"samples' are {list(sample.shape[1:])}")
+    with np.load(sample_path) as arrays:
+        labels = arrays["labels"] if "labels" in arrays.files else None
+    if labels is None and classes_in_turn:
+        labels = np.arange(len(sample)) % len(SHAPES)
+    for name, given in [("labels", labels), ("captions", captions)]:
+        if given is not None and len(given) != len(sample):
+            raise metrics.NpzError(f"{sample_path}: {len(sample)} samples but {len(given)} {name}")
+    model = load_classifier(DomainSettings(image_size=sample.shape[1]), cache_dir, device)
+    ref_features = metrics.compute_features(model, ref, batch_size, desc="reference batch")
+    features = metrics.compute_features(model, sample, batch_size, desc="sample batch")
+    report = {"Domain FID": metrics.frechet_distance(*metrics.feature_statistics(features["features"]),
+                                                     *metrics.feature_statistics(ref_features["features"]))}
+    if labels is not None:
+        report["Class accuracy"] = class_accuracy(features["shape"], labels)
+    if captions is not None:
+        report["Caption shape accuracy"], report["Caption colour accuracy"] = caption_accuracy(
+            features["shape"], features["colour"], captions)
+    return report
 
 
 def main(argv=None):

@@ -339,43 +339,6 @@ def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, de
             "Precision": precision, "Recall": recall}
 
 
-def evaluate_domain(ref_path, sample_path, classes_in_turn: bool = False, captions=None, batch_size: int = 64,
-                    cache_dir="cache", device="cpu") -> dict:
-    """Domain FID of a sample .npz against a reference .npz, or, with ref_path None, against as many (at most 10K)
-    real held-out images of the embedded set: FID in the feature space of domain.py's classifier, never
-    FID-Inception. Class accuracy when the labels are known, from the sample file's `labels` array or, with
-    `classes_in_turn`, sample i of class i % 8 (sample.py's order); caption shape / colour accuracy for `captions`,
-    one per sample (sample.py's captions.txt)."""
-    import domain  # the embedded set's classifier; the ADM suite runs without it
-
-    sample, _ = read_npz_batch(sample_path)
-    if ref_path:
-        ref = read_npz_batch(ref_path)[0]
-    else:
-        ref = domain.rendered("val", sample.shape[1], min(len(sample), 10_000))[0]
-    if ref.shape[1:] != sample.shape[1:]:
-        raise NpzError(f"{ref_path or 'embedded set'}: images of shape {list(ref.shape[1:])}, but the samples' "
-                       f"are {list(sample.shape[1:])}")
-    with np.load(sample_path) as arrays:
-        labels = arrays["labels"] if "labels" in arrays.files else None
-    if labels is None and classes_in_turn:
-        labels = np.arange(len(sample)) % len(domain.SHAPES)
-    for name, given in [("labels", labels), ("captions", captions)]:
-        if given is not None and len(given) != len(sample):
-            raise NpzError(f"{sample_path}: {len(sample)} samples but {len(given)} {name}")
-    model = domain.load_classifier(domain.DomainSettings(image_size=sample.shape[1]), cache_dir, device)
-    ref_features = compute_features(model, ref, batch_size, desc="reference batch")
-    features = compute_features(model, sample, batch_size, desc="sample batch")
-    report = {"Domain FID": frechet_distance(*feature_statistics(features["features"]),
-                                             *feature_statistics(ref_features["features"]))}
-    if labels is not None:
-        report["Class accuracy"] = domain.class_accuracy(features["shape"], labels)
-    if captions is not None:
-        report["Caption shape accuracy"], report["Caption colour accuracy"] = domain.caption_accuracy(
-            features["shape"], features["colour"], captions)
-    return report
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Reconstruction evaluation (§4.2: rFID, rIS, PSNR, SSIM, LPIPS on 50K ImageNet training images)
 
@@ -452,8 +415,9 @@ def main(argv=None):
                                              args.inception, args.lpips_net, args.text_cache, args.device)
         elif args.domain:
             captions = Path(args.captions).read_text().splitlines() if args.captions else None
-            report = evaluate_domain(args.ref_batch, args.sample_batch, args.classes_in_turn, captions,
-                                     args.batch_size, args.domain_cache, args.device)
+            import domain  # the embedded set's classifier; the ADM suite runs without it
+            report = domain.evaluate_domain(args.ref_batch, args.sample_batch, args.classes_in_turn, captions,
+                                            args.batch_size, args.domain_cache, args.device)
         else:
             report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device)
     except (InputError, FileNotFoundError) as e:  # the user's input; bugs keep their tracebacks

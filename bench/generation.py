@@ -3,7 +3,7 @@ generation half, Table 3 at small scale).
 
 For each token count N and each tokenizer variant: train the tokenizer (train.py, as bench/text_conditioning.py),
 train a class-conditional DiT and a DiT-T2I over its tokens, sample both with sample.py, and measure the samples
-with metrics.evaluate_domain: the domain FID against real held-out images (FID in the feature space of a small
+with domain.evaluate_domain: the domain FID against real held-out images (FID in the feature space of a small
 classifier trained on the embedded set, domain.py: never FID-Inception, comparable only within this table), class
 accuracy of class-conditional samples, and for T2I whether the caption's first object has the named shape and colour.
 Writes, in --out: results.json, results.md (the table), fid.png (domain FID against N), runs/.
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-import metrics  # noqa: E402
+import domain  # noqa: E402
 from common import atomic_write, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
 from speed import machine  # noqa: E402
@@ -63,8 +63,8 @@ def run_pair(args, variant: str, tokens: int, task: str, tokenizer: Path) -> dic
     train_run(sample_argv, "sample.py")
     (npz,) = (out / "samples").glob("samples_*.npz")
     captions = (out / "samples" / "captions.txt").read_text().splitlines() if task == "t2i" else None
-    report = metrics.evaluate_domain(None, npz, classes_in_turn=task == "class", captions=captions,
-                                     cache_dir=args.cache_dir)
+    report = domain.evaluate_domain(None, npz, classes_in_turn=task == "class", captions=captions,
+                                    cache_dir=args.cache_dir)
     return {"variant": variant, "tokens": tokens, "task": task, "dit_seconds": round(dit_seconds, 1), **report}
 
 
