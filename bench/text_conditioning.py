@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="tiny", help="train.py preset (tiny, imagenet256, imagenet512)")
     p.add_argument("--steps", type=int, default=1024,
                    help="training steps per run (the schedule ends there; the tiny preset's discriminator starts at "
-                        "step 1024, so the default compares the l2-trained autoencoders)")
+                        "step 1792, so the default compares the l2-trained autoencoders)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=4096, help="size of the embedded training set")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
