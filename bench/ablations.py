@@ -1,11 +1,12 @@
 """Table 4 at small scale: what each design choice of TexTok does to reconstruction (§4.7).
 
-Trains one tokenizer per row with train.py under identical settings (steps, seed, data, batch: only the row's flags
-differ), evaluates each EMA tokenizer on the held-out split (PSNR, SSIM; LPIPS and rFID where their weights are
-present) and writes, in --out:
-    results.json / results.md   one row per run, grouped as the paper's Table 4 (a, c, d, e)
-    psnr.png                    PSNR of every row (bars), the default row marked
-    runs/<row>/                 the train.py outputs
+Trains one tokenizer per row and seed with train.py under identical settings (steps, seed, data, batch: only the
+row's flags differ), evaluates each EMA tokenizer on the held-out split (PSNR, SSIM; LPIPS and rFID where their
+weights are present) and writes, in --out:
+    results.json                one entry per run (row and seed)
+    results.md                  one row per row of Table 4 (a, c, d, e), mean ± std over the seeds when several
+    psnr.png                    mean PSNR of every row (bars), the default row marked
+    runs/<row>-seed<k>/         the train.py outputs
 
 Rows (the embedded set provides the class-name text and the short caption, data.caption):
     4a  none (Baseline) | class embedding | class text "An image of a <shape>." | short caption | full caption (default)
@@ -14,7 +15,7 @@ Rows (the embedded set provides the class-name text and the short caption, data.
     4e  the tiny preset (default) | a larger model (--large-flags)
 Tab. 4b (T5 size) is not run: one offline text encoder exists here (pass --text-encoder PATH to train.py for T5).
 
-    python bench/ablations.py                       # embedded set, 2 CPU cores: ~30 min
+    python bench/ablations.py                       # embedded set, 2 CPU cores: ~15 min (--seeds 0 1 2: ~45)
     python bench/ablations.py --steps 100000 --batch-size 256 --preset imagenet256 --data DIR \\
         --large-flags "--model-size large" --perceptual-weight 0.1      # on GPUs; unknown flags go to train.py
 
@@ -32,7 +33,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from common import atomic_write, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
 from speed import machine  # noqa: E402
-from text_conditioning import evaluate, last_step, load_optional, train_run  # noqa: E402
+from text_conditioning import evaluate, last_step, load_optional, mean_over_seeds, train_run  # noqa: E402
 import metrics  # noqa: E402
 
 # (table, row label, train.py flags, caption style); the default row (full caption, in-context, both, tiny) is
@@ -62,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=640, help="training steps per run (the schedule ends there)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds per row; with several, the table gives mean ± std (e.g. --seeds 0 1 2)")
     p.add_argument("--cache-dir", default="cache")
     p.add_argument("--eval-batch-size", type=int, default=64)
     p.add_argument("--inception", default=None, help="FID Inception weights for rFID (default: metrics.py's lookup)")
@@ -76,10 +78,11 @@ def parse_args(argv=None):
     return args, extra
 
 
-def train_argv(args, extra, name: str, flags: list, captions: str, epochs: int) -> list:
-    argv = ["--stage", "tokenizer", "--preset", args.preset, "--out", str(Path(args.out) / "runs" / name),
+def train_argv(args, extra, name: str, flags: list, captions: str, epochs: int, seed: int) -> list:
+    out = Path(args.out) / "runs" / f"{name}-seed{seed}"
+    argv = ["--stage", "tokenizer", "--preset", args.preset, "--out", str(out),
             "--max-steps", str(args.steps), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
-            "--num-images", str(args.num_images), "--seed", str(args.seed), "--cache-dir", args.cache_dir,
+            "--num-images", str(args.num_images), "--seed", str(seed), "--cache-dir", args.cache_dir,
             "--captions", captions, "--eval-every", str(args.steps)]
     argv += ["--data", args.data] if args.data else []
     argv += ["--val", args.val] if args.val else []
@@ -105,15 +108,18 @@ def bar_plot(path, rows: list) -> Path:
 
 
 def markdown_table(rows: list) -> str:
-    """Table 4 analogue: each group with the default row repeated, the change against it in brackets."""
+    """Table 4 analogue: each group with the default row repeated, the change against it in brackets (means and
+    standard deviations over the seeds when there are several)."""
     default = next(r for r in rows if r["table"] == "default")
     lines = ["| table | conditioning | PSNR ↑ | SSIM ↑ | LPIPS ↓ | rFID ↓ | steps | train time |", "|" + "---|" * 8]
     for table in dict.fromkeys(r["table"] for r in rows if r["table"] != "default"):
         for r in [x for x in rows if x["table"] == table] + [default]:
-            cells = [table, r["row"], f"{r['psnr']:.2f}" + ("" if r is default else f" ({r['psnr'] - default['psnr']:+.2f})"),
-                     f"{r['ssim']:.4f}"]
+            spread = r["seeds"] > 1
+            psnr = f"{r['psnr']:.2f}" + (f" ± {r['psnr_std']:.2f}" if spread else "")
+            cells = [table, r["row"], psnr + ("" if r is default else f" ({r['psnr'] - default['psnr']:+.2f})"),
+                     f"{r['ssim']:.4f}" + (f" ± {r['ssim_std']:.4f}" if spread else "")]
             cells += ["–" if r[k] is None else f"{r[k]:.4f}" for k in ("lpips", "rfid")]
-            cells += [str(r["steps"]), f"{r['seconds']:.0f} s"]
+            cells += [str(round(r["steps"])), f"{r['seconds']:.0f} s"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -128,23 +134,25 @@ def main(argv=None):
     lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
     todo = [DEFAULT] + [r for r in ROWS if args.rows is None or r[0] in args.rows]
-    rows = []
-    for table, label, flags, captions in todo:
-        flags = shlex.split(args.large_flags) if flags is None else flags
-        name = "default" if table == "default" else f"{table}-{label.split(' (')[0].replace(' ', '-')}"
-        argv_run = train_argv(args, extra, name, flags, captions, epochs)
-        seconds = train_run(argv_run)
-        run_dir = Path(argv_run[argv_run.index("--out") + 1])
-        row = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception, {}, captions)[0]
-        rows.append({"table": table, "row": label, "flags": flags, "captions": captions, **row,
-                     "steps": last_step(run_dir / "log.jsonl"), "seconds": round(seconds, 1)})
-        save_json(rows, out / "results.json")
-        print(f"{table} {label}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}")
+    runs = []
+    for seed in args.seeds:
+        for table, label, flags, captions in todo:
+            flags = shlex.split(args.large_flags) if flags is None else flags
+            name = "default" if table == "default" else f"{table}-{label.split(' (')[0].replace(' ', '-')}"
+            argv_run = train_argv(args, extra, name, flags, captions, epochs, seed)
+            seconds = train_run(argv_run)
+            run_dir = Path(argv_run[argv_run.index("--out") + 1])
+            row = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception, {}, captions)[0]
+            runs.append({"table": table, "row": label, "seed": seed, "flags": flags, "captions": captions, **row,
+                         "steps": last_step(run_dir / "log.jsonl"), "seconds": round(seconds, 1)})
+            save_json(runs, out / "results.json")
+            print(f"{table} {label}, seed {seed}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}")
+    rows = mean_over_seeds(runs, keys=("table", "row"))
     table = markdown_table(rows)
     bar_plot(out / "psnr.png", rows)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(
-        f"`{command}` on {machine(device)}; {args.steps} steps of batch {args.batch_size} per run, seed "
-        f"{args.seed}, EMA weights, held-out split.\n\n{table}\n"))
+        f"`{command}` on {machine(device)}; {args.steps} steps of batch {args.batch_size} per run, seeds "
+        f"{' '.join(map(str, args.seeds))}, EMA weights, held-out split.\n\n{table}\n"))
     print("\n" + table + f"\n\nwritten: {out / 'results.md'}, results.json, psnr.png")
     return rows
 

@@ -167,15 +167,20 @@ def thumbnail(real: np.ndarray, tokens: int) -> np.ndarray:
                      for x in real])
 
 
-def mean_over_seeds(runs: list) -> list:
-    """One row per (variant, tokens): each metric's mean over the seeds, with its standard deviation as key_std."""
+def mean_over_seeds(runs: list, keys=("variant", "tokens")) -> list:
+    """One row per distinct `keys` (default: variant, tokens): each numeric field's mean over the seeds, with its
+    standard deviation as key_std, and `seeds`, their count; other fields are the first seed's."""
     rows = []
-    for variant, tokens in dict.fromkeys((r["variant"], r["tokens"]) for r in runs):
-        same = [r for r in runs if (r["variant"], r["tokens"]) == (variant, tokens)]
-        row = {"variant": variant, "tokens": tokens, "seeds": len(same)}
+    for group in dict.fromkeys(tuple(r[k] for k in keys) for r in runs):
+        same = [r for r in runs if tuple(r[k] for k in keys) == group]
+        row = {**dict(zip(keys, group)), "seeds": len(same)}
         for key in same[0]:
-            if key not in row:
-                vals = [r[key] for r in same]
+            vals = [r[key] for r in same]
+            if key in row or key == "seed":
+                continue
+            if any(isinstance(v, (list, str, dict)) for v in vals):
+                row[key] = vals[0]
+            else:
                 row[key] = None if None in vals else float(np.mean(vals))
                 row[key + "_std"] = None if None in vals else float(np.std(vals))
         rows.append(row)
@@ -303,7 +308,7 @@ def main(argv=None):
         runs.append({"variant": "thumbnail", "tokens": tokens, "seed": None, "psnr": metrics.psnr(real, thumb),
                      "ssim": metrics.ssim(real, thumb), "lpips": None, "rfid": None, "psnr_swapped": None,
                      "steps": 0, "seconds": 0.0})
-    rows = mean_over_seeds([{k: v for k, v in r.items() if k != "seed"} for r in runs])
+    rows = mean_over_seeds(runs)
 
     first_batch = min(args.eval_batch_size, len(val_set))
     k = min(args.grid_images, first_batch)
