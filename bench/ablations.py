@@ -33,7 +33,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from common import atomic_write, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
 from speed import machine  # noqa: E402
-from text_conditioning import evaluate, last_step, load_optional, mean_over_seeds, train_run  # noqa: E402
+from text_conditioning import (evaluate, last_step, load_classifier, load_optional, mean_over_seeds,  # noqa: E402
+                               train_run)
 import metrics  # noqa: E402
 
 # (table, row label, train.py flags, caption style); the default row (full caption, in-context, both, tiny) is
@@ -111,14 +112,16 @@ def markdown_table(rows: list) -> str:
     """Table 4 analogue: each group with the default row repeated, the change against it in brackets (means and
     standard deviations over the seeds when there are several)."""
     default = next(r for r in rows if r["table"] == "default")
-    lines = ["| table | conditioning | PSNR ↑ | SSIM ↑ | LPIPS ↓ | rFID ↓ | steps | train time |", "|" + "---|" * 8]
+    head = ["table", "conditioning", "PSNR ↑", "SSIM ↑", "LPIPS ↓", "rFID ↓", "class acc. of recon. ↑", "steps",
+            "train time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for table in dict.fromkeys(r["table"] for r in rows if r["table"] != "default"):
         for r in [x for x in rows if x["table"] == table] + [default]:
             spread = r["seeds"] > 1
             psnr = f"{r['psnr']:.2f}" + (f" ± {r['psnr_std']:.2f}" if spread else "")
             cells = [table, r["row"], psnr + ("" if r is default else f" ({r['psnr'] - default['psnr']:+.2f})"),
                      f"{r['ssim']:.4f}" + (f" ± {r['ssim_std']:.4f}" if spread else "")]
-            cells += ["–" if r[k] is None else f"{r[k]:.4f}" for k in ("lpips", "rfid")]
+            cells += ["–" if r[k] is None else f"{r[k]:.4f}" for k in ("lpips", "rfid", "class_acc")]
             cells += [str(round(r["steps"])), f"{r['seconds']:.0f} s"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -133,6 +136,7 @@ def main(argv=None):
     epochs = -(-args.steps // max(1, len(train_set) // args.batch_size))
     lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
+    classifier = load_classifier(args, device)
     todo = [DEFAULT] + [r for r in ROWS if args.rows is None or r[0] in args.rows]
     runs = []
     for seed in args.seeds:
@@ -142,7 +146,8 @@ def main(argv=None):
             argv_run = train_argv(args, extra, name, flags, captions, epochs, seed)
             seconds = train_run(argv_run)
             run_dir = Path(argv_run[argv_run.index("--out") + 1])
-            row = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception, {}, captions)[0]
+            row = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception, {}, captions,
+                           classifier)[0]
             runs.append({"table": table, "row": label, "seed": seed, "flags": flags, "captions": captions, **row,
                          "steps": last_step(run_dir / "log.jsonl"), "seconds": round(seconds, 1)})
             save_json(runs, out / "results.json")

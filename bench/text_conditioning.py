@@ -2,8 +2,9 @@
 
 Trains both variants with train.py under identical settings (steps, seeds, widths, batches: only `--no-text`
 differs), then evaluates each EMA tokenizer on the held-out split and writes, in --out:
-    results.json      one row per run: {"variant", "tokens", "psnr", "ssim", "lpips", "rfid", "psnr_swapped",
-                      "steps", "seconds"} (lpips / rfid are null where their weights are not available)
+    results.json      one row per run: {"variant", "tokens", "seed", "psnr", "ssim", "lpips", "rfid", "psnr_swapped",
+                      "class_acc", "steps", "seconds"} (lpips / rfid are null where their weights are not available;
+                      class_acc, the embedded set's classifier on the reconstructions, null for --data)
     results.md        the Table 1 analogue (markdown), with the command and the machine
     metrics.png       each metric against the number of tokens for both variants (Fig. 3 analogue)
     comparison.png    original / Baseline / TexTok reconstructions for each token count (Fig. 1 analogue)
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+import domain  # noqa: E402
 import metrics  # noqa: E402
 from common import atomic_write, load_json, run_main, save_image_grid, save_json, to_uint8  # noqa: E402
 from data import collate, conditioned, make_datasets  # noqa: E402
@@ -43,7 +45,9 @@ VARIANTS = {"baseline": "Baseline-{n} (w/o text)", "textok": "TexTok-{n} (w/ tex
 COLOURS = {"baseline": (90, 90, 90), "textok": (214, 39, 40), "thumbnail": (31, 119, 180)}
 LABELS = {**VARIANTS, "thumbnail": "Thumbnail ≈{n}x8 numbers"}  # the plain anchor: as many numbers as N x 8
 # (key, label, higher is better): the columns of Table 1 that can be measured here.
-METRICS = [("rfid", "rFID", False), ("psnr", "PSNR", True), ("ssim", "SSIM", True), ("lpips", "LPIPS", False)]
+METRICS = [("rfid", "rFID", False), ("psnr", "PSNR", True), ("ssim", "SSIM", True), ("lpips", "LPIPS", False),
+           ("class_acc", "Class acc. of recon.", True)]
+FRACTIONS = ("ssim", "lpips", "class_acc")  # shown with 4 decimals
 # Flags the benchmark sets itself, identically for both variants: passing them through would break the pairing.
 OWN_FLAGS = {"--stage", "--num-tokens", "--no-text", "--conditioning", "--out", "--max-steps", "--epochs",
              "--batch-size", "--num-images", "--seed", "--seeds", "--data", "--val", "--cache-dir", "--preset", "--resume"}
@@ -136,16 +140,31 @@ def reconstruct(model: TexTok, dataset, device, batch_size: int):
     return np.concatenate(real), np.concatenate(rec), np.concatenate(swap) if text else None
 
 
+def recon_class_accuracy(classifier, images: np.ndarray, labels, batch_size: int):
+    """Share of reconstructions (uint8 [N, H, W, 3]) in which the embedded set's classifier (domain.py) finds the
+    class's shape: whether the outlines survive tokenization (None without a classifier)."""
+    if classifier is None:
+        return None
+    logits = metrics.compute_features(classifier, images, batch_size, progress=False)["shape"]
+    return domain.class_accuracy(logits, labels)
+
+
+def load_classifier(args, device):
+    """domain.py's classifier of the embedded set (trained once, cached), or None for a --data folder."""
+    return None if args.data else domain.load_classifier(domain.DomainSettings(), args.cache_dir, device)
+
+
 def evaluate(run_dir: Path, args, device, batch_size: int, lpips_model, inception, reference: dict,
-             captions: str = "full"):
+             captions: str = "full", classifier=None):
     """Metrics of one trained tokenizer on the held-out split (embedded set: captions of style `captions`), and its
     uint8 reconstructions for the grids. `reference` keeps the Inception statistics of the originals between calls
-    (rFID)."""
+    (rFID); `classifier` (embedded set) gives the class accuracy of the reconstructions."""
     model = TexTok.from_pretrained(run_dir / "tokenizer", map_location=device).eval()
     val = make_datasets(args.data, args.val, model.cfg.image_size, args.num_images, captions=captions)[1]
     real, rec, swap = reconstruct(model, conditioned(val, model.cfg, args.cache_dir, device), device, batch_size)
     row = {"psnr": metrics.psnr(real, rec), "ssim": metrics.ssim(real, rec), "lpips": None, "rfid": None,
-           "psnr_swapped": metrics.psnr(real, swap) if swap is not None else None}
+           "psnr_swapped": metrics.psnr(real, swap) if swap is not None else None,
+           "class_acc": recon_class_accuracy(classifier, rec, val.labels, batch_size)}
     if lpips_model is not None:
         row["lpips"] = metrics.lpips_distance(real, rec, lpips_model, batch_size)
     if inception is not None:
@@ -256,11 +275,11 @@ def markdown_table(rows: list) -> str:
         cells = [LABELS[r["variant"]].format(n=r["tokens"]), str(r["tokens"])]
         for key, _, _ in shown:
             v, b, sd = r[key], base.get(r["tokens"], {}).get(key), r.get(key + "_std")
-            cell = "–" if v is None else f"{v:.4f}" if key in ("ssim", "lpips") else f"{v:.2f}"
+            cell = "–" if v is None else f"{v:.4f}" if key in FRACTIONS else f"{v:.2f}"
             if sd and r.get("seeds", 1) > 1:
-                cell += f" ± {sd:.4f}" if key in ("ssim", "lpips") else f" ± {sd:.2f}"
+                cell += f" ± {sd:.4f}" if key in FRACTIONS else f" ± {sd:.2f}"
             if r["variant"] == "textok" and v is not None and b is not None:
-                cell += f" ({v - b:+.4f})" if key in ("ssim", "lpips") else f" ({v - b:+.2f})"
+                cell += f" ({v - b:+.4f})" if key in FRACTIONS else f" ({v - b:+.2f})"
             cells.append(cell)
         if swapped:
             cells.append("–" if r["psnr_swapped"] is None else f"{r['psnr_swapped']:.2f}")
@@ -286,6 +305,7 @@ def main(argv=None):
 
     lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
+    classifier = load_classifier(args, device)
     runs, recons, swaps, reference = [], {}, {}, {}
     for tokens in args.tokens:
         for seed in args.seeds:
@@ -294,7 +314,7 @@ def main(argv=None):
                 seconds = train_run(argv_run)
                 run_dir = Path(argv_run[argv_run.index("--out") + 1])
                 row, real, rec, swap = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception,
-                                                reference)
+                                                reference, classifier=classifier)
                 runs.append({"variant": variant, "tokens": tokens, "seed": seed, **row,
                              "steps": last_step(run_dir / "log.jsonl"), "seconds": round(seconds, 1)})
                 if seed == args.seeds[0]:
@@ -307,6 +327,7 @@ def main(argv=None):
         thumb = thumbnail(real, tokens)
         runs.append({"variant": "thumbnail", "tokens": tokens, "seed": None, "psnr": metrics.psnr(real, thumb),
                      "ssim": metrics.ssim(real, thumb), "lpips": None, "rfid": None, "psnr_swapped": None,
+                     "class_acc": recon_class_accuracy(classifier, thumb, val_set.labels, args.eval_batch_size),
                      "steps": 0, "seconds": 0.0})
     rows = mean_over_seeds(runs)
 
