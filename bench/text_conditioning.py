@@ -62,8 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/bench/text_conditioning")
     p.add_argument("--preset", default="tiny", help="train.py preset (tiny, imagenet256, imagenet512)")
     p.add_argument("--steps", type=int, default=1024,
-                   help="training steps per run (the schedule ends there; the tiny preset's discriminator starts at "
-                        "step 1792, so the default compares the l2-trained autoencoders)")
+                   help="training steps per run (the schedule ends there; the default stays below the tiny preset's "
+                        "disc_start, so it compares the l2-trained autoencoders)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=4096, help="size of the embedded training set")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -149,7 +149,7 @@ def recon_class_accuracy(classifier, images: np.ndarray, labels, batch_size: int
     return domain.class_accuracy(logits, labels)
 
 
-def load_classifier(args, device):
+def embedded_classifier(args, device):
     """domain.py's classifier of the embedded set (trained once, cached), or None for a --data folder."""
     return None if args.data else domain.load_classifier(domain.DomainSettings(), args.cache_dir, device)
 
@@ -194,9 +194,9 @@ def mean_over_seeds(runs: list, keys=("variant", "tokens")) -> list:
         same = [r for r in runs if tuple(r[k] for k in keys) == group]
         row = {**dict(zip(keys, group)), "seeds": len(same)}
         for key in same[0]:
-            vals = [r[key] for r in same]
             if key in row or key == "seed":
                 continue
+            vals = [r[key] for r in same]
             if any(isinstance(v, (list, str, dict)) for v in vals):
                 row[key] = vals[0]
             else:
@@ -305,7 +305,7 @@ def main(argv=None):
 
     lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
-    classifier = load_classifier(args, device)
+    classifier = embedded_classifier(args, device)
     runs, recons, swaps, reference = [], {}, {}, {}
     for tokens in args.tokens:
         for seed in args.seeds:
