@@ -126,12 +126,20 @@ def test_precision_recall_runs_on_the_given_device_with_the_same_result(device):
     assert metrics.precision_recall(real, fake, batch=32, device=device) == (54 / 97, 127 / 130)
 
 
-def test_no_tf32_turns_tf32_off_inside_and_restores_the_flags(monkeypatch):
+@pytest.fixture
+def tf32_flags():
+    """Saves torch's two TF32 flags and restores them by hand: pytest >= 9.2's monkeypatch restores attributes found
+    outside the instance __dict__ with delattr, which torch's cuBLAS module refuses."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_no_tf32_turns_tf32_off_inside_and_restores_the_flags(tf32_flags):
     def flags():
         return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     for before in [(True, False), (False, True), (True, True)]:
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", before[0])
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", before[1])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
         with metrics.no_tf32():
             assert flags() == (False, False)
         assert flags() == before
@@ -140,9 +148,8 @@ def test_no_tf32_turns_tf32_off_inside_and_restores_the_flags(monkeypatch):
         assert flags() == before
 
 
-def test_features_are_extracted_without_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+def test_features_are_extracted_without_tf32(tf32_flags):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
     class Spy(torch.nn.Linear):
         outputs = ("flags",)
