@@ -1,8 +1,10 @@
 """The FID Inception-v3 in PyTorch: the network of the ADM evaluator's 2015 TensorFlow graph, loaded from the port that
-pytorch-fid publishes (`pt_inception-2015-12-05-6726825d.pth`), with pytorch-fid's preprocessing (bilinear resize to
-299, x / 127.5 - 1). Its features match pytorch-fid's; they are close to, not bit-identical with, the TF graph's (its
-legacy resize and its (x - 128) / 128 scaling differ). metrics.py computes FID, sFID, IS, precision and recall from
-them.
+pytorch-fid publishes (`pt_inception-2015-12-05-6726825d.pth`). Two preprocessings (`PREPROCESS`):
+"tf" (default), the graph's own: TF1's legacy bilinear resize to 299 (align_corners=False, no half-pixel centres) and
+(x - 128) / 128, as torch-fidelity reproduces it; "pytorch-fid", pytorch-fid's: half-pixel bilinear resize and
+x / 127.5 - 1, whose features match pytorch-fid's but not the TF graph's. The ADM reference batches' stored statistics
+come from the TF graph, so only "tf" gives the evaluator's FID against them. metrics.py computes FID, sFID, IS,
+precision and recall from these features.
 
 Module names are those of the weights file (torchvision's Inception3 names); the TF graph names its blocks mixed,
 mixed_1, ..., mixed_10, which are Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c here.
@@ -17,6 +19,35 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 INCEPTION_ENV = "TEXTOK_INCEPTION"  # path of the weights file, overridden by --inception
 SPATIAL_CHANNELS = 7  # sFID: the evaluator keeps mixed_6/conv[..., :7]
+PREPROCESS = ("tf", "pytorch-fid")  # "tf": the ADM evaluator's graph; "pytorch-fid": pytorch-fid's port
+
+
+def tf1_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TF1's tf.image.resize_bilinear with align_corners=False, half_pixel_centers=False (the FID graph's resize):
+    float [B, C, H, W] -> [B, C, size, size]. Output pixel i reads source position i * (in / out) in float32 (no
+    half-pixel offset), lerped along x then y in TF's order."""
+    def taps(n_in):
+        pos = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        lo = pos.long()  # floor: positions are >= 0
+        return lo, (lo + 1).clamp_max(n_in - 1), pos - lo
+    y_lo, y_hi, dy = taps(x.shape[2])
+    x_lo, x_hi, dx = taps(x.shape[3])
+
+    def lerp_x(rows):
+        left = rows[..., x_lo]
+        return left + (rows[..., x_hi] - left) * dx
+    top, bottom = lerp_x(x[:, :, y_lo]), lerp_x(x[:, :, y_hi])
+    return top + (bottom - top) * dy[:, None]
+
+
+def preprocess(images: torch.Tensor, mode: str = "tf") -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> the network's input, float [B, 3, 299, 299] in [-1, 1] (`PREPROCESS` modes)."""
+    x = images.permute(0, 3, 1, 2).float()
+    if mode == "tf":
+        return (tf1_resize_bilinear(x, 299) - 128) / 128
+    if mode == "pytorch-fid":
+        return 2 * F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) - 1
+    raise ValueError(f"preprocess {mode!r}: choose from {PREPROCESS}")
 
 
 class _ConvBN(nn.Module):
@@ -147,8 +178,11 @@ class InceptionFeatures(nn.Module):
     """The FID Inception-v3 (TF inception-2015-12-05, 1008 classes): uint8 images -> pool, spatial and logits."""
     outputs = ("pool", "spatial", "logits")  # the names metrics.compute_features gives them
 
-    def __init__(self):
+    def __init__(self, preprocess: str = "tf"):
         super().__init__()
+        if preprocess not in PREPROCESS:
+            raise ValueError(f"preprocess {preprocess!r}: choose from {PREPROCESS}")
+        self.preprocess = preprocess
         self.Conv2d_1a_3x3 = _ConvBN(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = _ConvBN(32, 32, 3)
         self.Conv2d_2b_3x3 = _ConvBN(32, 64, 3, padding=1)
@@ -173,9 +207,7 @@ class InceptionFeatures(nn.Module):
 
     def forward(self, images):
         """uint8 [B, H, W, 3] -> (pool [B, 2048], spatial [B, 17*17*7], logits [B, 1008]), float32."""
-        x = images.permute(0, 3, 1, 2).float() / 255
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)  # pytorch-fid's resize
-        x = (2 * x - 1).contiguous(memory_format=torch.channels_last)
+        x = preprocess(images, self.preprocess).contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2))), 3, 2)
         x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
@@ -196,13 +228,14 @@ def inception_path(path=None) -> str:
     return path or os.environ.get(INCEPTION_ENV) or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
 
 
-def load_inception(path=None, device="cpu") -> InceptionFeatures:
-    """The FID Inception with the pt_inception weights from a local file (see inception_path); never downloads."""
+def load_inception(path=None, device="cpu", preprocess: str = "tf") -> InceptionFeatures:
+    """The FID Inception with the pt_inception weights from a local file (see inception_path), with the `preprocess`
+    mode (PREPROCESS); never downloads."""
     path = inception_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FID Inception weights {INCEPTION_FILE} not found at {path}; download it from "
                                 f"{INCEPTION_URL} and pass --inception PATH, set ${INCEPTION_ENV}, or put it in "
                                 f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
-    model = InceptionFeatures()
+    model = InceptionFeatures(preprocess)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)

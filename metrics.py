@@ -6,7 +6,9 @@ and a domain FID for the embedded shapes set where the Inception weights cannot 
     python metrics.py --domain REF.npz SAMPLE.npz          # embedded set only: domain FID, class / caption accuracy
 
 The ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py) runs TensorFlow's 2015 Inception-v3 graph;
-here it is the PyTorch port in inception.py. `--domain` replaces Inception by a small classifier trained on the
+here it is the PyTorch port in inception.py, with the graph's own preprocessing by default (`--preprocess tf`: TF1
+legacy bilinear resize, (x - 128) / 128), so the FID against an ADM reference batch's stored statistics is the
+evaluator's; `--preprocess pytorch-fid` gives pytorch-fid's features instead (its numbers differ from the TF graph's). `--domain` replaces Inception by a small classifier trained on the
 embedded set (domain.py): its numbers are not FID-Inception and compare only with each other.
 """
 import argparse
@@ -25,8 +27,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import InputError
-from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, SPATIAL_CHANNELS,  # noqa: F401 (re-exported)
-                       InceptionFeatures, inception_path, load_inception)
+from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, PREPROCESS,  # noqa: F401 (re-exported)
+                       SPATIAL_CHANNELS, InceptionFeatures, inception_path, load_inception)
 
 STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (17 * 17 * SPATIAL_CHANNELS,),
                "sigma_s": (17 * 17 * SPATIAL_CHANNELS,) * 2}
@@ -137,8 +139,9 @@ def _knn_radii(features, k, batch):
 def precision_recall(real_features, fake_features, k: int = 3, batch: int = 10000, device="cpu"):
     """Improved precision and recall (Kynkäänniemi et al. 2019) with the ADM manifold estimator: a point lies on a
     set's manifold when it is within the k-NN radius of one of its points. Returns (precision, recall): the share of
-    fake points on the real manifold and of real points on the fake manifold. Distances in full float32 on `device`
-    (the evaluator tries float16 first)."""
+    fake points on the real manifold and of real points on the fake manifold. Distances in full float32 on `device`.
+    Not bit-for-bit the evaluator's: its DistanceBlock computes each distance block in float16 first and uses float32
+    only where that overflows, so a distance within float16 rounding of a k-NN radius can land on the other side."""
     real = torch.as_tensor(np.asarray(real_features), dtype=torch.float32, device=device)
     fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float32, device=device)
     if min(len(real), len(fake)) <= k:
@@ -322,11 +325,13 @@ def _fid_stats(features: dict) -> dict:
     return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
 
 
-def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, device="cpu") -> dict:
-    """The ADM evaluator's report for two .npz batches: Inception Score, FID, sFID, Precision, Recall."""
+def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, device="cpu",
+                 preprocess: str = "tf") -> dict:
+    """The ADM evaluator's report for two .npz batches: Inception Score, FID, sFID, Precision, Recall. `preprocess`
+    "tf" (the TF graph's, as the reference batch's stored statistics) or "pytorch-fid" (inception.PREPROCESS)."""
     ref, ref_stats = read_npz_batch(ref_path)
     sample, sample_stats = read_npz_batch(sample_path)
-    model = load_inception(inception, device)
+    model = load_inception(inception, device, preprocess)
     ref_features = compute_features(model, ref, batch_size, desc="reference batch")
     sample_features = compute_features(model, sample, batch_size, desc="sample batch")
     ref_stats = ref_stats or _fid_stats(ref_features)
@@ -345,7 +350,7 @@ def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, de
 @torch.inference_mode()
 def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_images: int = 50_000,
                             batch_size: int = 64, inception=None, lpips_net: str = "alex", text_cache="cache",
-                            device="cpu") -> dict:
+                            device="cpu", preprocess: str = "tf") -> dict:
     """Encodes and decodes `num_images` images of the dataset with a TexTok checkpoint; rFID compares the Inception
     statistics of reconstructions and originals, rIS is the IS of the reconstructions."""
     from common import to_uint8  # the model code is imported here so metrics.py imports without it
@@ -359,7 +364,7 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     dataset = torch.utils.data.Subset(dataset, range(min(num_images, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1),
                                          collate_fn=collate)
-    model, lpips_model = load_inception(inception, device), load_lpips(lpips_net, device)
+    model, lpips_model = load_inception(inception, device, preprocess), load_lpips(lpips_net, device)
     real, rec, sums = [], [], {"PSNR": 0.0, "SSIM": 0.0, "LPIPS": 0.0}
     for batch in tqdm(loader, desc="reconstruction", unit="batch"):
         images = batch["image"].to(device)
@@ -402,6 +407,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--inception", help=f"{INCEPTION_FILE} path (default: ${INCEPTION_ENV}, else the torch "
                                             "hub cache)")
+    parser.add_argument("--preprocess", default="tf", choices=PREPROCESS,
+                        help="Inception input: tf = the ADM evaluator's TF graph (TF1 bilinear resize, (x-128)/128; "
+                             "matches the reference batches' statistics), pytorch-fid = pytorch-fid's port")
     parser.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -412,14 +420,16 @@ def main(argv=None):
     try:
         if args.tokenizer:
             report = evaluate_reconstruction(args.tokenizer, args.data, args.split, args.num_images, args.batch_size,
-                                             args.inception, args.lpips_net, args.text_cache, args.device)
+                                             args.inception, args.lpips_net, args.text_cache, args.device,
+                                             args.preprocess)
         elif args.domain:
             captions = Path(args.captions).read_text().splitlines() if args.captions else None
             import domain  # the embedded set's classifier; the ADM suite runs without it
             report = domain.evaluate_domain(args.ref_batch, args.sample_batch, args.classes_in_turn, captions,
                                             args.batch_size, args.domain_cache, args.device)
         else:
-            report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device)
+            report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device,
+                                  args.preprocess)
     except (InputError, FileNotFoundError) as e:  # the user's input; bugs keep their tracebacks
         hint = ("\n(without them, `metrics.py --domain` measures samples of the embedded set in a domain feature "
                 "space: not FID-Inception)") if INCEPTION_FILE in str(e) else ""

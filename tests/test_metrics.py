@@ -232,7 +232,7 @@ def pytorch_fid_oracle(monkeypatch, state):
 
 def test_inception_matches_pytorch_fid(monkeypatch, random_state):
     oracle = pytorch_fid_oracle(monkeypatch, random_state)
-    ours = inception.InceptionFeatures().eval()
+    ours = inception.InceptionFeatures(preprocess="pytorch-fid").eval()
     ours.load_state_dict(random_state)
     spatial_out = {}  # oracle blocks[2] holds Mixed_5b .. Mixed_6e; index 6 is Mixed_6d (TF mixed_6)
     oracle.blocks[2][6].branch1x1.register_forward_hook(lambda m, i, out: spatial_out.update(x=out))
@@ -248,6 +248,33 @@ def test_inception_matches_pytorch_fid(monkeypatch, random_state):
     torch.testing.assert_close(spatial, ref_spatial, rtol=1e-4, atol=1e-4)
     # The evaluator's logits leave out the bias (pool_3 @ softmax weights); with it they are torchvision's fc.
     torch.testing.assert_close(logits + random_state["fc.bias"], ref_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_tf_resize_matches_torch_fidelity_tf1_bilinear():
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x as oracle
+    rng = np.random.default_rng(3)
+    for h, w in [(64, 80), (256, 256), (20, 20), (299, 299), (400, 300)]:  # up, down, identity, non-square
+        x = torch.from_numpy(rng.integers(0, 256, (2, 3, h, w), dtype=np.uint8)).float()
+        ours = inception.tf1_resize_bilinear(x, 299)
+        assert ours.shape == (2, 3, 299, 299)
+        torch.testing.assert_close(ours, oracle(x, size=(299, 299), align_corners=False), rtol=0, atol=1e-5)
+
+
+def test_inception_tf_preprocessing_matches_torch_fidelity(tmp_path, random_state):
+    """The default ("tf") features equal torch-fidelity's TF-exact Inception with the same weights."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    torch.save(random_state, tmp_path / "w.pth")
+    oracle = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                         feature_extractor_weights_path=str(tmp_path / "w.pth"))
+    ours = inception.InceptionFeatures().eval()
+    ours.load_state_dict(random_state)
+    images = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (2, 64, 80, 3), dtype=np.uint8))
+    with torch.inference_mode():
+        pool, _, logits = ours(images)
+        ref_pool, ref_logits = oracle(images.permute(0, 3, 1, 2).contiguous())
+    assert ours.preprocess == "tf" and ref_pool.abs().mean() > 0.1
+    torch.testing.assert_close(pool, ref_pool, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_pt_inception_keys_load_without_renaming(tmp_path, monkeypatch, random_state):
