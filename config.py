@@ -100,7 +100,8 @@ class DiTTrainConfig:
     sampling_steps: int = 250        # App. C: DDIM sampling steps 250
     cfg_scale: float = 1.0           # App. C / MDT [12]: guidance scale (1.0 = no guidance, as Table 1)
     cfg_schedule: str = "power-cosine"  # App. C: guidance schedule from MDT [12]
-    cfg_power: float = 4.0           # MDT [12]: scale_pow
+    cfg_power: float = 4.0           # MDT [12]: scale_pow, its argparse default; not stated in the paper, and MDT's
+                                     # own inference script passes 0.01
     class_dropout: float = 0.1       # DiT: label dropout for classifier-free guidance
     grad_clip: float = 1.0           # not in the paper: global-norm clipping
     seed: int = 0
