@@ -320,3 +320,25 @@ class Run:
                 message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
                 raise InputError(f"{message}; last good checkpoint: {self.last_ckpt or 'none written yet'}") from None
             yield batch
+
+
+# ------------------------------------------------------------------------------ pretrained folders or hub repo ids
+def pretrained_folder(name_or_path, files=("config.json", "model.safetensors"), **hub) -> Path:
+    """The folder holding `files`: `name_or_path` itself when it is a folder, else that Hugging Face model repo's
+    snapshot (downloaded by huggingface_hub, or from its cache; `hub`: revision, cache_dir, local_files_only, token,
+    force_download). A repo that cannot be had is an InputError naming it and how to download it."""
+    if Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+    name = str(name_or_path)
+    try:
+        paths = [Path(hf_hub_download(name, f, **hub)) for f in files]  # one snapshot folder holds them all
+        return paths[0].parent
+    except HFValidationError:
+        raise MissingInput(f"{name}: no such folder (nor a Hugging Face repo id)") from None
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise MissingInput(f"{name}: no such folder, and the Hugging Face model repo {name!r} could not be had "
+                           f"({type(e).__name__}); download it with `hf download {name}` (or "
+                           f"huggingface_hub.snapshot_download) where there is network, or give a local folder") \
+            from None

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import ModelHubMixin
 
 from block import Attention
-from common import InputError, load_json, load_state, load_tensors, save_json, save_tensors
+from common import InputError, load_json, load_state, load_tensors, pretrained_folder, save_json, save_tensors
 from config import check_config, from_dict, to_dict
 
 
@@ -103,11 +104,13 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://arxiv.org/abs/2412.05796",
+          tags=["diffusion-transformer", "textok"]):
     """DiT over N TexTok tokens of d channels (patch size 1, App. C); class-conditional, or DiT-T2I if `text_dim`.
 
     Holds the per-channel mean and std of the training latents (buffers `latent_mean`, `latent_std` [d]): it generates
-    normalised tokens, and `denormalize` maps them back to the TexTok's Z."""
+    normalised tokens, and `denormalize` maps them back to the TexTok's Z. `meta` is what config.json holds beside the
+    architecture (train.py's training config and tokenizer); `push_to_hub(repo_id)` comes from ModelHubMixin."""
 
     def __init__(self, num_tokens: int, in_channels: int = 8, hidden_size: int = 1152, depth: int = 28,
                  num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
@@ -119,6 +122,7 @@ class DiT(nn.Module):
                              num_classes, text_dim)
         self.num_tokens, self.in_channels, self.text_dim = num_tokens, in_channels, text_dim
         self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
+        self.meta = {}
         self.register_buffer("latent_mean", torch.zeros(in_channels))
         self.register_buffer("latent_std", torch.ones(in_channels))
         self.x_embedder = nn.Linear(in_channels, hidden_size)  # patch size 1: one token in, one token out
@@ -234,18 +238,24 @@ class DiT(nn.Module):
         """Generated (normalised) tokens [B, N, d] -> the TexTok's Z."""
         return x * self.latent_std + self.latent_mean
 
-    def save_pretrained(self, directory, meta: dict | None = None) -> None:
-        """Writes `model.safetensors` (weights and latent statistics) and `config.json`: {"dit": this DiTConfig,
-        **meta} (train.py's meta: the training config, the tokenizer and its config, the held-out data split)."""
-        directory = Path(directory)
+    def save_pretrained(self, directory, meta: dict | None = None, **hub) -> None:
+        """Writes `model.safetensors` (weights and latent statistics), `config.json`: {"dit": this DiTConfig, **meta}
+        (train.py's meta: the training config, the tokenizer and its config, the held-out data split; default: the
+        model's own `meta`), and a model card; `hub` as ModelHubMixin.save_pretrained (push_to_hub, repo_id)."""
+        if meta is not None:
+            self.meta = meta
+        super().save_pretrained(directory, **hub)
+
+    def _save_pretrained(self, directory: Path) -> None:
         save_tensors(self.state_dict(), directory / "model.safetensors")
-        save_json({"dit": to_dict(self.cfg), **(meta or {})}, directory / "config.json")
+        save_json({"dit": to_dict(self.cfg), **self.meta}, directory / "config.json")
 
     @classmethod
-    def from_pretrained(cls, directory, tokenizer_config=None, map_location="cpu") -> "DiT":
-        """Loads a `save_pretrained` folder in eval mode, with its meta as `model.meta`. With `tokenizer_config`
-        (a TexTokConfig), refuses a DiT trained over the tokens of another tokenizer config."""
-        directory = Path(directory)
+    def from_pretrained(cls, name_or_path, tokenizer_config=None, map_location="cpu", **hub) -> "DiT":
+        """Loads a `save_pretrained` folder or a Hugging Face repo id (`hub`: revision, cache_dir, local_files_only,
+        token, as hf_hub_download) in eval mode, with its meta as `model.meta`. With `tokenizer_config` (a
+        TexTokConfig), refuses a DiT trained over the tokens of another tokenizer config."""
+        directory = pretrained_folder(name_or_path, **hub)
         meta = load_json(directory / "config.json")
         if "dit" not in meta:
             raise InputError(f"{directory / 'config.json'}: not a DiT folder written by train.py --stage dit")

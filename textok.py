@@ -1,5 +1,6 @@
 """TexTok: tokenizer E + optional VQ (App. A) + detokenizer D, with the public API
-`encode(images, text) -> Z`, `decode(Z, text) -> images`, `save_pretrained(dir)` / `from_pretrained(dir)`.
+`encode(images, text) -> Z`, `decode(Z, text) -> images`, `save_pretrained(dir)` / `from_pretrained(dir or hub repo
+id)` / `push_to_hub(repo_id)` (huggingface_hub's ModelHubMixin; the folder holds config.json + model.safetensors).
 
 Images are float tensors in [-1, 1], NCHW. `cond` is the batch's condition, a `data.Cond`: the frozen encoder's
 caption embeddings `text` [B, N_t, C] with their padding mask `text_mask` [B, N_t] (True = real token), computed
@@ -9,14 +10,16 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from huggingface_hub import ModelHubMixin
 
-from common import InputError, load_json, load_state, load_tensors, save_json, save_tensors
+from common import InputError, load_json, load_state, load_tensors, pretrained_folder, save_json, save_tensors
 from config import TexTokConfig, from_dict, to_dict
 from detokenizer import Detokenizer
 from tokenizer import Tokenizer, VectorQuantizer
 
 
-class TexTok(nn.Module):
+class TexTok(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://arxiv.org/abs/2412.05796",
+             tags=["image-tokenizer", "textok"]):
     """Text-conditioned image tokenizer (§3.2, Fig. 2)."""
 
     def __init__(self, cfg: TexTokConfig):
@@ -45,16 +48,17 @@ class TexTok(nn.Module):
         Z, _, vq_loss = self.quantize(self.tokenizer(images, cond))
         return self.decode(Z, cond), Z, vq_loss
 
-    def save_pretrained(self, directory) -> None:
-        """Writes `config.json` and `model.safetensors` to `directory` (atomically)."""
-        directory = Path(directory)
+    def _save_pretrained(self, directory: Path) -> None:
+        """Writes `config.json` and `model.safetensors` (each atomically); ModelHubMixin's `save_pretrained(dir)` and
+        `push_to_hub(repo_id)` call it and add a model card (README.md)."""
         save_tensors(self.state_dict(), directory / "model.safetensors")
         save_json(to_dict(self.cfg), directory / "config.json")
 
     @classmethod
-    def from_pretrained(cls, directory, text_encoder: str | None = None, map_location="cpu") -> "TexTok":
-        """Loads a `save_pretrained` directory. With `text_encoder`, refuses weights trained with another encoder."""
-        directory = Path(directory)
+    def from_pretrained(cls, name_or_path, text_encoder: str | None = None, map_location="cpu", **hub) -> "TexTok":
+        """Loads a `save_pretrained` folder or a Hugging Face repo id (`hub`: revision, cache_dir, local_files_only,
+        token, as hf_hub_download). With `text_encoder`, refuses weights trained with another encoder."""
+        directory = pretrained_folder(name_or_path, **hub)
         cfg = from_dict(TexTokConfig, load_json(directory / "config.json"))
         if text_encoder is not None and cfg.conditioning == "text" and cfg.text_encoder != text_encoder:
             raise InputError(f"{directory}: this TexTok was trained with text encoder {cfg.text_encoder!r}, "

@@ -99,7 +99,7 @@ def test_vq_variant(batch):
 def test_save_and_load_roundtrip(tmp_path, batch):
     model = TexTok(tiny_config()).eval()
     model.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = TexTok.from_pretrained(tmp_path / "ckpt", text_encoder="all-MiniLM-L6-v2").eval()
     assert loaded.cfg == model.cfg
     with torch.no_grad():

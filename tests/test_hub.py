@@ -1,0 +1,76 @@
+"""TexTok and DiT on the Hugging Face hub, offline: from_pretrained reads a repo id from the hub cache, a repo that is
+not there is one InputError naming it and how to download it, and push_to_hub uploads the save_pretrained folder."""
+import shutil
+
+import pytest
+import torch
+
+import huggingface_hub.hub_mixin
+from common import MissingInput
+from conftest import tiny_config
+from dit import DiT
+from textok import TexTok
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache(folder, cache, repo_id):
+    """Lays `folder` out as huggingface_hub's cache holds a downloaded snapshot of model repo `repo_id`."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return cache
+
+
+def tiny_dit():
+    return DiT(num_tokens=8, in_channels=8, hidden_size=64, depth=1, num_heads=4, num_classes=8).eval()
+
+
+@pytest.mark.parametrize("make", [lambda: TexTok(tiny_config()).eval(), tiny_dit], ids=["textok", "dit"])
+def test_from_pretrained_reads_a_repo_id_from_the_hub_cache(tmp_path, make):
+    model = make()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))  # no two fresh models alike
+    meta = {"tokenizer": "user/tok"} if isinstance(model, DiT) else None
+    model.save_pretrained(tmp_path / "folder", *([meta] if meta else []))
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "folder").iterdir()}
+    cache = hub_cache(tmp_path / "folder", tmp_path / "cache", "user/tiny")
+    loaded = type(model).from_pretrained("user/tiny", cache_dir=cache, local_files_only=True)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+    if meta:
+        assert loaded.meta == meta
+
+
+@pytest.mark.parametrize("cls", [TexTok, DiT])
+def test_a_repo_id_not_in_the_cache_is_one_line_naming_it(tmp_path, cls):
+    with pytest.raises(MissingInput) as err:
+        cls.from_pretrained("user/not-downloaded", cache_dir=tmp_path, local_files_only=True)
+    message = str(err.value)
+    assert message.startswith("user/not-downloaded: no such folder") and "hf download user/not-downloaded" in message
+    assert "\n" not in message
+
+
+def test_push_to_hub_uploads_the_save_pretrained_folder(tmp_path, monkeypatch):
+    uploaded = {}
+
+    class FakeApi:  # stands in for the network
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            uploaded[repo_id] = {p.name: p.read_bytes() for p in folder_path.iterdir()}
+            shutil.copytree(folder_path, tmp_path / "pushed")
+
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "HfApi", FakeApi)
+    dit = tiny_dit()
+    dit.meta = {"tokenizer": "user/tok"}
+    dit.push_to_hub("user/dit")
+    assert {"config.json", "model.safetensors", "README.md"} <= set(uploaded["user/dit"])
+    loaded = DiT.from_pretrained(tmp_path / "pushed")
+    assert loaded.meta == {"tokenizer": "user/tok"} and loaded.cfg == dit.cfg
