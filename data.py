@@ -239,6 +239,12 @@ def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0):
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 
+def jsonl_line(image: str, caption: str, label: int | None = None) -> str:
+    """One line of captions.jsonl (module docstring), newline included: the layout's one writer (caption.py)."""
+    row = {"image": image, "caption": caption, **({} if label is None else {"label": int(label)})}
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
 def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, seed: int = 0, captions: str = "full"):
     """(train, val) datasets: the JSONL folder `data` (and `val`, else a seeded 10% of `data`), or the embedded set
     with captions of style `captions` (CAPTION_STYLES)."""
