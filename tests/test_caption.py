@@ -1,6 +1,7 @@
 """caption.py through the real transformers loading path, on a tiny random LLaVA saved locally (its captions are
 gibberish): the captions.jsonl rows, resume after a kill, a torn last line, sharding over ranks, and one-line errors."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,7 +47,8 @@ def tiny_vlm(tmp_path_factory):
     return caption.Captioner(str(path), max_new_tokens=4)
 
 
-def image_folder(root, classes=("n02", "n01"), per_class=3):
+def image_folder(root, classes=("n01", "n03", "n02"), per_class=2):
+    """Class folders made out of order, so that a listing in creation or directory order is not sorted."""
     for c, name in enumerate(classes):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
@@ -71,8 +73,8 @@ def test_captions_jsonl_rows_labels_from_sorted_class_folders(tmp_path, tiny_vlm
     assert run(root, tiny_vlm) == 6
     assert caption.merge_parts(root / "captions.jsonl") == 6
     got = rows(root / "captions.jsonl")
-    assert [r["image"] for r in got] == [f"{c}/img{i}.png" for c in ("n01", "n02") for i in range(3)]
-    assert [r["label"] for r in got] == [0, 0, 0, 1, 1, 1]  # n01 < n02
+    assert [r["image"] for r in got] == [f"{c}/img{i}.png" for c in ("n01", "n02", "n03") for i in range(2)]
+    assert [r["label"] for r in got] == [0, 0, 1, 1, 2, 2]  # the sorted folders' indices
     assert all(isinstance(r["caption"], str) and r["caption"] for r in got)
     assert not list(tmp_path.glob("data/captions.jsonl.part-*"))
     assert len(JsonlDataset(root, 16)) == 6  # what train.py --data reads
@@ -92,13 +94,13 @@ def test_resume_after_a_kill_loses_at_most_one_batch(tmp_path, tiny_vlm):
     part = root / "captions.jsonl.part-00000"
     assert len(rows(part)) == 4  # two whole batches on disk
     with open(part, "a") as f:
-        f.write('{"image": "n02/img2.png", "capt')  # a torn line, as a kill mid-write leaves it
+        f.write('{"image": "n03/img0.png", "capt')  # a torn line, as a kill mid-write leaves it
     seen = []
     assert run(root, lambda images, prompts: seen.extend(images) or tiny_vlm(images, prompts)) == 2
     assert len(seen) == 2  # only the unfinished images are captioned again
     caption.merge_parts(root / "captions.jsonl")
     got = rows(root / "captions.jsonl")
-    assert sorted(r["image"] for r in got) == [f"{c}/img{i}.png" for c in ("n01", "n02") for i in range(3)]
+    assert sorted(r["image"] for r in got) == [f"{c}/img{i}.png" for c in ("n01", "n02", "n03") for i in range(2)]
 
 
 def test_ranks_caption_disjoint_shares_into_one_sorted_file(tmp_path, tiny_vlm):
@@ -109,6 +111,15 @@ def test_ranks_caption_disjoint_shares_into_one_sorted_file(tmp_path, tiny_vlm):
     assert len(list(two.glob("captions.jsonl.part-*"))) == 2
     caption.merge_parts(two / "captions.jsonl")
     assert rows(two / "captions.jsonl") == rows(one / "captions.jsonl")  # greedy decoding: same captions, same order
+
+
+def test_labels_follow_the_sorted_class_folders_whatever_the_listing_order(tmp_path, monkeypatch):
+    image_folder(tmp_path)
+    listing = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter(sorted(listing(self), reverse=True)))
+    files, labels, classes = caption.list_images(tmp_path)
+    assert classes == ["n01", "n02", "n03"] and labels == [0, 0, 1, 1, 2, 2]
+    assert files == [f"{c}/img{i}.png" for c in classes for i in range(2)]
 
 
 def test_flat_folder_has_no_labels_and_wordnet_folders_need_class_names(tmp_path):
