@@ -327,8 +327,11 @@ def pretrained_folder(name_or_path, files=("config.json", "model.safetensors"), 
     """The folder holding `files`: `name_or_path` itself when it is a folder, else that Hugging Face model repo's
     snapshot (downloaded by huggingface_hub, or from its cache; `hub`: revision, cache_dir, local_files_only, token,
     force_download). A repo that cannot be had is an InputError naming it and how to download it."""
-    if Path(name_or_path).is_dir():
-        return Path(name_or_path)
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.is_absolute() or str(name_or_path).startswith((".", "~")) or path.parent.name and path.parent.is_dir():
+        raise MissingInput(f"{name_or_path}: no such folder")  # a local path, not a repo id: no hub round trip
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
     name = str(name_or_path)

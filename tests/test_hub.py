@@ -51,6 +51,8 @@ def test_a_repo_id_not_in_the_cache_is_one_line_naming_it(tmp_path, cls):
     message = str(err.value)
     assert message.startswith("user/not-downloaded: no such folder") and "hf download user/not-downloaded" in message
     assert "\n" not in message
+    with pytest.raises(MissingInput, match=r"typo: no such folder$"):  # a local path: no hub look-up
+        cls.from_pretrained(tmp_path / "typo")
 
 
 def test_push_to_hub_uploads_the_save_pretrained_folder(tmp_path, monkeypatch):
