@@ -150,19 +150,19 @@ def _transpose(items):
     return list(zip(*items))
 
 
-def read_rows(path) -> dict:
-    """{image: line} of the complete lines of a captions file (a torn last line, without its newline, is left out)."""
-    rows = {}
+def read_rows(path):
+    """Yields (image, line) for the complete lines of a captions file (a torn last line, without its newline, is
+    left out)."""
     if not Path(path).is_file():
-        return rows
-    for n, line in enumerate(Path(path).read_text().splitlines(keepends=True), 1):
-        if not line.endswith("\n") or not line.strip():
-            continue
-        try:
-            rows[json.loads(line)["image"]] = line
-        except (ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{path}:{n}: not a captions.jsonl line ({e}); remove it to resume") from None
-    return rows
+        return
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith("\n") or not line.strip():
+                continue
+            try:
+                yield json.loads(line)["image"], line
+            except (ValueError, KeyError, TypeError) as e:
+                raise InputError(f"{path}:{n}: not a captions.jsonl line ({e}); remove it to resume") from None
 
 
 def part_files(out) -> list:
@@ -183,14 +183,13 @@ def trim_torn_line(path) -> None:
 def caption_share(root, out, files, labels, prompts, captioner, rank=0, world=1, batch_size=16, size=512,
                   workers=4, progress=True) -> int:
     """Captions this rank's share (every world-th image) of those not yet in `out` or its part files, appending
-    whole lines to `out`.part-RANK, one fsync per batch. Returns the number of images written; images whose caption
-    comes back empty are left out (and counted in a warning)."""
+    whole lines to `out`.part-RANK, one fsync per batch. `prompts`: one per class (by label), or one for a flat
+    folder. Returns the number of images written; images whose caption comes back empty are left out (and counted in
+    a warning)."""
     out = Path(out)
     part = out.parent / f"{out.name}.part-{rank:05d}"
     trim_torn_line(part)
-    done = set(read_rows(out))
-    for p in part_files(out):
-        done |= set(read_rows(p))
+    done = {image for p in [out, *part_files(out)] for image, _ in read_rows(p)}
     todo = [i for i in range(rank, len(files), world) if rel(root, out, files[i]) not in done]
     loader = DataLoader(_Images(root, files, todo, size), batch_size, num_workers=workers,
                         collate_fn=_transpose)
@@ -198,7 +197,7 @@ def caption_share(root, out, files, labels, prompts, captioner, rank=0, world=1,
     with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"caption (rank {rank})", unit="img",
                                                       disable=not progress) as bar:
         for index, images in loader:
-            captions = captioner(list(images), [prompts[i] for i in index])
+            captions = captioner(list(images), [prompts[0 if labels is None else labels[i]] for i in index])
             lines = [jsonl_line(rel(root, out, files[i]), c, None if labels is None else labels[i])
                      for i, c in zip(index, captions) if c]
             f.write("".join(lines))
@@ -221,10 +220,8 @@ def merge_parts(out) -> int:
     """Merges `out` and its part files into `out`, one line per image sorted by path (atomically), then removes the
     parts. Returns the number of lines."""
     out = Path(out)
-    rows = read_rows(out)
     parts = part_files(out)
-    for p in parts:
-        rows.update(read_rows(p))
+    rows = {image: line for p in [out, *parts] for image, line in read_rows(p)}
     atomic_write(out, lambda tmp: Path(tmp).write_text("".join(rows[k] for k in sorted(rows)), encoding="utf-8"))
     for p in parts:
         p.unlink()
@@ -256,8 +253,7 @@ def main(argv=None):
     template = args.prompt or (PROMPT if classes else FLAT_PROMPT)
     names = class_names(args.class_names, classes) if classes else None
     try:
-        prompts = [template.format(word_count=args.words, class_name=names[labels[i]] if names else "")
-                   for i in range(len(files))]
+        prompts = [template.format(word_count=args.words, class_name=name) for name in names or [""]]
     except (KeyError, IndexError) as e:
         raise InputError(f"--prompt: unknown placeholder {e}; use {{word_count}} and {{class_name}}") from None
     rank, world, device = setup_distributed()

@@ -59,7 +59,7 @@ def image_folder(root, classes=("n01", "n03", "n02"), per_class=2):
 
 def run(root, captioner, **kw):
     files, labels, classes = caption.list_images(root)
-    prompts = [caption.PROMPT.format(class_name=classes[label], word_count=75) for label in labels]
+    prompts = [caption.PROMPT.format(class_name=name, word_count=75) for name in classes]
     kw = {"batch_size": 2, "size": 16, "workers": 0, "progress": False, **kw}
     return caption.caption_share(root, root / "captions.jsonl", files, labels, prompts, captioner, **kw)
 
@@ -70,7 +70,9 @@ def rows(path):
 
 def test_captions_jsonl_rows_labels_from_sorted_class_folders(tmp_path, tiny_vlm):
     root = image_folder(tmp_path / "data")
-    assert run(root, tiny_vlm) == 6
+    prompts = []
+    assert run(root, lambda images, p: prompts.extend(p) or tiny_vlm(images, p)) == 6
+    assert [p.split()[5] for p in prompts] == ["n01", "n01", "n02", "n02", "n03", "n03"]  # "... an image of a n01 ..."
     assert caption.merge_parts(root / "captions.jsonl") == 6
     got = rows(root / "captions.jsonl")
     assert [r["image"] for r in got] == [f"{c}/img{i}.png" for c in ("n01", "n02", "n03") for i in range(2)]
