@@ -8,8 +8,9 @@ and a domain FID for the embedded shapes set where the Inception weights cannot 
 The ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py) runs TensorFlow's 2015 Inception-v3 graph;
 here it is the PyTorch port in inception.py, with the graph's own preprocessing by default (`--preprocess tf`: TF1
 legacy bilinear resize, (x - 128) / 128), so the FID against an ADM reference batch's stored statistics is the
-evaluator's; `--preprocess pytorch-fid` gives pytorch-fid's features instead (its numbers differ from the TF graph's). `--domain` replaces Inception by a small classifier trained on the
-embedded set (domain.py): its numbers are not FID-Inception and compare only with each other.
+evaluator's; `--preprocess pytorch-fid` gives pytorch-fid's features instead (its numbers differ from the TF
+graph's). `--domain` replaces Inception by a small classifier trained on the embedded set (domain.py): its numbers
+are not FID-Inception and compare only with each other.
 """
 import argparse
 import os
