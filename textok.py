@@ -55,7 +55,7 @@ class TexTok(nn.Module):
     def from_pretrained(cls, directory, text_encoder: str | None = None, map_location="cpu") -> "TexTok":
         """Loads a `save_pretrained` directory. With `text_encoder`, refuses weights trained with another encoder."""
         directory = Path(directory)
-        cfg = from_dict(TexTokConfig, load_json(directory / "config.json"))
+        cfg = from_dict(TexTokConfig, load_json(directory / "config.json"), directory / "config.json")
         if text_encoder is not None and cfg.conditioning == "text" and cfg.text_encoder != text_encoder:
             raise InputError(f"{directory}: this TexTok was trained with text encoder {cfg.text_encoder!r}, "
                              f"not {text_encoder!r}; text embeddings of another encoder do not fit it")
