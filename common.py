@@ -77,6 +77,26 @@ def load_json(path) -> dict:
         raise MissingInput(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+
+
+def read_lines(path) -> list:
+    """The lines of a UTF-8 text file (a leading BOM dropped), split on "\\n" only, each without its "\\r\\n" or "\\n":
+    a caption may hold U+2028 or another separator that str.splitlines() would split at. A missing file or bytes that
+    are not UTF-8 are an error naming the file (and the line)."""
+    try:
+        raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    except FileNotFoundError:
+        raise MissingInput(f"{path}: file not found") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def save_tensors(tensors: dict, path) -> Path:

@@ -5,6 +5,8 @@ Every default is the paper's value and names its source. Presets are dicts of ov
 """
 import argparse
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 
 from common import InputError
@@ -164,13 +166,36 @@ def to_dict(cfg) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def from_dict(cls, d: dict):
-    """Rebuild config `cls` from `to_dict` output; unknown keys are an error naming them."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(names)
+def _fits(value, kind) -> bool:
+    """Whether a JSON value fits a config field's type: int (not bool), float (int too), str, bool, tuple (a list of
+    numbers), or a union such as `int | None`."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return any(_fits(value, k) for k in typing.get_args(kind))
+    if kind in (int, float):
+        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if kind is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, float) for v in value)
+    return isinstance(value, kind)
+
+
+def from_dict(cls, d: dict, path=None):
+    """Rebuild config `cls` from `to_dict` output read from file `path`: unknown fields, a value of the wrong type and a
+    value the config refuses are errors naming the file and the field."""
+    where = f"{path}: {cls.__name__}" if path else cls.__name__
+    if not isinstance(d, dict):
+        raise InputError(f"{where}: expected a JSON object of fields, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    unknown = set(d) - set(hints)
     if unknown:
-        raise InputError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(names[k].default, tuple) else v for k, v in d.items()})
+        raise InputError(f"{where}: unknown fields {sorted(unknown)}")
+    for k, v in d.items():
+        if not _fits(v, hints[k]):
+            name = "a list of numbers" if hints[k] is tuple else getattr(hints[k], "__name__", str(hints[k]))
+            raise InputError(f"{where}.{k}: expected {name}, got {v!r} ({type(v).__name__})")
+    try:
+        return cls(**{k: tuple(v) if hints[k] is tuple else v for k, v in d.items()})
+    except ValueError as e:  # the config's own check (__post_init__)
+        raise InputError(f"{path}: {e}" if path else str(e)) from None
 
 
 def config_diff(a: dict, b: dict, prefix: str = "") -> list:

@@ -2,9 +2,10 @@
 
 JSONL layout (`--data DIR`): `DIR/captions.jsonl`, one line per image,
     {"image": "relative/path.jpg", "caption": "a detailed description ...", "label": 3}
-("label" is optional; it is needed for class-conditional generation). Images are center-cropped and resized to the
-configured resolution. ImageNet with captions fits this layout. Validation is a fixed, seeded 10% of DIR unless a
-second folder is given.
+("label" is optional; it is needed for class-conditional generation: an integer in 0..num_classes-1). The file is
+UTF-8, one JSON object per "\\n"-ended line. Images are turned upright (EXIF orientation), made 8-bit RGB (16-bit and
+float images scaled, transparent pixels composited on white), center-cropped and resized to the configured resolution.
+ImageNet with captions fits this layout. Validation is a fixed, seeded 10% of DIR unless a second folder is given.
 
 Embedded set: deterministic scenes of one to three shapes with colour, size and position on a background, described
 in a caption (like the paper's descriptive captions, App. D). Each image also holds detail its caption does not state
@@ -21,10 +22,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from common import InputError, MissingInput
+from common import InputError, MissingInput, read_lines
 from text_encoder import cached_text_embeddings
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "ring"]
@@ -152,11 +153,34 @@ class ShapesDataset(Dataset):
         return f"shapes-{self.split}-{self.seed}-{len(self)}-{self.size}px-{self.style}"
 
 
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
+
+
+def to_rgb(im: Image.Image, path) -> Image.Image:
+    """8-bit RGB from any mode Pillow opens: 16-bit (I;16) and 32-bit integer (I) grey scaled from 0..65535, float (F)
+    grey from [0, 1] (values outside are refused), transparency (RGBA, LA, P with a transparent colour) composited on
+    white (BACKGROUND)."""
+    if im.mode.startswith("I") or im.mode == "F":
+        x = np.asarray(im, np.float64)
+        top = 1.0 if im.mode == "F" else 65535.0
+        if not (np.isfinite(x).all() and 0 <= x.min() and x.max() <= top):
+            raise InputError(f"{path}: mode {im.mode} image with values in [{x.min():g}, {x.max():g}]; expected "
+                             f"[0, {top:g}] (save it as 8- or 16-bit RGB)")
+        im = Image.fromarray(np.round(x * (255 / top)).astype(np.uint8))
+    if im.has_transparency_data:
+        return Image.alpha_composite(Image.new("RGBA", im.size, (*BACKGROUND, 255)), im.convert("RGBA")).convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError:
+        raise InputError(f"{path}: image mode {im.mode} cannot be converted to RGB") from None
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Opens an image, center-crops it to a square and resizes it to `size` (bicubic): uint8 [size, size, 3]."""
+    """Opens an image, turns it upright (its EXIF orientation), makes it 8-bit RGB (`to_rgb`: wider modes scaled,
+    transparency on white), center-crops it to a square and resizes it to `size` (bicubic): uint8 [size, size, 3]."""
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(ImageOps.exif_transpose(im), path)
             w, h = im.size
             s = min(w, h)
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -167,6 +191,29 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise InputError(f"{path}: cannot read image ({e})") from None
 
 
+def _is_label(value) -> bool:
+    """A class label in JSON: an integer >= 0 (not a bool, a float or a string)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_jsonl(path) -> list:
+    """(line number, object) for each non-blank line of a JSONL file (UTF-8, lines split on "\\n" only); a line that is
+    not a JSON object is an error naming it."""
+    rows = []
+    for n, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(row), "a number")
+            raise InputError(f"{path}:{n}: expected a JSON object, got {kind}")
+        rows.append((n, row))
+    return rows
+
+
 class JsonlDataset(Dataset):
     """A folder with `captions.jsonl` (module docstring); `indices` selects a subset (for the held-out split)."""
 
@@ -175,29 +222,23 @@ class JsonlDataset(Dataset):
         path = self.root / "captions.jsonl"
         if not path.is_file():
             raise MissingInput(f"{path}: not found; --data DIR needs DIR/captions.jsonl (see README)")
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e})") from None
+        rows = read_jsonl(path)
+        for n, row in rows:
             if not isinstance(row.get("image"), str):
                 raise InputError(f"{path}:{n}: missing \"image\" path")
             if not isinstance(row.get("caption"), str) or not row["caption"].strip():
                 raise InputError(f"{path}:{n}: missing or empty caption for {row['image']}")
-            if not isinstance(row.get("label", -1), int):
-                raise InputError(f"{path}:{n}: \"label\" must be an integer, got {row['label']!r}")
-            rows.append(row)
+            if "label" in row and not _is_label(row["label"]):
+                raise InputError(f"{path}:{n}: \"label\" must be an integer >= 0, got {row['label']!r}")
         if not rows:
             raise InputError(f"{path}: no images listed")
-        self.jsonl_sha1 = hashlib.sha1(path.read_bytes()).hexdigest()
+        self.jsonl, self.jsonl_sha1 = path, hashlib.sha1(path.read_bytes()).hexdigest()
         self.indices = list(range(len(rows))) if indices is None else list(indices)
-        rows = [rows[i] for i in self.indices]
+        self.lines = [rows[i][0] for i in self.indices]  # captions.jsonl line of each selected image
+        rows = [rows[i][1] for i in self.indices]
         self.files = [self.root / r["image"] for r in rows]
         self.captions = [r["caption"] for r in rows]
-        self.labels = [int(r.get("label", -1)) for r in rows]
+        self.labels = [r.get("label", -1) for r in rows]  # -1: no label
 
     def __len__(self):
         return len(self.files)
@@ -230,6 +271,21 @@ class JsonlDataset(Dataset):
             st = f.stat()
             h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
         return f"{self.root.name}-{h.hexdigest()[:16]}"
+
+
+def check_labels(dataset, num_classes: int, needed_by: str) -> None:
+    """Refuses an image without a label or with one outside 0..num_classes-1 (an embedding lookup would fail mid-run),
+    naming its captions.jsonl line; `needed_by` says what reads the labels."""
+    if num_classes < 1:
+        raise InputError(f"--num-classes {num_classes}: {needed_by} needs at least 1 class")
+    bad = [i for i, label in enumerate(dataset.labels) if not 0 <= label < num_classes]
+    if bad:
+        i, label = bad[0], dataset.labels[bad[0]]
+        where = f"{dataset.jsonl}:{dataset.lines[i]}" if isinstance(dataset, JsonlDataset) else \
+            f"embedded set {dataset.identity()}, image {i}"
+        found = "no \"label\"" if label < 0 else f"label {label}"
+        raise InputError(f"{where}: {found}; {needed_by} needs a label in 0..{num_classes - 1} for every image "
+                         f"({len(bad)} of {len(dataset.labels)} are not; --num-classes states the count)")
 
 
 def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0):
@@ -276,16 +332,13 @@ def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, see
     path = Path(data) / "class_captions.jsonl"
     if not path.is_file():
         raise MissingInput(f"{path}: not found; class-conditional sampling needs held-out captions per class")
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                label, text = int(row["label"]), str(row.get("caption", ""))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise InputError(f"{path}:{n}: expected {{\"label\": int, \"caption\": str}} ({e})") from None
-            if not text.strip():
-                raise InputError(f"{path}:{n}: missing or empty caption")
-            pool.setdefault(label, []).append(text)
+    for n, row in read_jsonl(path):
+        label, text = row.get("label"), row.get("caption")
+        if not _is_label(label) or label >= num_classes:
+            raise InputError(f"{path}:{n}: expected an integer \"label\" in 0..{num_classes - 1}, got {label!r}")
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{path}:{n}: missing or empty caption")
+        pool[label].append(text)
     return pool
 
 

@@ -261,7 +261,7 @@ class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://ar
             raise InputError(f"{directory / 'config.json'}: not a DiT folder written by train.py --stage dit")
         if tokenizer_config is not None:
             check_config(meta.get("tokenizer_config", {}), to_dict(tokenizer_config), directory / "config.json")
-        model = cls(**to_dict(from_dict(DiTConfig, meta.pop("dit"))))
+        model = cls(**to_dict(from_dict(DiTConfig, meta.pop("dit"), directory / "config.json")))
         load_state(model, load_tensors(directory / "model.safetensors"), directory / "model.safetensors")
         model.meta = meta
         return model.to(map_location).eval()

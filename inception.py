@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import InputError, load_state
+
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 INCEPTION_ENV = "TEXTOK_INCEPTION"  # path of the weights file, overridden by --inception
@@ -236,6 +238,13 @@ def load_inception(path=None, device="cpu", preprocess: str = "tf") -> Inception
         raise FileNotFoundError(f"FID Inception weights {INCEPTION_FILE} not found at {path}; download it from "
                                 f"{INCEPTION_URL} and pass --inception PATH, set ${INCEPTION_ENV}, or put it in "
                                 f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
+        raise InputError(f"{path}: not a PyTorch weights file (torch.load: {type(e).__name__}); --inception expects "
+                         "pytorch-fid's FID Inception weights") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: holds a {type(state).__name__}, not the FID Inception's state dict")
     model = InceptionFeatures(preprocess)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    load_state(model, state, path)
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)

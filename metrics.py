@@ -13,10 +13,12 @@ graph's). `--domain` replaces Inception by a small classifier trained on the emb
 are not FID-Inception and compare only with each other.
 """
 import argparse
+import math
 import os
 import sys
 import warnings
 import zipfile
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,8 +269,8 @@ class NpzImages:
                 yield batch
 
 
-def _npy_header(f, path):
-    """(shape, fortran_order, dtype) of the .npy stream `f`."""
+def _npy_header(f, path, key="arr_0"):
+    """(shape, fortran_order, dtype) of the .npy stream `f` (array `key` of the .npz `path`)."""
     try:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -276,26 +278,45 @@ def _npy_header(f, path):
         if version == (2, 0):
             return np.lib.format.read_array_header_2_0(f)
     except ValueError as e:
-        raise NpzError(f"{path}: arr_0 is not a valid .npy array ({e})") from None
-    raise NpzError(f"{path}: arr_0 uses .npy format version {version}; expected 1.0 or 2.0 (np.savez)")
+        raise NpzError(f"{path}: {key} is not a valid .npy array ({e})") from None
+    raise NpzError(f"{path}: {key} uses .npy format version {version}; expected 1.0 or 2.0 (np.savez)")
+
+
+def _member_header(archive: zipfile.ZipFile, key: str, path):
+    """(shape, fortran_order, dtype) of array `key` from its .npy header alone; a header that claims another size than
+    the archive holds (a huge shape, a truncated file) is refused before anything is allocated."""
+    with archive.open(key + ".npy") as f:
+        shape, fortran, dtype = _npy_header(f, path, key)
+        claimed, held = math.prod(shape) * dtype.itemsize, archive.getinfo(key + ".npy").file_size - f.tell()
+    if claimed != held:
+        raise NpzError(f"{path}: {key}'s header claims {dtype} shape {list(shape)} ({claimed} bytes) but the archive "
+                       f"holds {held} bytes (truncated or corrupt)")
+    return shape, fortran, dtype
 
 
 def read_npz_batch(path):
     """Opens an ADM reference or sample batch: (NpzImages, stats), stats being {"mu", "sigma", "mu_s", "sigma_s"}
     (float64) when the file holds them (the evaluator then uses them instead of recomputing), else None.
-    A file that is not what the evaluator reads raises NpzError naming the file and the problem."""
+    A file that is not what the evaluator reads raises NpzError naming the file and the problem; every byte is checked
+    (the zip CRCs) and every array's size read from its header here, before any expensive work."""
     path = str(path)
     if not os.path.isfile(path):
         raise NpzError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
         raise NpzError(f"{path}: not an .npz file (not a zip archive)")
-    with zipfile.ZipFile(path) as archive:
-        keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
-        if "arr_0" not in keys:
-            raise NpzError(f"{path}: no 'arr_0' array (keys: {keys}); the ADM evaluator reads the images from arr_0, "
-                           "as written by np.savez(path, images)")
-        with archive.open("arr_0.npy") as f:
-            shape, fortran, dtype = _npy_header(f, path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupt = archive.testzip()  # reads every member once: a flipped byte fails its CRC
+            if corrupt:
+                raise NpzError(f"{path}: {corrupt} is corrupt (its CRC check failed)")
+            keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+            if "arr_0" not in keys:
+                raise NpzError(f"{path}: no 'arr_0' array (keys: {keys}); the ADM evaluator reads the images from "
+                               "arr_0, as written by np.savez(path, images)")
+            headers = {k: _member_header(archive, k, path) for k in ["arr_0", *STAT_SHAPES] if k in keys}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise NpzError(f"{path}: not a readable .npz archive ({e})") from None
+    shape, fortran, dtype = headers.pop("arr_0")
     if dtype != np.uint8:
         raise NpzError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images with values in [0, 255]")
     if len(shape) != 4 or shape[3] != 3 or min(shape[1], shape[2]) < 1:
@@ -303,18 +324,18 @@ def read_npz_batch(path):
     if shape[0] < 2:
         raise NpzError(f"{path}: arr_0 holds {shape[0]} images; FID needs at least 2")
     images = NpzImages(path, tuple(shape), np.ascontiguousarray(np.load(path)["arr_0"]) if fortran else None)
-    present = [k for k in STAT_SHAPES if k in keys]
-    if not present:
+    if not headers:
         return images, None
-    if len(present) < len(STAT_SHAPES):
-        raise NpzError(f"{path}: has {present} but not {[k for k in STAT_SHAPES if k not in present]}; "
+    if len(headers) < len(STAT_SHAPES):
+        raise NpzError(f"{path}: has {list(headers)} but not {[k for k in STAT_SHAPES if k not in headers]}; "
                        "precomputed statistics need all of mu, sigma, mu_s, sigma_s")
+    for k, want in STAT_SHAPES.items():
+        shape, _, dtype = headers[k]
+        if shape != want or dtype.kind != "f":
+            raise NpzError(f"{path}: {k} has {dtype} shape {list(shape)}, expected floats of shape {list(want)}")
     with np.load(path) as arrays:
         stats = {k: arrays[k] for k in STAT_SHAPES}
-    for k, want in STAT_SHAPES.items():
-        if stats[k].shape != want or stats[k].dtype.kind != "f":
-            raise NpzError(f"{path}: {k} has {stats[k].dtype} shape {list(stats[k].shape)}, expected floats of shape "
-                           f"{list(want)}")
+    for k in STAT_SHAPES:
         if not np.isfinite(stats[k]).all():
             raise NpzError(f"{path}: {k} holds non-finite values")
     return images, {k: v.astype(np.float64) for k, v in stats.items()}

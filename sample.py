@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, atomic_write, autocast, load_json, run_main, save_image_grid, setup_distributed,
-                    to_uint8)
+from common import (InputError, atomic_write, autocast, load_json, read_lines, run_main, save_image_grid,
+                    setup_distributed, to_uint8)
 from config import DiTTrainConfig, from_dict
 from data import Conditions, class_caption_pool, make_datasets
 from diffusion import Diffusion, cfg_scale
@@ -74,7 +74,7 @@ def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
                 raise InputError(f"{where}: no held-out caption for class {c}")
         return labels, [str(np.random.default_rng([args.seed, i]).choice(pool[c])) for i, c in enumerate(labels)]
     if args.prompts:
-        captions = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
+        captions = [line.strip() for line in read_lines(args.prompts) if line.strip()]
         if not captions:
             raise InputError(f"{args.prompts}: no prompts (one caption per line)")
     else:  # the validation split of the DiT's training data: held out from both stages
@@ -125,10 +125,13 @@ def main(argv=None):
 
 
 def sample(args, rank, world, device):
-    tokenizer = TexTok.from_pretrained(args.tokenizer or load_json(Path(args.dit) / "config.json")["tokenizer"])
+    meta = load_json(Path(args.dit) / "config.json")
+    if not isinstance(meta, dict) or "tokenizer" not in meta:
+        raise InputError(f"{Path(args.dit) / 'config.json'}: not a DiT folder written by train.py --stage dit")
+    tokenizer = TexTok.from_pretrained(args.tokenizer or meta["tokenizer"])
     tokenizer = tokenizer.to(device).eval()
     dit = DiT.from_pretrained(args.dit, tokenizer.cfg, map_location=device)  # refuses another tokenizer's DiT
-    cfg, train = tokenizer.cfg, from_dict(DiTTrainConfig, dit.meta["train"])
+    cfg, train = tokenizer.cfg, from_dict(DiTTrainConfig, dit.meta["train"], Path(args.dit) / "config.json")
     check_args(args, train.diffusion_steps)
     steps = train.sampling_steps if args.steps is None else args.steps
     w = train.cfg_scale if args.cfg_scale is None else args.cfg_scale

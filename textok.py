@@ -59,7 +59,7 @@ class TexTok(nn.Module, ModelHubMixin, library_name="textok", paper_url="https:/
         """Loads a `save_pretrained` folder or a Hugging Face repo id (`hub`: revision, cache_dir, local_files_only,
         token, as hf_hub_download). With `text_encoder`, refuses weights trained with another encoder."""
         directory = pretrained_folder(name_or_path, **hub)
-        cfg = from_dict(TexTokConfig, load_json(directory / "config.json"))
+        cfg = from_dict(TexTokConfig, load_json(directory / "config.json"), directory / "config.json")
         if text_encoder is not None and cfg.conditioning == "text" and cfg.text_encoder != text_encoder:
             raise InputError(f"{directory}: this TexTok was trained with text encoder {cfg.text_encoder!r}, "
                              f"not {text_encoder!r}; text embeddings of another encoder do not fit it")

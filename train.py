@@ -5,7 +5,8 @@
     torchrun --nproc_per_node 8 train.py --stage tokenizer --preset imagenet256 --data /data/imagenet-captions
 
 Every field of the configs (config.py, Appendix C line by line) is a flag: `--lr`, `--batch-size`, `--patch-size`,
-`--width`, ... TexTokConfig's flags belong to stage 1 (stage 2 reads the architecture from --tokenizer).
+`--width`, ... TexTokConfig's flags belong to stage 1 (stage 2 reads the architecture from --tokenizer); in stage 2
+`--num-classes` states the class count of a class-conditional DiT (default: the tokenizer's), never max(label) + 1.
 Outputs in --out: `log.jsonl`, `config.json`, checkpoints `step-XXXXXXX/` (safetensors; `latest` names the newest),
 PNG grids, and the EMA model in `save_pretrained` form (`tokenizer/` or `dit/`). `--resume` continues exactly:
 the data order and every random draw are functions of (seed, step, rank), so N + N steps equal 2N steps.
@@ -26,7 +27,8 @@ from common import (InputError, Run, all_reduce_grads, autocast, global_mean, lo
                     save_image_grid, save_tensors, setup_distributed)
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
                     get_preset, given_flags, to_dict)
-from data import CAPTION_STYLES, Conditions, LatentSet, collate, conditioned, make_datasets, step_loader
+from data import (CAPTION_STYLES, Conditions, LatentSet, check_labels, collate, conditioned, make_datasets,
+                  step_loader)
 from diffusion import Diffusion
 from dit import build_dit
 from discriminator import LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty
@@ -73,7 +75,7 @@ def parse_args(argv=None):
     if args.stage == "tokenizer":
         wrong = given & (names(DiTTrainConfig) - names(TokenizerTrainConfig))
     else:
-        wrong = given & (names(TexTokConfig) | names(TokenizerTrainConfig)) - names(DiTTrainConfig)
+        wrong = given & (names(TexTokConfig) | names(TokenizerTrainConfig)) - names(DiTTrainConfig) - {"num_classes"}
         wrong |= {"model_size"} if args.model_size else set()
     if wrong:
         p.error(f"--stage {args.stage} does not take " + ", ".join("--" + w.replace("_", "-") for w in sorted(wrong))
@@ -123,10 +125,13 @@ def perceptual_loss(device):
     return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
 
-def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0):
+def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, classes=None):
     """(train, val) data sets with the conditions `cfg` reads (cached caption embeddings, labels); rank 0 first
-    checks that every image of a --data folder decodes."""
+    checks that every image of a --data folder decodes. `classes` (count, who reads the labels): every image needs a
+    label below the count, checked first (stage 1 validates with labels too)."""
     train, val = make_datasets(args.data, args.val, cfg.image_size, args.num_images, captions=args.captions)
+    for ds in ((train, val) if args.stage == "tokenizer" else (train,)) if classes else ():
+        check_labels(ds, *classes)
     for ds in (train, val) if args.data and rank == 0 else ():
         ds.scan()
     return (conditioned(train, cfg, args.cache_dir, device), conditioned(val, cfg, args.cache_dir, device))
@@ -140,7 +145,8 @@ def loader_for(args, dataset, rank, world, seed):
 # --------------------------------------------------------------------------------------------------- stage 1
 def train_tokenizer(args, rank, world, device):
     cfg, tc, note = run_configs(args)
-    train_set, val_set = datasets_for(args, cfg, device, rank)
+    classes = (cfg.num_classes, "--conditioning class") if cfg.conditioning == "class" else None
+    train_set, val_set = datasets_for(args, cfg, device, rank, classes)
     run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
                   "captions": args.captions if args.data is None else "captions.jsonl",
                   "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),
@@ -272,11 +278,13 @@ def train_dit(args, rank, world, device):
     if args.task == "t2i" and cfg.conditioning == "class":  # Table 3 pairs DiT-T2I with TexTok or the Baseline
         raise InputError(f"{tok_path}: a class-conditioned TexTok cannot decode text-to-image samples (it needs "
                          "labels); use a text-conditioned TexTok or the Baseline (conditioning none)")
-    train_set, _ = datasets_for(args, cfg, device, rank)
+    num_classes = cfg.num_classes if args.num_classes is None else args.num_classes  # never max(label) + 1
+    if cfg.conditioning == "class" and num_classes > cfg.num_classes:
+        raise InputError(f"--num-classes {num_classes}: the class-conditioned TexTok {tok_path} embeds only "
+                         f"{cfg.num_classes} classes")
+    classes = (num_classes, "a class-conditional DiT") if args.task == "class" else None
+    train_set, _ = datasets_for(args, cfg, device, rank, classes)
     labels = train_set.labels
-    if args.task == "class" and min(labels) < 0:
-        raise InputError(f"{args.data}/captions.jsonl: class-conditional DiT needs a \"label\" for every image")
-    num_classes = max(max(labels) + 1, 1)
     split = {"data": args.data, "val": args.val, "num_images": args.num_images, "captions": args.captions}
     run_config = {"stage": "dit", "preset": args.preset, "note": note, "task": args.task, "split": split,
                   "tokenizer": str(tok_path.resolve()), "num_classes": num_classes, "tokenizer_config": to_dict(cfg),

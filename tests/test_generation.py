@@ -41,7 +41,7 @@ def two_colour_dit(tmp_path_factory):
                 "--batch-size", "16", "--epochs", "100", "--max-steps", "400", "--eval-every", "1000", *common])
     train.main(["--stage", "dit", "--task", "class", "--tokenizer", str(root / "tok" / "tokenizer"),
                 "--out", str(root / "dit"), "--batch-size", "32", "--epochs", "1000", "--max-steps", "300",
-                "--class-dropout", "0.2", *common])
+                "--class-dropout", "0.2", "--num-classes", "2", *common])
     return root
 
 

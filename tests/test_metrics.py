@@ -367,11 +367,6 @@ def test_cli_rejects_malformed_npz(tmp_path, monkeypatch, capsys, kind, problem)
     good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
     np.savez(good, images())
     write_bad(bad, kind)
-    if kind == "truncated":  # the header is fine; the data runs out while streaming
-        batch, _ = metrics.read_npz_batch(bad)
-        with pytest.raises(metrics.NpzError, match=problem):
-            list(batch.batches(4))
-        return
     with pytest.raises(SystemExit) as err:
         metrics.main([str(good), str(bad)])
     message = str(err.value.code)
