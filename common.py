@@ -203,35 +203,33 @@ def _unpack(obj, tensors):
     return obj
 
 
-def save_checkpoint(out: Path, step: int, objects: dict, run_config: dict, keep: int = 2) -> Path:
+def save_checkpoint(out: Path, step: int, objects: dict, run_config: dict) -> Path:
     """Writes the `state_dict()` of every object (modules, optimizers, schedulers) to OUT/step-XXXXXXX/
-    (state.safetensors + state.json + config.json) under a temporary name, renames it, then points OUT/latest at it;
-    checkpoints older than the newest `keep` are removed."""
+    (state.safetensors + state.json + config.json) under a temporary name, renames it, then points OUT/latest at it.
+    A failed write (disk full) leaves no temporary folder and raises an InputError naming the checkpoint."""
     out = Path(out)
     final, tmp = out / f"step-{step:07d}", out / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tensors = {}
-    skeleton = _pack({k: v.state_dict() for k, v in objects.items()}, tensors, "s")
-    save_tensors(tensors, tmp / "state.safetensors")
-    save_json({"step": step, "state": skeleton}, tmp / "state.json")
-    save_json(run_config, tmp / "config.json")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    (out / ".latest.tmp").write_text(final.name + "\n")
-    os.replace(out / ".latest.tmp", out / "latest")
-    for old in sorted(out.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        tensors = {}
+        skeleton = _pack({k: v.state_dict() for k, v in objects.items()}, tensors, "s")
+        save_tensors(tensors, tmp / "state.safetensors")
+        save_json({"step": step, "state": skeleton}, tmp / "state.json")
+        save_json(run_config, tmp / "config.json")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        atomic_write(out / "latest", lambda t: Path(t).write_text(final.name + "\n"))
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{final}: cannot write the checkpoint ({e})") from None
+    finally:  # also on Ctrl-C
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
 def load_checkpoint(out: Path, objects: dict, check_config, map_location) -> int:
     """Restores `objects` from OUT/latest (modules strictly, naming mismatches) after `check_config(saved config,
     path)` accepted its config.json; returns the checkpoint's step."""
-    latest = Path(out) / "latest"
-    if not latest.is_file():
-        raise InputError(f"{latest}: no checkpoint to resume from")
-    ckpt = latest.parent / latest.read_text().strip()
-    check_config(load_json(ckpt / "config.json"), ckpt / "config.json")
+    ckpt = latest_checkpoint(out, check_config)
     meta = load_json(ckpt / "state.json")
     tensors = {k: v.to(map_location) for k, v in load_tensors(ckpt / "state.safetensors").items()}
     states = _unpack(meta["state"], tensors)
@@ -243,26 +241,81 @@ def load_checkpoint(out: Path, objects: dict, check_config, map_location) -> int
     return meta["step"]
 
 
+def latest_checkpoint(out: Path, check_config) -> Path:
+    """The checkpoint OUT/latest names, once `check_config(saved config, path)` accepted its config.json."""
+    latest = Path(out) / "latest"
+    if not latest.is_file():
+        raise InputError(f"{latest}: no checkpoint to resume from")
+    ckpt = latest.parent / latest.read_text().strip()
+    check_config(load_json(ckpt / "config.json"), ckpt / "config.json")
+    return ckpt
+
+
+def run_files(out: Path, export: str) -> list:
+    """What a training run leaves in OUT, `latest` first: its checkpoints (and unfinished ones), log, config, PNG
+    grids and exported model folder `export`."""
+    out = Path(out)
+    names = ["latest", "log.jsonl", "config.json", export]
+    return [p for p in [out / n for n in names] + sorted(out.glob("step-*")) + sorted(out.glob(".tmp-step-*"))
+            + sorted(out.glob("recon-*.png")) if p.exists()]
+
+
+def remove_run(out: Path, files: list) -> None:
+    """Deletes `files` (a previous run's, from `run_files`) from OUT: moved into a hidden OUT/.trash-* folder, in
+    order (`latest` first), then deleted with any trash folder a killed deletion left behind."""
+    out = Path(out)
+    if files:
+        trash = Path(tempfile.mkdtemp(dir=out, prefix=".trash-"))
+        for p in files:
+            os.replace(p, trash / p.name)
+    for trash in out.glob(".trash-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------- the training loops' shared part
 class Run:
     """What train.py's two loops share: output folder, JSONL log, tqdm progress, exact resume and checkpoints, the
     micro-batch split, DDP and torch.compile, the non-finite guard. `args` are train.py's parsed flags;
-    `check_config(saved, path)` refuses to resume from a checkpoint of another run config."""
+    `check_config(saved, path)` refuses to resume from a checkpoint of another run config. OUT holding another run
+    is refused unless --resume (continue it) or --overwrite (delete it first); nothing in OUT changes before
+    training starts."""
 
     def __init__(self, args, rank, world, device, run_config, num_items, batch_size, epochs, check_config):
         self.args, self.rank, self.world, self.device, self.run_config = args, rank, world, device, run_config
         self.check_config = check_config
         self.out = Path(args.out or f"runs/{args.stage}")
+        self.export = "tokenizer" if args.stage == "tokenizer" else "dit"  # the EMA model's save_pretrained folder
         self.total = max(1, num_items // batch_size) * epochs  # the schedule's length; --max-steps stops earlier
         self.stop = min(self.total, args.max_steps) if args.max_steps else self.total
         self.micro = batch_size // (world * args.grad_accum)  # per-rank micro-batch of one accumulation step
         if self.micro * world * args.grad_accum != batch_size:
             raise InputError(f"--batch-size {batch_size} is not divisible by {world} ranks x {args.grad_accum} "
                              "accumulation steps")
-        self.last_ckpt, self.t0, self.seen = None, time.perf_counter(), 0
-        if rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_json(run_config, self.out / "config.json")
+        self.last_ckpt, self.ckpts, self.done, self.t0, self.seen = None, [], None, time.perf_counter(), 0
+        args.run = self  # train.main reads where a Ctrl-C stopped it
+        if args.resume:  # refused here, before anything is written: no checkpoint, or one of another config
+            self.last_ckpt = latest_checkpoint(self.out, check_config)
+        elif not args.overwrite:
+            self.refuse_held_run()
+
+    def refuse_held_run(self) -> None:
+        """Refuses an OUT that holds another run's checkpoints, log or exported model."""
+        latest, ckpts = self.out / "latest", sorted(p.name for p in self.out.glob("step-*"))
+        if latest.is_file():
+            raise InputError(f"{self.out}: holds a run (latest {latest.read_text().strip()}); continue it with "
+                             "--resume, or start over with --overwrite")
+        held = ckpts[-1:] or [p.name for p in (self.out / "log.jsonl", self.out / self.export) if p.exists()]
+        if held:
+            raise InputError(f"{self.out}: holds a run's files ({held[0]}) but no latest checkpoint; start over "
+                             "with --overwrite")
+
+    def last_good(self) -> str:
+        return f"last good checkpoint: {self.last_ckpt or 'none written yet'}"
+
+    def interrupted(self) -> str:
+        """Where a Ctrl-C stopped the run, and how to continue it."""
+        where = "before the first step" if self.done is None else f"after step {self.done} of {self.stop}"
+        return f"interrupted {where}; {self.last_good()}" + (" (continue with --resume)" if self.last_ckpt else "")
 
     def micro_batches(self, batch: dict):
         """(micro-batch, sync) for each accumulation step of `batch`: sync is True where DDP should all-reduce
@@ -302,30 +355,66 @@ class Run:
         if bad:
             raise FloatingPointError(
                 f"non-finite loss at step {step}: " + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-                + f"; last good checkpoint: {self.last_ckpt or 'none written yet'}")
+                + f"; {self.last_good()}")
 
     def steps(self, make_loader, objects: dict, seed: int):
-        """Resumes `objects` with --resume, then yields (step, batch on the device) from `make_loader(start, stop,
-        micro-batch x accumulation)` with the checkpoint cadence and every random draw seeded by (seed, step, rank)."""
+        """Resumes `objects` with --resume (or deletes the run in OUT with --overwrite) and writes OUT/config.json,
+        then yields (step, batch on the device) from `make_loader(start, stop, micro-batch x accumulation)` with the
+        checkpoint cadence and every random draw seeded by (seed, step, rank)."""
         start = 0
         if self.args.resume:
             start = load_checkpoint(self.out, objects, self.check_config, self.device)
             self.last_ckpt = self.out / f"step-{start:07d}"
-            path = self.out / "log.jsonl"  # drop rows after the checkpoint: the log reads as one uninterrupted run
-            if self.rank == 0 and path.is_file():
-                rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= start]
-                atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+            self.ckpts = [self.last_ckpt]
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_run(self.out, run_files(self.out, self.export) if self.args.overwrite else [])
+            if self.args.resume:
+                self.trim_log(start)
+            save_json(self.run_config, self.out / "config.json")
         loader = make_loader(start, self.stop, self.micro * self.args.grad_accum)
         self.bar = tqdm(total=self.stop, initial=start, disable=self.rank != 0, desc=self.args.stage,
                         dynamic_ncols=True)
-        for step, batch in enumerate(self.checked(loader), start):
-            torch.manual_seed(seed * 1_000_003 + step * self.world + self.rank)
-            yield step, {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            done = step + 1
-            if self.rank == 0 and (done % self.args.ckpt_every == 0 or done == self.stop):
-                self.last_ckpt = save_checkpoint(self.out, done, objects, self.run_config)
-            self.bar.update(1)
-        self.bar.close()
+        self.done = start
+        try:
+            for step, batch in enumerate(self.checked(loader), start):
+                torch.manual_seed(seed * 1_000_003 + step * self.world + self.rank)
+                yield step, {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                self.done = step + 1
+                if self.rank == 0 and (self.done % self.args.ckpt_every == 0 or self.done == self.stop):
+                    self.checkpoint(objects)
+                self.bar.update(1)
+        finally:
+            self.bar.close()
+
+    def checkpoint(self, objects: dict) -> None:
+        """Writes checkpoint `self.done`, then removes this run's checkpoints (or the resumed one) but the newest 2:
+        never a checkpoint some other run left."""
+        try:
+            self.last_ckpt = save_checkpoint(self.out, self.done, objects, self.run_config)
+        except InputError as e:
+            raise InputError(f"{e}; {self.last_good()}") from None
+        self.ckpts.append(self.last_ckpt)
+        for old in self.ckpts[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.ckpts = self.ckpts[-2:]
+
+    def trim_log(self, start: int) -> None:
+        """Drops log rows after the resumed checkpoint (and a torn last line a killed run left): the log reads as
+        one uninterrupted run."""
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return
+        lines, rows = path.read_text().split("\n"), []
+        for n, line in enumerate(lines, 1):
+            try:
+                if line.strip() and json.loads(line)["step"] <= start:
+                    rows.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                if n == len(lines):  # no newline after it: the write a killed run left unfinished
+                    break
+                raise InputError(f"{path}:{n}: not a JSON log row with a \"step\"") from None
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
 
     def checked(self, loader):
         """The loader's batches; bad data met mid-run (a truncated image, from a worker) is one InputError line that
@@ -338,7 +427,7 @@ class Run:
                 return
             except InputError as e:  # a worker's error arrives with its traceback: keep the message line
                 message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
-                raise InputError(f"{message}; last good checkpoint: {self.last_ckpt or 'none written yet'}") from None
+                raise InputError(f"{message}; {self.last_good()}") from None
             yield batch
 
 

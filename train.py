@@ -9,12 +9,14 @@ Every field of the configs (config.py, Appendix C line by line) is a flag: `--lr
 `--num-classes` states the class count of a class-conditional DiT (default: the tokenizer's), never max(label) + 1.
 Outputs in --out: `log.jsonl`, `config.json`, checkpoints `step-XXXXXXX/` (safetensors; `latest` names the newest),
 PNG grids, and the EMA model in `save_pretrained` form (`tokenizer/` or `dit/`). `--resume` continues exactly:
-the data order and every random draw are functions of (seed, step, rank), so N + N steps equal 2N steps.
+the data order and every random draw are functions of (seed, step, rank), so N + N steps equal 2N steps. An --out
+that holds another run is refused unless --resume, or --overwrite (which deletes that run first).
 """
 import argparse
 import dataclasses
 import hashlib
 import math
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -49,7 +51,10 @@ def parse_args(argv=None):
                    help="embedded set's captions (Tab. 4a): full descriptive, short, or the class-name template")
     p.add_argument("--out", default=None, help="output folder (default runs/<stage>)")
     p.add_argument("--cache-dir", default="cache", help="text-embedding and latent caches")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    again = p.add_mutually_exclusive_group()  # an --out holding another run is refused without one of these
+    again.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the run in OUT (checkpoints, log, grids, exported model) before training")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch is per step, total)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -348,6 +353,12 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     try:
         return (train_tokenizer if args.stage == "tokenizer" else train_dit)(args, rank, world, device)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what to resume from, not a traceback
+        run = getattr(args, "run", None)
+        if rank == 0:
+            print(run.interrupted() if run else "interrupted before training started (nothing written)",
+                  file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -1,8 +1,10 @@
 """Stage 1 and stage 2 training: one step learns, GAN terms switch on at disc_start, exact resume, refused configs,
 the non-finite guard, DDP (two gloo processes) against one process, and the embedded default end to end."""
+import errno
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -75,10 +77,98 @@ def test_exact_resume(tmp_path, text_cache):
 
 
 def test_resume_refuses_other_config(tmp_path, text_cache):
+    """... and leaves OUT/config.json as it was."""
     out = tmp_path / "run"
     train.main(base_args(out, text_cache, "--max-steps", "1"))
+    config = (out / "config.json").read_text()
     with pytest.raises(ValueError, match=r"config differs from the requested one: .*lr: 0.001 != 0.002"):
         train.main(base_args(out, text_cache, "--max-steps", "2", "--resume", "--lr", "0.002"))
+    assert (out / "config.json").read_text() == config
+
+
+def folder(out):
+    """OUT's entries with the bytes of its files (checkpoint folders by their listing)."""
+    return {p.name: sorted(os.listdir(p)) if p.is_dir() else p.read_bytes() for p in Path(out).iterdir()}
+
+
+def test_second_run_in_same_out_is_refused_resume_and_overwrite_work(tmp_path, text_cache):
+    """Issue 21's sequence: a second run into a run's folder changes nothing; --resume continues the run (a torn last
+    log line dropped), pruning only its own checkpoints; --overwrite deletes the run, and only the run, first."""
+    out = tmp_path / "run"
+    train.main(base_args(out, text_cache, "--max-steps", "4", "--ckpt-every", "2"))
+    before = folder(out)
+    refusal = f"{out}: holds a run (latest step-0000004); continue it with --resume, or start over with --overwrite"
+    with pytest.raises(InputError, match=re.escape(refusal)):
+        train.main(base_args(out, text_cache, "--max-steps", "1", "--lr", "0.002"))
+    assert folder(out) == before
+    (out / "step-0000099").mkdir()  # another run's checkpoint: never pruned
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "l2": 0.0')  # the torn last line of a killed run
+    train.main(base_args(out, text_cache, "--max-steps", "8", "--ckpt-every", "2", "--resume"))
+    assert (out / "latest").read_text() == "step-0000008\n"
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-0000002", "step-0000006", "step-0000008",
+                                                           "step-0000099"]
+    assert [r["step"] for r in log_rows(out) if "l2" in r] == list(range(1, 9))
+    (out / ".tmp-step-0000010").mkdir()  # a killed checkpoint write
+    (out / "notes.txt").write_text("mine")
+    train.main(base_args(out, text_cache, "--max-steps", "1", "--overwrite"))
+    assert sorted(os.listdir(out)) == ["config.json", "latest", "log.jsonl", "notes.txt", "recon-0000001.png",
+                                       "step-0000001", "tokenizer"]
+    assert [r["step"] for r in log_rows(out)] == [1, 1]  # the losses and the validation PSNR of step 1
+
+
+@pytest.mark.parametrize("held, what", [("log.jsonl", "log.jsonl"), ("step-0000003/", "step-0000003"),
+                                        ("tokenizer/", "tokenizer")])
+def test_folder_with_a_runs_files_but_no_latest_is_refused(tmp_path, text_cache, held, what):
+    out = tmp_path / "run"
+    (out / held).parent.mkdir(parents=True)
+    (out / held).mkdir() if held.endswith("/") else (out / held).write_text("{}\n")
+    with pytest.raises(InputError, match=re.escape(f"{out}: holds a run's files ({what}) but no latest checkpoint; "
+                                                   "start over with --overwrite")):
+        train.main(base_args(out, text_cache, "--max-steps", "1"))
+    assert sorted(os.listdir(out)) == [held.rstrip("/")]
+
+
+def test_disk_full_while_checkpointing_is_one_line(tmp_path, text_cache, monkeypatch):
+    """The second checkpoint's write fails: the error names it and the last good one; no temporary folder stays."""
+    import common
+    calls, real = [], common.save_file
+
+    def save_file(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path)
+    monkeypatch.setattr(common, "save_file", save_file)
+    out = tmp_path / "run"
+    with pytest.raises(InputError) as err:
+        train.main(base_args(out, text_cache, "--max-steps", "4", "--ckpt-every", "2"))
+    assert str(err.value) == (f"{out / 'step-0000004'}: cannot write the checkpoint ([Errno 28] No space left on "
+                              f"device); last good checkpoint: {out / 'step-0000002'}")
+    assert not list(out.glob(".tmp-step-*")) and (out / "latest").read_text() == "step-0000002\n"
+
+
+def test_ctrl_c_is_one_line_naming_the_last_checkpoint(tmp_path, text_cache, monkeypatch, capsys):
+    calls, real = [], train.ema_update
+
+    def ema_update(*a):
+        calls.append(1)
+        if len(calls) == 3:  # during step 3
+            raise KeyboardInterrupt
+        real(*a)
+    monkeypatch.setattr(train, "ema_update", ema_update)
+    out = tmp_path / "run"
+    try:
+        train.main(base_args(out, text_cache, "--max-steps", "4", "--ckpt-every", "2"))
+    except KeyboardInterrupt:  # would stop pytest itself
+        pytest.fail("the KeyboardInterrupt escaped train.main")
+    except SystemExit as stop:
+        assert stop.code == 130
+    else:
+        pytest.fail("train.main went on after Ctrl-C")
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.splitlines()[-1] == (
+        f"interrupted after step 2 of 4; last good checkpoint: {out / 'step-0000002'} (continue with --resume)")
 
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, text_cache, monkeypatch):
@@ -156,6 +246,20 @@ def test_grad_accumulation_matches_full_batch(tmp_path, text_cache):
     train.main(base_args(tmp_path / "full", text_cache, *GAN_ON))
     train.main(base_args(tmp_path / "accum", text_cache, *GAN_ON, "--grad-accum", "2"))
     assert_same_states(states(tmp_path / "full", 2), states(tmp_path / "accum", 2))
+
+
+def test_embedded_images_render_once(monkeypatch):
+    """ShapesDataset renders each scene on first use only, and the kept image is the rendered one."""
+    import data
+    renders, real = [], data.render
+    monkeypatch.setattr(data, "render", lambda scene, size: renders.append(scene) or real(scene, size))
+    ds = data.ShapesDataset("train", 32, 4)
+    first = [ds[i]["image"] for i in (0, 1, 2, 3)]
+    again = [ds[i]["image"] for i in (3, 2, 1, 0, 0)]
+    assert len(renders) == 4
+    for i in range(4):
+        expected = data.to_tensor(real(ds.scenes[i], 32))
+        assert torch.equal(first[i], expected) and torch.equal(again[3 - i], expected)
 
 
 def test_embedded_default_command_end_to_end(tmp_path):
