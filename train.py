@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import math
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -123,6 +124,74 @@ def perceptual_loss(device):
     return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
 
+# ------------------------------------------------------------------------------------ stage-1 step (App. C losses)
+# One tokenizer step = generator_step (ℓ2 + perceptual + GAN (+ VQ) loss, backward, Adam) then, from disc_start on,
+# discriminator_step (non-saturating loss + R1 + LeCAM, backward, Adam). train.py and the benches call these two.
+def generator_step(net, model, opt, disc, lpips_fn, tc: TokenizerTrainConfig, micro_batches: list, precision: str,
+                   gan_on: bool, check=None):
+    """Updates the tokenizer and detokenizer once on App. C's generator loss, accumulated over `micro_batches`
+    [(batch, sync)]; returns (loss terms, the detached reconstructions for the discriminator step)."""
+    device, K = micro_batches[0][0]["image"].device, len(micro_batches)
+    terms, fakes = {}, []
+    if disc is not None:
+        disc.requires_grad_(False)  # the GAN loss reaches the tokenizer through a frozen D
+    for mb, sync in micro_batches:
+        with nullcontext() if sync else net.no_sync(), autocast(device, precision):
+            recon, _, vq_loss = net(mb["image"], mb["cond"])
+            recon = recon.float()
+            parts = {"l2": F.mse_loss(recon, mb["image"]), "vq": vq_loss.float()}   # ℓ2 reconstruction (+ VQ, App. A)
+            if lpips_fn is not None:
+                parts["perceptual"] = lpips_fn(recon, mb["image"]).mean()          # perceptual loss (LPIPS-VGG)
+            if gan_on:
+                parts["gan"] = generator_loss(disc(recon))                         # non-saturating GAN loss
+            loss = (tc.recon_weight * parts["l2"] + parts["vq"] + tc.perceptual_weight * parts.get("perceptual", 0)
+                    + tc.gan_weight * parts.get("gan", 0))
+            (loss / K).backward()
+        fakes.append(recon.detach())
+        for k, v in parts.items():
+            terms[k] = terms.get(k, 0.0) + v.item() / K
+    if check is not None:
+        check(terms)  # a non-finite loss stops here, before it reaches the weights
+    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return terms, fakes
+
+
+def discriminator_step(disc, d_opt, lecam, tc: TokenizerTrainConfig, micro_batches: list, fakes: list,
+                       precision: str, d_step: int, lr: float, world: int = 1, check=None) -> dict:
+    """Updates the discriminator once on App. C's discriminator loss: non-saturating loss + r1_cost x R1 (every
+    r1_every-th D step `d_step`) + lecam_weight x LeCAM, over `micro_batches` and the generator's `fakes`; then
+    moves LeCAM's EMAs. Returns the loss terms."""
+    device, K = fakes[0].device, len(micro_batches)
+    terms, mean_real, mean_fake = {}, 0.0, 0.0
+    disc.requires_grad_(True)
+    for (mb, _), fake in zip(micro_batches, fakes):
+        with autocast(device, precision):
+            logits_real, r1 = r1_penalty(disc, mb["image"], every=tc.r1_every, step=d_step)  # R1 on real images
+            logits_fake = disc(fake)
+        # LeCAM against the EMAs *before* this step's update, as MAGVIT / MaskGIT-style trainers (TiTok's
+        # losses.py) do: the EMAs can then move once per step by the mean over all micro-batches and ranks. (The
+        # LeCAM authors' code, google/lecam-gan, updates first: a difference of (1 - lecam_decay) of one step's mean.)
+        parts = {"d_loss": discriminator_loss(logits_real, logits_fake), "r1": r1,
+                 "lecam": lecam.penalty(logits_real, logits_fake)}
+        d_loss = parts["d_loss"] + tc.r1_cost * r1 + tc.lecam_weight * parts["lecam"]
+        (d_loss / K).backward()
+        mean_real = mean_real + logits_real.detach().float().mean() / K
+        mean_fake = mean_fake + logits_fake.detach().float().mean() / K
+        for k, v in parts.items():
+            terms[k] = terms.get(k, 0.0) + v.item() / K
+    if check is not None:
+        check(terms)
+    lecam.update(global_mean(mean_real, world), global_mean(mean_fake, world))  # LeCAM's EMAs: once per step
+    all_reduce_grads(disc, world)  # D is not DDP-wrapped (R1's double backward)
+    for group in d_opt.param_groups:  # D follows the tokenizer's warm-up + cosine schedule
+        group["lr"] = lr
+    d_opt.step()
+    d_opt.zero_grad(set_to_none=True)
+    return terms
+
+
 def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0):
     """(train, val) data sets with the conditions `cfg` reads (cached caption embeddings, labels); rank 0 first
     checks that every image of a --data folder decodes."""
@@ -166,59 +235,25 @@ def train_tokenizer(args, rank, world, device):
               f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M; {note}; perceptual loss "
               f"{run_config['perceptual_loss']}; {run.total} steps on {device} x {world}")
     val_batch = {k: v.to(device) for k, v in collate([val_set[i] for i in range(min(len(val_set), 64))]).items()}
-    K = args.grad_accum
     for step, batch in run.steps(loader_for(args, train_set, rank, world, tc.seed), objects, tc.seed):
+        # The discriminator joins at disc_start (App. C: 80k steps); before it the loss is ℓ2 + perceptual (+ VQ).
         gan_on = step >= tc.disc_start
-        terms, fakes = {}, []
-        # ---- tokenizer / detokenizer update: l2 + perceptual + GAN (+ VQ) losses (§3.2, App. C)
-        disc.requires_grad_(False)
-        for mb, sync in run.micro_batches(batch):
-            with nullcontext() if sync else net.no_sync(), autocast(device, args.precision):
-                recon, _, vq_loss = net(mb["image"], mb["cond"])
-                recon = recon.float()
-                parts = {"l2": F.mse_loss(recon, mb["image"]), "vq": vq_loss.float()}
-                if lpips_fn is not None:
-                    parts["perceptual"] = lpips_fn(recon, mb["image"]).mean()
-                if gan_on:
-                    parts["gan"] = generator_loss(disc(recon))
-                loss = (tc.recon_weight * parts["l2"] + parts["vq"] + tc.perceptual_weight * parts.get("perceptual", 0)
-                        + tc.gan_weight * parts.get("gan", 0))
-                (loss / K).backward()
-            fakes.append(recon.detach())
-            for k, v in parts.items():
-                terms[k] = terms.get(k, 0.0) + v.item() / K
-        run.check_finite(step, terms)
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        lr = sched.get_last_lr()[0]  # this step's rate (linear warm-up, then cosine), D's too
+        micro_batches = list(run.micro_batches(batch))  # --grad-accum micro-batches; DDP syncs on the last
+        check = partial(run.check_finite, step)  # a non-finite loss stops before it reaches the weights
+        # 1. Tokenizer + detokenizer: recon_weight x ℓ2 + perceptual_weight x LPIPS + gan_weight x non-saturating
+        #    GAN loss through the frozen D (+ VQ), backward, grad clip, Adam.
+        terms, fakes = generator_step(net, model, opt, disc, lpips_fn, tc, micro_batches, args.precision, gan_on,
+                                      check)
         sched.step()
+        # 2. EMA of the weights (App. C: decay 0.999): the model evaluated below and saved at the end.
         ema_update(ema, model, tc.ema_decay)
-        # ---- discriminator update: non-saturating loss + R1 (cost 10) + LeCAM (App. C), from disc_start on.
-        # Lazy R1 (--r1-every k): the penalty on every k-th D step, weighted by k (StyleGAN2).
+        # 3. Discriminator, from disc_start on: non-saturating loss + R1 (cost 10, on every r1_every-th D step,
+        #    counted from disc_start) + LeCAM (weight 1e-4) on the reconstructions of step 1; then LeCAM's EMAs.
         if gan_on:
-            disc.requires_grad_(True)
-            mean_real = mean_fake = 0.0
-            for (mb, _), fake in zip(run.micro_batches(batch), fakes):
-                with autocast(device, args.precision):
-                    logits_real, r1 = r1_penalty(disc, mb["image"], every=tc.r1_every, step=step - tc.disc_start)
-                    logits_fake = disc(fake)
-                d_parts = {"d_loss": discriminator_loss(logits_real, logits_fake), "r1": r1,
-                           "lecam": lecam.penalty(logits_real, logits_fake)}
-                d_loss = d_parts["d_loss"] + tc.r1_cost * r1 + tc.lecam_weight * d_parts["lecam"]
-                (d_loss / K).backward()
-                mean_real = mean_real + logits_real.detach().float().mean() / K
-                mean_fake = mean_fake + logits_fake.detach().float().mean() / K
-                for k, v in d_parts.items():
-                    terms[k] = terms.get(k, 0.0) + v.item() / K
-            run.check_finite(step, terms)
-            # LeCAM's EMAs move once per step, by the batch means over micro-batches and ranks.
-            lecam.update(global_mean(mean_real, world), global_mean(mean_fake, world))
-            all_reduce_grads(disc, world)
-            for group in d_opt.param_groups:  # D follows the same warm-up + cosine schedule as the tokenizer
-                group["lr"] = lr
-            d_opt.step()
-            d_opt.zero_grad(set_to_none=True)
+            terms |= discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, args.precision,
+                                        step - tc.disc_start, lr, world, check)
+        # 4. Log, and every --eval-every steps the EMA model's validation PSNR and a reconstruction grid.
         done = step + 1
         run.log(done, {**terms, "lr": lr}, tc.batch_size)
         if done % args.eval_every == 0 or done == run.stop:

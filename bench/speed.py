@@ -10,9 +10,9 @@ On CUDA both DiTs run compiled with CUDA graphs (torch.compile mode="reduce-over
 sampling is compute-bound, not launch-bound. "speed-up / FLOP ratio" divides the measured generation speed-up by the
 ratio of generation FLOPs per image (matmul, conv and attention FLOPs counted by torch.utils.flop_counter): 1.0 is
 the speed-up the FLOPs alone allow.
-Training: images/s and peak memory of one TexTok training step (l2 loss, Adam, App. C) beside the identical
-architecture built from `timm` ViT `Block`s (a bench-only dependency: pip install timm); ours should be at least
-as fast. On CUDA, model FLOPs utilisation (MFU) of TexTok-Base in bf16 as well.
+Training: images/s and peak memory of one TexTok training step (train.generator_step: l2 loss, Adam, App. C)
+beside the identical architecture built from `timm` ViT `Block`s (a bench-only dependency: pip install timm); ours
+should be at least as fast. On CUDA, model FLOPs utilisation (MFU) of TexTok-Base in bf16 as well.
 
     python bench/speed.py                 # CPU default, a few minutes: TexTok-Small-32, DiT-S, 4 DDIM steps, batch 2
     python bench/speed.py --resolutions 256 --repeats 1 --train-steps 1   # CPU, the smallest run (~1 minute)
@@ -25,24 +25,24 @@ import argparse
 import dataclasses
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import atomic_write, autocast, run_main, save_json  # noqa: E402
-from config import MODEL_PRESETS, OFFLINE_TEXT_ENCODER, TexTokConfig  # noqa: E402
+from config import MODEL_PRESETS, OFFLINE_TEXT_ENCODER, TexTokConfig, TokenizerTrainConfig  # noqa: E402
 from data import Cond, ShapesDataset  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from dit import DiT_models  # noqa: E402
+from harness import best_seconds  # noqa: E402
 from text_encoder import TextEncoder  # noqa: E402
 from textok import TexTok  # noqa: E402
 from tokenizer import patchify, unpatchify  # noqa: E402
+from train import generator_step  # noqa: E402
 
 # Flag defaults: a CPU run of a few minutes, or the paper's sizes (Table 5 / Fig. 4: TexTok-Base, DiT-XL,
 # DDIM 250 steps, batch 32; N from Table 1).
@@ -93,24 +93,6 @@ def machine(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}")
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_seconds(fn, repeats: int, device) -> float:
-    """Best wall-clock seconds of fn() over `repeats` calls, after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def count_flops(fn) -> int:
@@ -224,14 +206,15 @@ class TimmEncoderDecoder(nn.Module):
         return norm(h)[:, :S]
 
     def forward(self, images, cond):
-        """images [B, 3, H, W], cond: Cond(text [B, N_t, C], text_mask [B, N_t]) -> reconstruction [B, 3, H, W]."""
+        """images [B, 3, H, W], cond: Cond(text [B, N_t, C], text_mask [B, N_t]) -> (reconstruction, Z, 0)."""
         text, text_mask = cond.text, cond.text_mask
         P = self.patch_embed(patchify(images, self.cfg.patch_size)) + self.pos_embed
         x = torch.cat([P, self.L.expand(len(P), -1, -1)], 1)
         Z = self.to_Z(self._vit(self.enc, self.enc_norm, x, self.enc_text(text), text_mask)[:, P.shape[1]:])
         x = torch.cat([self.P.expand(len(Z), -1, -1), self.z_proj(Z) + self.z_pos], 1)
         out = self._vit(self.dec, self.dec_norm, x, self.dec_text(text), text_mask)
-        return unpatchify(self.to_pixels(out[:, : self.P.shape[1]]), self.cfg.patch_size)
+        recon = unpatchify(self.to_pixels(out[:, : self.P.shape[1]]), self.cfg.patch_size)
+        return recon, Z, Z.new_zeros(())  # TexTok.forward's (images_hat, Z, vq_loss)
 
 
 def train_flops_per_image(cfg: TexTokConfig) -> float:
@@ -249,7 +232,7 @@ def train_flops_per_image(cfg: TexTokConfig) -> float:
 
 def training_row(name: str, build, cfg: TexTokConfig, args, device, precision: str) -> dict:
     """Images/s (best of `repeats` blocks of `train_steps` steps, after a warm-up step) and peak memory of training
-    the model `build()` returns on random images and text (l2 loss, Adam with App. C's betas)."""
+    the model `build()` returns on random images and text (train.generator_step: l2 loss, Adam with App. C's betas)."""
     B = args.train_batch_size
     precision = "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
     gen = torch.Generator().manual_seed(0)
@@ -263,18 +246,13 @@ def training_row(name: str, build, cfg: TexTokConfig, args, device, precision: s
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # inputs and other models
     torch.manual_seed(0)
     model = build(cfg).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.0, 0.99), fused=device.type == "cuda")
+    tc = TokenizerTrainConfig(perceptual_weight=0.0)  # App. C's weights and Adam betas; ℓ2 only (no VGG, no D)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+    micro_batches = [({"image": images, "cond": Cond(text, mask)}, True)]
 
-    def step():
-        with autocast(device, precision):
-            out = model(images, Cond(text, mask))
-        F.mse_loss((out[0] if isinstance(out, tuple) else out).float(), images).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def block():
+    def block():  # train.py's generator step before disc_start
         for _ in range(args.train_steps):
-            step()
+            generator_step(model, model, opt, None, None, tc, micro_batches, precision, gan_on=False)
 
     seconds = best_seconds(block, args.repeats, device)
     row = dict(model=name, size=cfg.image_size, tokens=cfg.num_tokens, batch=B, precision=precision,
@@ -323,7 +301,8 @@ def tables(inference: list, training: list, args) -> str:
         lines.append(f"| {r['size']} | {r['system']} | {r['tokens']} | {fmt(r['text'])} | {fmt(r['tokenize'])} | "
                      f"{fmt(r['detokenize'])} | {fmt(r['dit'])} | {fmt(r['tokenization'])} | {fmt(r['generation'])} | "
                      f"{r['generation_flops'] / 1e9:.4g} | {r['speedup']:.2f}x | {r['speedup_per_flop_ratio']:.2f} |")
-    lines += ["", "Tokenizer training throughput (one step: forward, l2 loss, backward, Adam):", "",
+    lines += ["", "Tokenizer training throughput (train.generator_step before disc_start: forward, l2 loss, backward, "
+              "clipping, Adam):", "",
               "| model | px | tokens | batch | precision | params (M) | images/s | peak memory (GiB) | MFU | "
               "vs timm |", "|" + "---|" * 10]
     timm_rate = next((r["images_per_s"] for r in training if "timm" in r["model"]), None)

@@ -284,3 +284,20 @@ def test_lazy_r1_flag(tmp_path, text_cache):
     train.main(base_args(out, text_cache, "--max-steps", "3", "--disc-start", "0", "--r1-every", "2"))
     r1 = [r["r1"] for r in log_rows(out) if "l2" in r]
     assert r1[0] > 0 and r1[1] == 0 and r1[2] > 0
+
+
+def test_stage1_steps_reproduce_recorded_losses(tmp_path, text_cache):
+    """Two GAN steps from seed 0 give the losses and LeCAM EMAs recorded before the stage-1 step became
+    train.generator_step / train.discriminator_step (the LeCAM penalty reads the EMAs before this step's update)."""
+    out = tmp_path / "run"
+    train.main(base_args(out, text_cache, *GAN_ON))
+    rows = [r for r in log_rows(out) if "l2" in r]
+    recorded = [{"l2": 1.12767, "gan": 0.704512, "grad_norm": 1.41804, "d_loss": 1.38447, "r1": 5.29535e-05,
+                 "lecam": 0.000541862},
+                {"l2": 0.916964, "gan": 0.754858, "grad_norm": 1.45534, "d_loss": 1.35019, "r1": 8.64946e-05,
+                 "lecam": 0.0144067}]
+    for row, expected in zip(rows, recorded, strict=True):
+        assert {k: row[k] for k in expected} == pytest.approx(expected, rel=2e-5), row
+    state = load_tensors(out / "step-0000002" / "state.safetensors")
+    assert state["s.lecam.ema_real"].item() == pytest.approx(-6.184484664e-05, rel=1e-4)
+    assert state["s.lecam.ema_fake"].item() == pytest.approx(-1.424030779e-04, rel=1e-4)
