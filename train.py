@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (InputError, Run, all_reduce_grads, autocast, global_mean, load_tensors, run_main,
-                    save_image_grid, save_tensors, setup_distributed)
+                    save_image_grid, save_tensors, setup_distributed, to_uint8)
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
                     get_preset, given_flags, to_dict)
 from data import CAPTION_STYLES, Conditions, LatentSet, collate, conditioned, make_datasets, step_loader
 from diffusion import Diffusion
 from dit import build_dit
 from discriminator import LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty
+from metrics import psnr
 from textok import TexTok
 
 VGG_FILE = "vgg16-397923af.pth"
@@ -253,13 +254,14 @@ def train_tokenizer(args, rank, world, device):
         if gan_on:
             terms |= discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, args.precision,
                                         step - tc.disc_start, lr, world, check)
-        # 4. Log, and every --eval-every steps the EMA model's validation PSNR and a reconstruction grid.
+        # 4. Log, and every --eval-every steps the EMA model's validation PSNR (uint8) and a reconstruction grid.
         done = step + 1
         run.log(done, {**terms, "lr": lr}, tc.batch_size)
         if done % args.eval_every == 0 or done == run.stop:
-            psnr = evaluate_tokenizer(ema, val_batch, run.out / f"recon-{done:07d}.png", rank, device, args.precision)
-            run.write_log({"step": done, "val_psnr": psnr})
-            run.bar.write(f"step {done}: validation PSNR {psnr:.2f} dB (EMA)") if rank == 0 else None
+            val_psnr = evaluate_tokenizer(ema, val_batch, run.out / f"recon-{done:07d}.png", rank, device,
+                                          args.precision)
+            run.write_log({"step": done, "val_psnr_uint8": val_psnr})
+            run.bar.write(f"step {done}: validation PSNR {val_psnr:.2f} dB (EMA, uint8)") if rank == 0 else None
     if rank == 0:
         ema.save_pretrained(run.out / "tokenizer")
         print(f"done: EMA tokenizer in {run.out / 'tokenizer'}, log {run.out / 'log.jsonl'}")
@@ -268,16 +270,15 @@ def train_tokenizer(args, rank, world, device):
 
 @torch.no_grad()
 def evaluate_tokenizer(model, batch, grid_path, rank, device, precision) -> float:
-    """Validation PSNR (dB, images in [-1, 1]) of `model` on `batch`; rank 0 writes originals beside
-    reconstructions as a PNG grid (Fig. 1 layout: pairs of columns)."""
+    """Validation PSNR (dB) of `model` on `batch` by metrics.psnr, on uint8-quantised images as metrics.py; rank 0
+    writes originals beside reconstructions as a PNG grid (Fig. 1 layout: pairs of columns)."""
     with autocast(device, precision):
         recon = model(batch["image"], batch["cond"])[0].float().clamp(-1, 1)
-    mse = ((recon - batch["image"]) / 2).pow(2).flatten(1).mean(1)
-    psnr = (-10 * torch.log10(mse.clamp_min(1e-10))).mean().item()
+    value = psnr(to_uint8(batch["image"]), to_uint8(recon))
     if rank == 0:
         k = min(16, len(recon))
         save_image_grid(torch.stack([batch["image"][:k], recon[:k]], 1).flatten(0, 1), grid_path, ncol=8)
-    return round(psnr, 4)
+    return round(value, 4)
 
 
 # --------------------------------------------------------------------------------------------------- stage 2

@@ -301,3 +301,14 @@ def test_stage1_steps_reproduce_recorded_losses(tmp_path, text_cache):
     state = load_tensors(out / "step-0000002" / "state.safetensors")
     assert state["s.lecam.ema_real"].item() == pytest.approx(-6.184484664e-05, rel=1e-4)
     assert state["s.lecam.ema_fake"].item() == pytest.approx(-1.424030779e-04, rel=1e-4)
+
+
+def test_validation_psnr_is_metrics_psnr_on_uint8_images(tmp_path):
+    """One PSNR: a reconstruction 0.6 grey levels off rounds to 1 level off, so the logged PSNR is 20 log10(255)
+    (48.13 dB, metrics.psnr on uint8 images), not the float images' 52.57 dB."""
+    levels = torch.randint(0, 254, (4, 3, 8, 8)).float()
+    batch = {"image": levels / 127.5 - 1, "cond": None}
+    model = lambda images, cond: ((levels + 0.6) / 127.5 - 1,)  # noqa: E731
+    value = train.evaluate_tokenizer(model, batch, tmp_path / "grid.png", 0, torch.device("cpu"), "fp32")
+    assert value == pytest.approx(20 * math.log10(255), abs=1e-4)
+    assert (tmp_path / "grid.png").is_file()
