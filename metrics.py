@@ -1,13 +1,11 @@
-"""The ADM evaluation suite (FID, sFID, IS, precision, recall) plus PSNR, SSIM, LPIPS and reconstruction FID (§4.2),
-and a domain FID for the embedded shapes set where the Inception weights cannot be had.
+"""The ADM evaluation suite (FID, sFID, IS, precision, recall) plus PSNR, SSIM, LPIPS and reconstruction FID (§4.2).
 
     python metrics.py REF.npz SAMPLE.npz                   # gFID, gIS, precision, recall: the ADM evaluator's report
     python metrics.py --tokenizer CKPT [--data DIR]        # rFID, rIS, PSNR, SSIM, LPIPS of TexTok reconstructions
-    python metrics.py --domain REF.npz SAMPLE.npz          # embedded set only: domain FID, class / caption accuracy
 
 The ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py) runs TensorFlow's 2015 Inception-v3 graph;
-here it is the PyTorch port in inception.py. `--domain` replaces Inception by a small classifier trained on the
-embedded set (domain.py): its numbers are not FID-Inception and compare only with each other.
+here it is the PyTorch port in inception.py. Without its weights, `python domain.py SAMPLE.npz` measures samples of
+the embedded set with a small classifier trained on it instead: its numbers are not FID-Inception.
 """
 import argparse
 import os
@@ -16,7 +14,6 @@ import warnings
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -380,9 +377,8 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="ADM evaluation suite (FID, sFID, IS, precision, recall), TexTok "
-                                                 "reconstruction metrics (rFID, rIS, PSNR, SSIM, LPIPS), and a domain "
-                                                 "FID for the embedded shapes set (--domain)")
+    parser = argparse.ArgumentParser(description="ADM evaluation suite (FID, sFID, IS, precision, recall) and TexTok "
+                                                 "reconstruction metrics (rFID, rIS, PSNR, SSIM, LPIPS)")
     parser.add_argument("ref_batch", nargs="?", help="reference batch .npz (ADM format: arr_0 uint8 [N, H, W, 3])")
     parser.add_argument("sample_batch", nargs="?", help="sample batch .npz (ADM format)")
     parser.add_argument("--tokenizer", help="TexTok checkpoint directory: evaluate its reconstructions instead")
@@ -390,39 +386,24 @@ def main(argv=None):
     parser.add_argument("--split", default="train", choices=["train", "val"], help="§4.2 uses training images")
     parser.add_argument("--num-images", type=int, default=50_000, help="§4.2: 50K images")
     parser.add_argument("--text-cache", default="cache", help="--tokenizer: the cache folder train.py filled (--cache-dir)")
-    parser.add_argument("--domain", action="store_true",
-                        help="embedded set, no Inception: domain FID (not FID-Inception), class and caption accuracy; "
-                             "`--domain SAMPLE.npz` compares with real held-out images")
-    parser.add_argument("--classes-in-turn", action="store_true",
-                        help="--domain: sample i is of class i %% 8, as sample.py draws them (else the sample file's "
-                             "`labels` array, if any)")
-    parser.add_argument("--captions", help="--domain: text file, the caption of each sample on its line (sample.py's "
-                                           "captions.txt)")
-    parser.add_argument("--domain-cache", default="cache", help="--domain: folder of the cached classifier")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--inception", help=f"{INCEPTION_FILE} path (default: ${INCEPTION_ENV}, else the torch "
                                             "hub cache)")
     parser.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.domain and args.ref_batch and not args.sample_batch:  # `--domain SAMPLE.npz`: real images as reference
-        args.ref_batch, args.sample_batch = None, args.ref_batch
-    if not args.tokenizer and not (args.sample_batch and (args.ref_batch or args.domain)):
-        parser.error("give REF.npz SAMPLE.npz, --domain [REF.npz] SAMPLE.npz, or --tokenizer CKPT")
+    if not args.tokenizer and not (args.sample_batch and args.ref_batch):
+        parser.error("give REF.npz SAMPLE.npz or --tokenizer CKPT (the embedded set without Inception weights: "
+                     "python domain.py SAMPLE.npz)")
     try:
         if args.tokenizer:
             report = evaluate_reconstruction(args.tokenizer, args.data, args.split, args.num_images, args.batch_size,
                                              args.inception, args.lpips_net, args.text_cache, args.device)
-        elif args.domain:
-            captions = Path(args.captions).read_text().splitlines() if args.captions else None
-            import domain  # the embedded set's classifier; the ADM suite runs without it
-            report = domain.evaluate_domain(args.ref_batch, args.sample_batch, args.classes_in_turn, captions,
-                                            args.batch_size, args.domain_cache, args.device)
         else:
             report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device)
     except (InputError, FileNotFoundError) as e:  # the user's input; bugs keep their tracebacks
-        hint = ("\n(without them, `metrics.py --domain` measures samples of the embedded set in a domain feature "
-                "space: not FID-Inception)") if INCEPTION_FILE in str(e) else ""
+        hint = ("\n(without them, `python domain.py SAMPLE.npz` measures samples of the embedded set in a domain "
+                "feature space: not FID-Inception)") if INCEPTION_FILE in str(e) else ""
         sys.exit(f"error: {e}{hint}")
     for name, value in report.items():
         print(f"{name}: {value}")

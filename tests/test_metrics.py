@@ -380,4 +380,4 @@ def test_cli_without_inception_weights_points_to_the_domain_metrics(tmp_path, mo
     np.savez(tmp_path / "ref.npz", images())
     with pytest.raises(SystemExit) as err:
         metrics.main([str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz")])
-    assert inception.INCEPTION_FILE in str(err.value.code) and "--domain" in str(err.value.code)
+    assert inception.INCEPTION_FILE in str(err.value.code) and "domain.py SAMPLE.npz" in str(err.value.code)
