@@ -31,10 +31,8 @@ from data import CAPTION_STYLES, Conditions, LatentSet, collate, conditioned, ma
 from diffusion import Diffusion
 from dit import build_dit
 from discriminator import LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty
-from metrics import psnr
+from metrics import load_lpips, psnr
 from textok import TexTok
-
-VGG_FILE = "vgg16-397923af.pth"
 
 
 # ----------------------------------------------------------------------------------------------------------- setup
@@ -112,17 +110,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     """ema <- decay * ema + (1 - decay) * model, over parameters and floating-point buffers."""
     floats = [(a, b) for a, b in zip(ema.state_dict().values(), model.state_dict().values()) if a.is_floating_point()]
     torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - decay)
-
-
-def perceptual_loss(device):
-    """LPIPS-VGG (App. C: perceptual loss), requiring the pretrained VGG trunk in the torch hub cache."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
-    if not path.is_file():
-        raise InputError(f"{path}: not found (perceptual loss). Download {VGG_FILE} from "
-                         f"https://download.pytorch.org/models/{VGG_FILE} into {path.parent} (TORCH_HOME moves it), "
-                         f"or switch the perceptual loss off with --perceptual-weight 0 (recorded in the run config).")
-    import lpips
-    return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------ stage-1 step (App. C losses)
@@ -229,7 +216,8 @@ def train_tokenizer(args, rank, world, device):
     d_opt = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, run.total))
     objects = {"model": model, "ema": ema, "disc": disc, "lecam": lecam, "opt": opt, "d_opt": d_opt, "sched": sched}
-    lpips_fn = perceptual_loss(device) if tc.perceptual_weight > 0 else None
+    lpips_fn = load_lpips("vgg", device, hint=", or switch the perceptual loss off with --perceptual-weight 0 "
+                          "(recorded in the run config)") if tc.perceptual_weight > 0 else None  # App. C: LPIPS-VGG
     net = run.wrap(model)
     if rank == 0:
         print(f"TexTok {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, D "

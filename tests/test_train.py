@@ -100,7 +100,7 @@ def test_perceptual_loss_runs_with_local_vgg_weights(tmp_path, text_cache, monke
     import torchvision
     home = tmp_path / "torch_home"
     (home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(torchvision.models.vgg16().state_dict(), home / "hub" / "checkpoints" / train.VGG_FILE)
+    torch.save(torchvision.models.vgg16().state_dict(), home / "hub" / "checkpoints" / "vgg16-397923af.pth")
     monkeypatch.setenv("TORCH_HOME", str(home))
     out = tmp_path / "run"
     train.main(base_args(out, text_cache, "--max-steps", "1", "--perceptual-weight", "0.1"))
