@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metrics
-from common import MissingInput, load_state, load_tensors, run_main, save_tensors
+from common import MissingInput, autocast, load_state, load_tensors, run_main, save_tensors
 from data import COLORS, SHAPES, SIZES, ShapesDataset, _place, render
 
 CELLS = 9  # data.make_scene's 3x3 grid, row-major
@@ -144,7 +144,7 @@ def train_classifier(settings: DomainSettings) -> ShapesClassifier:
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=settings.steps, pct_start=0.15)
     for _ in range(settings.steps):
         idx = torch.randint(len(images), (settings.batch_size,))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu", "bf16"):
             h = model.encode(images[idx])
             _, shape_logits, colour_logits = model.read_cells(h)
             logits = [shape_logits.transpose(1, 2), colour_logits.transpose(1, 2),  # all [B, classes, ...]
