@@ -152,7 +152,8 @@ def global_mean(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def all_reduce_grads(module: torch.nn.Module, world: int) -> None:
-    """Averages gradients across ranks (for modules not wrapped in DDP, e.g. D with the R1 double backward)."""
+    """Averages gradients across ranks (for modules not wrapped in DDP, e.g. the discriminator with the R1 double
+    backward)."""
     if world > 1:
         for p in module.parameters():
             if p.grad is not None:

@@ -39,7 +39,7 @@ class DiTConfig:
 
 
 def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, with per-sample [B, D] shift and scale broadcast over the tokens."""
+    """adaLN: x * (1 + scale) + shift, with per-sample [B, hidden_size] shift and scale broadcast over the tokens."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -51,7 +51,7 @@ def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """Timestep t -> 256 sinusoidal frequencies -> two-layer SiLU MLP -> [B, D] (DiT)."""
+    """Timestep t -> 256 sinusoidal frequencies -> two-layer SiLU MLP -> [B, hidden_size] (DiT)."""
 
     def __init__(self, hidden_size: int, freq_dim: int = 256):
         super().__init__()
@@ -167,7 +167,7 @@ class DiT(nn.Module):
         return None
 
     def _condition(self, B, device, cond, force_drop_ids):
-        """The adaLN input's class part [B, D] (or 0 for T2I) and the cross-attention context and mask."""
+        """The adaLN input's class part [B, hidden_size] (or 0 for T2I) and the cross-attention context and mask."""
         drop = self._drop_ids(B, device, force_drop_ids)
         if self.text_dim is None:
             label = None if cond is None else cond.label

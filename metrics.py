@@ -67,7 +67,7 @@ def compute_features(model, images, batch_size: int = 64, progress: bool = True,
 # FID / sFID, IS, precision and recall
 
 def feature_statistics(features, chunk: int = 4096):
-    """Mean and covariance (as np.cov, rowvar=False) of [N, D] features, accumulated in float64 in two passes."""
+    """Mean and covariance (as np.cov, rowvar=False) of [N, dim] features, accumulated in float64 in two passes."""
     n = len(features)
     if n < 2:
         raise ValueError(f"feature statistics need at least 2 images, got {n}")
@@ -406,8 +406,8 @@ def main(argv=None):
                                             "hub cache)")
     parser.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
     parser.add_argument("--strict", action="store_true",
-                        help="--tokenizer: refuse to run without every metric's weights (default: without the Inception "
-                             "or LPIPS weights, report the rest and name what was skipped)")
+                        help="--tokenizer: refuse to run without every metric's weights (default: without the "
+                             "Inception or LPIPS weights, report the rest and name what was skipped)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not args.tokenizer and not (args.sample_batch and args.ref_batch):

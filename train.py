@@ -122,7 +122,7 @@ def generator_step(net, model, opt, disc, lpips_fn, tc: TokenizerTrainConfig, mi
     device, K = micro_batches[0][0]["image"].device, len(micro_batches)
     terms, fakes = {}, []
     if disc is not None:
-        disc.requires_grad_(False)  # the GAN loss reaches the tokenizer through a frozen D
+        disc.requires_grad_(False)  # the GAN loss reaches the tokenizer through a frozen disc
     for mb, sync in micro_batches:
         with nullcontext() if sync else net.no_sync(), autocast(device, precision):
             recon, _, vq_loss = net(mb["image"], mb["cond"])
@@ -149,7 +149,7 @@ def generator_step(net, model, opt, disc, lpips_fn, tc: TokenizerTrainConfig, mi
 def discriminator_step(disc, d_opt, lecam, tc: TokenizerTrainConfig, micro_batches: list, fakes: list,
                        precision: str, d_step: int, lr: float, world: int = 1, check=None) -> dict:
     """Updates the discriminator once on App. C's discriminator loss: non-saturating loss + r1_cost x R1 (every
-    r1_every-th D step `d_step`) + lecam_weight x LeCAM, over `micro_batches` and the generator's `fakes`; then
+    r1_every-th disc step `d_step`) + lecam_weight x LeCAM, over `micro_batches` and the generator's `fakes`; then
     moves LeCAM's EMAs. Returns the loss terms."""
     device, K = fakes[0].device, len(micro_batches)
     terms, mean_real, mean_fake = {}, 0.0, 0.0
@@ -173,7 +173,7 @@ def discriminator_step(disc, d_opt, lecam, tc: TokenizerTrainConfig, micro_batch
         check(terms)
     lecam.update(global_mean(mean_real, world), global_mean(mean_fake, world))  # LeCAM's EMAs: once per step
     all_reduce_grads(disc, world)  # D is not DDP-wrapped (R1's double backward)
-    for group in d_opt.param_groups:  # D follows the tokenizer's warm-up + cosine schedule
+    for group in d_opt.param_groups:  # disc follows the tokenizer's warm-up + cosine schedule
         group["lr"] = lr
     d_opt.step()
     d_opt.zero_grad(set_to_none=True)
@@ -220,24 +220,24 @@ def train_tokenizer(args, rank, world, device):
                           "(recorded in the run config)") if tc.perceptual_weight > 0 else None  # App. C: LPIPS-VGG
     net = run.wrap(model)
     if rank == 0:
-        print(f"TexTok {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, D "
+        print(f"TexTok {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, discriminator "
               f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M; {note}; perceptual loss "
               f"{run_config['perceptual_loss']}; {run.total} steps on {device} x {world}")
     val_batch = {k: v.to(device) for k, v in collate([val_set[i] for i in range(min(len(val_set), 64))]).items()}
     for step, batch in run.steps(loader_for(args, train_set, rank, world, tc.seed), objects, tc.seed):
         # The discriminator joins at disc_start (App. C: 80k steps); before it the loss is ℓ2 + perceptual (+ VQ).
         gan_on = step >= tc.disc_start
-        lr = sched.get_last_lr()[0]  # this step's rate (linear warm-up, then cosine), D's too
+        lr = sched.get_last_lr()[0]  # this step's rate (linear warm-up, then cosine), disc's too
         micro_batches = list(run.micro_batches(batch))  # --grad-accum micro-batches; DDP syncs on the last
         check = partial(run.check_finite, step)  # a non-finite loss stops before it reaches the weights
         # 1. Tokenizer + detokenizer: recon_weight x ℓ2 + perceptual_weight x LPIPS + gan_weight x non-saturating
-        #    GAN loss through the frozen D (+ VQ), backward, grad clip, Adam.
+        #    GAN loss through the frozen disc (+ VQ), backward, grad clip, Adam.
         terms, fakes = generator_step(net, model, opt, disc, lpips_fn, tc, micro_batches, args.precision, gan_on,
                                       check)
         sched.step()
         # 2. EMA of the weights (App. C: decay 0.999): the model evaluated below and saved at the end.
         ema_update(ema, model, tc.ema_decay)
-        # 3. Discriminator, from disc_start on: non-saturating loss + R1 (cost 10, on every r1_every-th D step,
+        # 3. Discriminator, from disc_start on: non-saturating loss + R1 (cost 10, on every r1_every-th disc step,
         #    counted from disc_start) + LeCAM (weight 1e-4) on the reconstructions of step 1; then LeCAM's EMAs.
         if gan_on:
             terms |= discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, args.precision,

@@ -2,9 +2,9 @@
 
 Rows, each the mean time of one training step (tokenizer update, then discriminator update where there is one):
   stage-1 step, ℓ2 only                  TexTok forward, l2 loss, backward, clipping, Adam.
-  stage-1 step with D + R1 + LeCAM       + the generator loss through D, and a D step: non-saturating loss, R1 on
-                                         the real batch (double backward), LeCAM; App. C's setting.
-  ... lazy R1 (k = 16)                   R1 every 16th D step, weighted by 16 (StyleGAN2's lazy regularisation).
+  stage-1 step with disc + R1 + LeCAM    + the generator loss through disc, and a disc step: non-saturating loss,
+                                         R1 on the real batch (double backward), LeCAM; App. C's setting.
+  ... lazy R1 (k = 16)                   R1 every 16th disc step, weighted by 16 (StyleGAN2's lazy regularisation).
   ... depthwise-conv blur                (--compare-conv-blur) the discriminator's blur as the depthwise conv it
                                          was before (issue 14: on an H100 its double backward took 85% of the
                                          R1 step).
@@ -84,7 +84,7 @@ def seconds_per_step(args, device, gan: bool, r1_every: int = 1, conv_blur: bool
     tc = dataclasses.replace(tc, r1_every=r1_every, perceptual_weight=0.0)  # no VGG trunk offline
 
     def step(i):
-        """train.py's stage-1 step: the generator step, then (gan) the discriminator step, the i-th D step."""
+        """train.py's stage-1 step: the generator step, then (gan) the discriminator step, the i-th disc step."""
         _, fakes = generator_step(model, model, opt, disc, None, tc, micro_batches, "auto", gan)
         if gan:
             discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, "auto", i, tc.lr)
@@ -103,11 +103,11 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     k = args.r1_every
     rows = [("stage-1 step, ℓ2 only", dict(gan=False)),
-            ("stage-1 step with D + R1 + LeCAM", dict(gan=True)),
-            (f"stage-1 step with D + lazy R1 (k = {k}) + LeCAM", dict(gan=True, r1_every=k))]
+            ("stage-1 step with disc + R1 + LeCAM", dict(gan=True)),
+            (f"stage-1 step with disc + lazy R1 (k = {k}) + LeCAM", dict(gan=True, r1_every=k))]
     if args.compare_conv_blur:
-        rows += [("stage-1 step with D + R1 + LeCAM, depthwise-conv blur", dict(gan=True, conv_blur=True)),
-                 (f"stage-1 step with D + lazy R1 (k = {k}) + LeCAM, depthwise-conv blur",
+        rows += [("stage-1 step with disc + R1 + LeCAM, depthwise-conv blur", dict(gan=True, conv_blur=True)),
+                 (f"stage-1 step with disc + lazy R1 (k = {k}) + LeCAM, depthwise-conv blur",
                   dict(gan=True, r1_every=k, conv_blur=True))]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"preset {args.preset}, batch {args.batch_size}, best of {args.repeats} x {args.steps} steps; {where}, "

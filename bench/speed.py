@@ -154,7 +154,7 @@ def inference_rows(args, size: int, encoder: TextEncoder, device, bar) -> list:
             del model, dit
             bar.update()
         # The original DiT: DiT/2 over the SD-VAE latent (size/8)^2 x 4. Patch size 2 makes every token a 2x2x4
-        # patch, so DiT/2's patch embedding (Conv2d 4 -> D, kernel 2, stride 2) is a linear map of 16 channels per
+        # patch, so DiT/2's patch embedding (Conv2d 4 -> hidden, kernel 2, stride 2) is a linear map of 16 channels per
         # token: our DiT over (size/16)^2 tokens of 16 channels computes the same (256 tokens at 256 px, 1024 at
         # 512 px). Its output layer predicts 16 values per token where DiT's also learns the variance (32): negligible.
         bar.set_postfix_str(f"{size} px, SD-VAE + {args.dit}/2")
@@ -178,21 +178,23 @@ class TimmEncoderDecoder(nn.Module):
     def __init__(self, cfg: TexTokConfig):
         super().__init__()
         from timm.models.vision_transformer import Block
-        D, s, hw = cfg.width, cfg.patch_size, cfg.grid ** 2
+        width, s, hw = cfg.width, cfg.patch_size, cfg.grid ** 2
         self.cfg = cfg
 
         def blocks(depth):
-            return nn.ModuleList(Block(D, cfg.heads, cfg.mlp_dim / D, qkv_bias=True) for _ in range(depth))
+            return nn.ModuleList(Block(width, cfg.heads, cfg.mlp_dim / width, qkv_bias=True) for _ in range(depth))
 
-        self.patch_embed, self.pos_embed = nn.Linear(3 * s * s, D), nn.Parameter(torch.zeros(1, hw, D))
-        self.L = nn.Parameter(torch.zeros(1, cfg.num_tokens, D))
-        self.enc_text, self.enc, self.enc_norm = nn.Linear(cfg.text_dim, D), blocks(cfg.enc_layers), nn.LayerNorm(D)
-        self.to_Z = nn.Linear(D, cfg.token_dim)
-        self.P = nn.Parameter(torch.zeros(1, hw, D))
-        self.z_proj, self.z_pos = nn.Linear(cfg.token_dim, D), nn.Parameter(torch.zeros(1, cfg.num_tokens, D))
-        self.dec_text, self.dec, self.dec_norm = nn.Linear(cfg.text_dim, D), blocks(cfg.dec_layers), nn.LayerNorm(D)
-        self.to_pixels = nn.Linear(D, 3 * s * s)
-        for p in (self.pos_embed, self.L, self.P, self.z_pos):
+        self.patch_embed, self.pos_embed = nn.Linear(3 * s * s, width), nn.Parameter(torch.zeros(1, hw, width))
+        self.L = nn.Parameter(torch.zeros(1, cfg.num_tokens, width))
+        self.enc_text, self.enc = nn.Linear(cfg.text_dim, width), blocks(cfg.enc_layers)
+        self.enc_norm = nn.LayerNorm(width)
+        self.to_Z = nn.Linear(width, cfg.token_dim)
+        self.P_prime = nn.Parameter(torch.zeros(1, hw, width))
+        self.z_proj, self.z_pos = nn.Linear(cfg.token_dim, width), nn.Parameter(torch.zeros(1, cfg.num_tokens, width))
+        self.dec_text, self.dec = nn.Linear(cfg.text_dim, width), blocks(cfg.dec_layers)
+        self.dec_norm = nn.LayerNorm(width)
+        self.to_pixels = nn.Linear(width, 3 * s * s)
+        for p in (self.pos_embed, self.L, self.P_prime, self.z_pos):
             nn.init.trunc_normal_(p, std=0.02)
 
     @staticmethod
@@ -211,22 +213,22 @@ class TimmEncoderDecoder(nn.Module):
         P = self.patch_embed(patchify(images, self.cfg.patch_size)) + self.pos_embed
         x = torch.cat([P, self.L.expand(len(P), -1, -1)], 1)
         Z = self.to_Z(self._vit(self.enc, self.enc_norm, x, self.enc_text(text), text_mask)[:, P.shape[1]:])
-        x = torch.cat([self.P.expand(len(Z), -1, -1), self.z_proj(Z) + self.z_pos], 1)
+        x = torch.cat([self.P_prime.expand(len(Z), -1, -1), self.z_proj(Z) + self.z_pos], 1)
         out = self._vit(self.dec, self.dec_norm, x, self.dec_text(text), text_mask)
-        recon = unpatchify(self.to_pixels(out[:, : self.P.shape[1]]), self.cfg.patch_size)
+        recon = unpatchify(self.to_pixels(out[:, : self.P_prime.shape[1]]), self.cfg.patch_size)
         return recon, Z, Z.new_zeros(())  # TexTok.forward's (images_hat, Z, vq_loss)
 
 
 def train_flops_per_image(cfg: TexTokConfig) -> float:
     """Model FLOPs of one training step per image: 3x the forward's matmul FLOPs (forward + backward, as PaLM's MFU),
     tokenizer and detokenizer over hw patches + N tokens + N_t text tokens each (in-context, §3.2)."""
-    D, M, s, hw, N, L = cfg.width, cfg.mlp_dim, cfg.patch_size, cfg.grid ** 2, cfg.num_tokens, cfg.text_len
-    S = hw + N + L
+    width, M, s, hw, N, N_t = cfg.width, cfg.mlp_dim, cfg.patch_size, cfg.grid ** 2, cfg.num_tokens, cfg.text_len
+    S = hw + N + N_t
 
     def vit(layers):  # q, k, v, out projections + MLP, and the two attention matmuls (QK^T, AV)
-        return layers * (2 * S * (4 * D * D + 2 * D * M) + 4 * S * S * D)
+        return layers * (2 * S * (4 * width * width + 2 * width * M) + 4 * S * S * width)
 
-    embed = 2 * hw * 3 * s * s * D * 2 + 2 * L * cfg.text_dim * D * 2 + 2 * N * D * cfg.token_dim * 2
+    embed = 2 * hw * 3 * s * s * width * 2 + 2 * N_t * cfg.text_dim * width * 2 + 2 * N * width * cfg.token_dim * 2
     return 3 * (vit(cfg.enc_layers) + vit(cfg.dec_layers) + embed)
 
 
@@ -246,7 +248,7 @@ def training_row(name: str, build, cfg: TexTokConfig, args, device, precision: s
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # inputs and other models
     torch.manual_seed(0)
     model = build(cfg).to(device).train()
-    tc = TokenizerTrainConfig(perceptual_weight=0.0)  # App. C's weights and Adam betas; ℓ2 only (no VGG, no D)
+    tc = TokenizerTrainConfig(perceptual_weight=0.0)  # App. C's weights and Adam betas; ℓ2 only (no VGG, no disc)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
     micro_batches = [({"image": images, "cond": Cond(text, mask)}, True)]
 

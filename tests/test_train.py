@@ -127,7 +127,7 @@ def assert_same_states(a, b):
         torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f"{k}: {m}")
 
 
-GAN_ON = ("--disc-start", "0", "--max-steps", "2", "--ckpt-every", "2")  # both steps train D: R1, LeCAM, its EMAs
+GAN_ON = ("--disc-start", "0", "--max-steps", "2", "--ckpt-every", "2")  # both steps train disc: R1, LeCAM, its EMAs
 
 
 @pytest.mark.slow
@@ -279,7 +279,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
 
 
 def test_lazy_r1_flag(tmp_path, text_cache):
-    """--r1-every 2: the penalty (x 2) on D steps 0, 2, ...; none on step 1."""
+    """--r1-every 2: the penalty (x 2) on disc steps 0, 2, ...; none on step 1."""
     out = tmp_path / "run"
     train.main(base_args(out, text_cache, "--max-steps", "3", "--disc-start", "0", "--r1-every", "2"))
     r1 = [r["r1"] for r in log_rows(out) if "l2" in r]
