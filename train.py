@@ -172,7 +172,7 @@ def discriminator_step(disc, d_opt, lecam, tc: TokenizerTrainConfig, micro_batch
     if check is not None:
         check(terms)
     lecam.update(global_mean(mean_real, world), global_mean(mean_fake, world))  # LeCAM's EMAs: once per step
-    all_reduce_grads(disc, world)  # D is not DDP-wrapped (R1's double backward)
+    all_reduce_grads(disc, world)  # disc is not DDP-wrapped (R1's double backward)
     for group in d_opt.param_groups:  # disc follows the tokenizer's warm-up + cosine schedule
         group["lr"] = lr
     d_opt.step()
