@@ -297,7 +297,7 @@ def test_stage1_steps_reproduce_recorded_losses(tmp_path, text_cache):
                 {"l2": 0.916964, "gan": 0.754858, "grad_norm": 1.45534, "d_loss": 1.35019, "r1": 8.64946e-05,
                  "lecam": 0.0144067}]
     for row, expected in zip(rows, recorded, strict=True):
-        assert {k: row[k] for k in expected} == pytest.approx(expected, rel=2e-5), row
+        assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-4), row  # a swapped LeCAM: 1e-3
     state = load_tensors(out / "step-0000002" / "state.safetensors")
     assert state["s.lecam.ema_real"].item() == pytest.approx(-6.184484664e-05, rel=1e-4)
     assert state["s.lecam.ema_fake"].item() == pytest.approx(-1.424030779e-04, rel=1e-4)
