@@ -26,15 +26,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context=None, mask=None):
-        """x: [B, S, D]; context: [B, S', D] (cross-attention only); mask: [B, S'] bool over the keys (True = attend)."""
-        B, S, D = x.shape
+        """x: [B, S, width]; context: [B, S', width] (cross-attention only); mask: [B, S'] bool over the keys
+        (True = attend)."""
+        B, S, width = x.shape
         if self.qkv is not None:
             q, k, v = self.qkv(x).view(B, S, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         else:
             q = self.q(x).view(B, S, self.heads, -1).transpose(1, 2)
             k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask(mask))
-        return self.proj(out.transpose(1, 2).reshape(B, S, D))
+        return self.proj(out.transpose(1, 2).reshape(B, S, width))
 
 
 class Block(nn.Module):
@@ -50,7 +51,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
     def forward(self, x, mask=None, context=None, context_mask=None):
-        """x: [B, S, D] with key mask [B, S]; context: [B, N_t, D] with mask [B, N_t] (cross-attention only)."""
+        """x: [B, S, width] with key mask [B, S]; context: [B, N_t, width] with mask [B, N_t] (cross-attention
+        only)."""
         x = x + self.attn(self.norm1(x), mask=mask)
         if self.cross is not None and context is not None:
             x = x + self.cross(self.norm_cross(x), context, context_mask)
@@ -59,7 +61,7 @@ class Block(nn.Module):
 
 class ViT(nn.Module):
     """The ViT of the tokenizer or the detokenizer: `depth` blocks and a final LayerNorm, owning how the condition
-    enters (Tab. 4c). `forward(x, T)` returns the outputs at x's positions:
+    enters (Tab. 4c). `forward(x, T, T_mask)` returns the outputs at x's positions:
     - in-context (§3.2): the sequence is [x, T] and padded text keys are masked out;
     - cross-attention (Tab. 4c): the sequence is x alone and every block attends to T."""
 
@@ -70,23 +72,24 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_dim, cross) for _ in range(depth))
         self.norm = nn.LayerNorm(cfg.width)
 
-    def forward(self, x: torch.Tensor, T=None) -> torch.Tensor:
-        """x: [B, S, D]; T: (tokens [B, N_t, D], mask [B, N_t]) from a `Conditioner`, or None. Returns [B, S, D]."""
+    def forward(self, x: torch.Tensor, T=None, T_mask=None) -> torch.Tensor:
+        """x: [B, S, width]; text tokens T [B, N_t, width] with T_mask [B, N_t] from a `Conditioner`, or None.
+        Returns [B, S, width]."""
         mask = context = context_mask = None
         S = x.shape[1]
         if T is not None and self.in_context:
-            mask = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), T[1]], dim=1)
-            x = torch.cat([x, T[0].to(x.dtype)], dim=1)
+            mask = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), T_mask], dim=1)
+            x = torch.cat([x, T.to(x.dtype)], dim=1)
         elif T is not None:
-            context, context_mask = T
+            context, context_mask = T, T_mask
         for block in self.blocks:
             x = block(x, mask, context, context_mask)
         return self.norm(x[:, :S])
 
 
 class Conditioner(nn.Module):
-    """Turns a batch's condition (data.Cond) into tokens of width D: `T = Linear(text embeddings)` (§3.2) or a
-    learnable class embedding (Tab. 4a), returned with a [B, N_t] mask (True = real token)."""
+    """Turns a batch's condition (data.Cond) into tokens of the model's width: `T = Linear(text embeddings)` (§3.2)
+    or a learnable class embedding (Tab. 4a), returned as (T, T_mask) with T_mask [B, N_t] (True = real token)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -113,10 +116,8 @@ class Conditioner(nn.Module):
 def init_tokens(*params: nn.Parameter) -> None:
     """N(0, 0.5) for the learned position embeddings and learnable tokens (P's position, L, P', Z's position).
 
-    The paper does not state it. ViT's 0.02 leaves these identity signals about 25x smaller than a patch embedding, so
-    every decoder query P' starts out the same and the tokens learn slowly which patch is whose; at unit-order scale
-    (like MAE's fixed sin-cos embeddings) the tiny preset reaches 19.98 dB held-out PSNR after 1024 l2-only steps
-    instead of 19.21 dB (0.02) or 19.23 dB (TiTok's width^-0.5 = 0.088), one seed, 2-core CPU."""
+    The paper does not state it. Unit-order scale (like MAE's fixed sin-cos embeddings) keeps these identity signals
+    as large as a patch embedding, so each decoder query P' starts out distinct (measured: docs/RESULTS.md §9)."""
     for p in params:
         nn.init.normal_(p, std=0.5)
 
@@ -125,9 +126,8 @@ def init_weights(module: nn.Module) -> None:
     """Xavier-uniform linear weights (as MAE and DiT), N(0, 0.02) embeddings, zero biases, unit LayerNorms.
 
     The paper does not state its initialisation. Xavier scales with the width: at the paper's width 768 it is close
-    to ViT's truncated-normal(0.02), while at the tiny preset's width 128 the fixed 0.02 made the attention so uniform
-    that the tokens carried little more than the mean colour for 1300 steps at lr 3e-4 and for over 2000 at lr 1e-3
-    (about 700 steps at either with Xavier)."""
+    to ViT's truncated-normal(0.02), and at small widths it keeps the attention from starting uniform (docs/RESULTS.md
+    §9)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)

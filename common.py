@@ -121,9 +121,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_image_grid(images: torch.Tensor, path, ncol: int, pad: int = 2) -> Path:
-    """Writes images [B, 3, H, W] in [-1, 1] as one PNG grid with `ncol` columns, atomically."""
+def save_image_grid(images: torch.Tensor, path, ncol: int, pad: int = 2, min_side: int = 128) -> Path:
+    """Writes images [B, 3, H, W] in [-1, 1] as one PNG grid with `ncol` columns, atomically. Images smaller than
+    `min_side` are enlarged by the smallest whole factor that reaches it, nearest neighbour (a 32 px image: 4 x 4
+    pixels per pixel), so small images stay readable and sharp."""
     x = to_uint8(images)
+    factor = -(-min_side // max(x.shape[1:3]))  # ceil; 1 for images of min_side and larger
+    x = x.repeat(factor, 1).repeat(factor, 2) if factor > 1 else x
     B, H, W, _ = x.shape
     nrow = -(-B // ncol)
     grid = np.full((nrow * (H + pad) + pad, ncol * (W + pad) + pad, 3), 255, np.uint8)
@@ -168,7 +172,8 @@ def global_mean(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def all_reduce_grads(module: torch.nn.Module, world: int) -> None:
-    """Averages gradients across ranks (for modules not wrapped in DDP, e.g. D with the R1 double backward)."""
+    """Averages gradients across ranks (for modules not wrapped in DDP, e.g. the discriminator with the R1 double
+    backward)."""
     if world > 1:
         for p in module.parameters():
             if p.grad is not None:

@@ -19,7 +19,7 @@ class TexTokConfig:
     """Architecture of TexTok (tokenizer + detokenizer), §3.2 and Appendix C. Defaults: TexTok-Base-128 at 256 px."""
     image_size: int = 256            # §4.3: ImageNet 256x256
     patch_size: int = 8              # App. C: ViT patch size 8 at 256 px, 16 at 512 px
-    width: int = 768                 # App. C: ViT encoder/decoder hidden size (D)
+    width: int = 768                 # App. C: ViT encoder/decoder hidden size
     enc_layers: int = 12             # App. C: ViT encoder number of layers
     dec_layers: int = 12             # App. C: ViT decoder number of layers
     heads: int = 12                  # App. C: ViT encoder/decoder number of heads
@@ -76,7 +76,7 @@ class TokenizerTrainConfig:
     lecam_weight: float = 0.0001     # App. C: LeCAM weight
     lecam_decay: float = 0.999       # LeCAM EMA decay of the mean logits (Tseng et al. 2021)
     r1_cost: float = 10.0            # App. C: discriminator gradient penalty r1 with cost 10
-    r1_every: int = 1                # App. C: R1 every D step; k > 1 is StyleGAN2's lazy R1 (every k-th step, x k)
+    r1_every: int = 1                # App. C: R1 every disc step; k > 1 is StyleGAN2's lazy R1 (every k-th step, x k)
     disc_start: int = 80_000         # App. C: discriminator starting iterations
     disc_channels: int = 128         # App. C: discriminator base channels
     disc_multipliers: tuple = (1, 2, 4, 4, 4, 4)  # App. C: 1,2,4,4,4,4 at 256 px; 0.5,1,2,4,4,4,4 at 512 px

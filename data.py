@@ -378,6 +378,10 @@ class Conditions:
         if text_encoder is not None:
             self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, list(captions),
                                                          Path(cache_dir) / "text", device=device, progress=True)
+            empty = np.flatnonzero(~np.asarray(self.mask).any(axis=1))  # DiT's attention needs one real token
+            if len(empty):
+                raise InputError(f"{cache_dir}/text: caption {empty[0]} has no text token in its mask "
+                                 f"({captions[empty[0]]!r}); delete the cache to recompute it")
 
     def __len__(self):
         return len(self.labels)

@@ -2,8 +2,8 @@
 
 Notation as DDPM (Ho et al. 2020) and DDIM (Song et al. 2021), neither in the paper's references:
 ᾱ_t = Π_{s≤t} (1 − β_s), x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε. The model predicts v = √ᾱ_t ε − √(1−ᾱ_t) x_0
-(Salimans & Ho 2022, "Progressive distillation", §4). Timesteps are 0-indexed, t ∈ {0, …, T−1}, as in DiT's code;
-the paper's β_1 … β_1000 are betas[0] … betas[999].
+(Salimans & Ho 2022, "Progressive distillation", §4). Timesteps are 0-indexed, t ∈ {0, …, n−1} with
+n = num_timesteps, as in DiT's code; the paper's β_1 … β_1000 are betas[0] … betas[999].
 """
 import math
 
@@ -12,19 +12,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 
-def cfg_scale(t, w: float, T: int = 1000, scale_pow: float = 4.0, schedule: str = "power-cosine") -> torch.Tensor:
+def cfg_scale(t, w: float, num_timesteps: int = 1000, scale_pow: float = 4.0,
+              schedule: str = "power-cosine") -> torch.Tensor:
     """Guidance scale at timestep(s) t (App. C: the guidance schedule of MDT [12]).
 
-    'power-cosine' (MDT's code, forward_with_cfg): w_t = 1 + (w − 1) · (1 − cos(π · (1 − t/T) ** scale_pow)) / 2,
-    which rises from ≈1 at t = T−1 (pure noise) to w at t = 0. 'constant': w_t = w. Returns float32, t's shape,
-    on t's device (elementwise, so a device t needs no host sync).
+    'power-cosine' (MDT's code, forward_with_cfg): w_t = 1 + (w − 1) · (1 − cos(π · (1 − t/n) ** scale_pow)) / 2,
+    n = num_timesteps, which rises from ≈1 at t = n−1 (pure noise) to w at t = 0. 'constant': w_t = w. Returns
+    float32, t's shape, on t's device (elementwise, so a device t needs no host sync).
     """
     t = torch.as_tensor(t, dtype=torch.float32)
     if schedule == "constant":
         return torch.full_like(t, float(w))
     if schedule != "power-cosine":
         raise ValueError(f"unknown guidance schedule {schedule!r}: choose 'power-cosine' or 'constant'")
-    return 1 + (w - 1) * (1 - torch.cos(math.pi * (1 - t / T) ** scale_pow)) / 2
+    return 1 + (w - 1) * (1 - torch.cos(math.pi * (1 - t / num_timesteps) ** scale_pow)) / 2
 
 
 class Diffusion:
@@ -39,7 +40,8 @@ class Diffusion:
         self._alphas_cumprod_on = {}  # device -> ᾱ there (see alphas_cumprod_on)
 
     def alphas_cumprod_on(self, device) -> torch.Tensor:
-        """ᾱ [T] (float64) on `device`, copied there once and cached: gathers with device timesteps need no sync."""
+        """ᾱ [num_timesteps] (float64) on `device`, copied there once and cached: gathers with device timesteps need
+        no sync."""
         device = torch.device(device)
         if device not in self._alphas_cumprod_on:
             self._alphas_cumprod_on[device] = self.alphas_cumprod.to(device)
@@ -72,7 +74,7 @@ class Diffusion:
         return s * x_t + a * v
 
     def training_loss(self, model, x0, model_kwargs=None, t=None, noise=None):
-        """MSE between model(x_t, t, **model_kwargs) and the v target, t uniform in {0, …, T−1} (App. C).
+        """MSE between model(x_t, t, **model_kwargs) and the v target, t uniform in {0, …, num_timesteps−1} (App. C).
 
         x0: [B, N, d] clean tokens. `t` ([B] long) and `noise` (like x0) are drawn when not given.
         Returns the mean over all elements (a scalar).
@@ -86,24 +88,25 @@ class Diffusion:
         return F.mse_loss(v.float(), self.v_target(x0, noise, t).float())
 
     def sample_timesteps(self, steps: int) -> list[int]:
-        """The DDIM timesteps, descending: `steps` evenly spaced integers from T−1 down to 0, both included.
+        """The DDIM timesteps, descending: `steps` evenly spaced integers from n−1 down to 0 (n = num_timesteps), both
+        included.
 
-        This is ADM's `space_timesteps(T, [steps])` respacing that DiT's sample.py uses (round(i · (T−1)/(steps−1)));
-        ADM's "ddimN" variant (stride T//N from 0) would never visit T−1. steps = T gives every timestep.
+        This is ADM's `space_timesteps(n, [steps])` respacing that DiT's sample.py uses (round(i · (n−1)/(steps−1)));
+        ADM's "ddimN" variant (stride n//steps from 0) would never visit n−1. steps = n gives every timestep.
         """
-        T = self.num_timesteps
-        if not 1 <= steps <= T:
-            raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
+        n = self.num_timesteps
+        if not 1 <= steps <= n:
+            raise ValueError(f"sampling steps must be in [1, {n}], got {steps}")
         if steps == 1:
-            return [T - 1]
-        return [round(i * (T - 1) / (steps - 1)) for i in reversed(range(steps))]
+            return [n - 1]
+        return [round(i * (n - 1) / (steps - 1)) for i in reversed(range(steps))]
 
     @torch.no_grad()
     def ddim_sample(self, model_fn, shape, steps: int = 250, device="cpu", generator=None, progress=False, noise=None):
-        """Deterministic DDIM (η = 0) from x_{T−1} ~ N(0, I) to x0 (App. C: DDIM, 250 steps).
+        """Deterministic DDIM (η = 0) from x_{n−1} ~ N(0, I) (n = num_timesteps) to x0 (App. C: DDIM, 250 steps).
 
         model_fn(x [B, …] float32, t [B] long on `device`) returns v; for guidance pass e.g.
-        `lambda x, t: model.forward_with_cfg(x, t, cfg_scale(t, w), cond)`. The start x_{T−1} is `noise` when given
+        `lambda x, t: model.forward_with_cfg(x, t, cfg_scale(t, w), cond)`. The start x_{n−1} is `noise` when given
         (sample.py seeds it per sample), else drawn with `generator`, which must live on `device`.
         Each step is DDIM Eq. 12 with σ_t = 0: x_prev = √ᾱ_prev x̂0 + √(1−ᾱ_prev) ε̂, with ᾱ_prev = 1 after t = 0.
         The timesteps and coefficients are device tensors made once per call, so the loop never waits for the

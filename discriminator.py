@@ -23,8 +23,7 @@ class BlurPool2d(nn.Module):
     Exactly the depthwise conv with the normalised 4x4 kernel, stride 2 and zero padding 1 (what JAX 'SAME' gives a
     4-tap, stride-2 filter on even sizes; odd sizes work too), computed as the separable 1D [1,3,3,1] filter along
     H, then W, from strided views and sums, then / 64. Its first and second derivatives are then pads, slices and
-    elementwise sums, where R1's double backward through the depthwise conv was one slow cuDNN kernel (85% of the
-    R1 step on an H100, issue 14).
+    elementwise sums, not a depthwise conv's double backward (R1), which is slow on GPUs (docs/RESULTS.md §9).
     """
 
     def forward(self, x):
@@ -43,7 +42,7 @@ def _blur_1331(x, dim):
 
 
 class ResBlock(nn.Module):
-    """StyleGAN D residual block: 3x3 conv, blur-pool on both paths, 1x1 skip, sum / sqrt(2)."""
+    """StyleGAN discriminator residual block: 3x3 conv, blur-pool on both paths, 1x1 skip, sum / sqrt(2)."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
@@ -109,7 +108,7 @@ class StyleGANDiscriminator(nn.Module):
 
 
 def generator_loss(logits_fake):
-    """Non-saturating generator loss (App. C): mean(softplus(-D(fake))) = -mean(log sigmoid(D(fake))).
+    """Non-saturating generator loss (App. C): mean(softplus(-disc(fake))) = -mean(log sigmoid(disc(fake))).
 
     MaskGIT/MAGVIT `generator_loss(loss_type='non-saturating')`: sigmoid cross-entropy against label 1.
     """
@@ -117,7 +116,7 @@ def generator_loss(logits_fake):
 
 
 def discriminator_loss(logits_real, logits_fake):
-    """Non-saturating discriminator loss: mean(softplus(-D(real))) + mean(softplus(D(fake))).
+    """Non-saturating discriminator loss: mean(softplus(-disc(real))) + mean(softplus(disc(fake))).
 
     MaskGIT/MAGVIT `discriminator_loss(loss_type='non-saturating')` (their configs' choice):
     sigmoid cross-entropy with label 1 for real and 0 for fake, each averaged separately.
@@ -129,7 +128,8 @@ class LeCAM(nn.Module):
     """LeCAM regulariser (Tseng et al., 2021; weight 0.0001 in App. C) with EMAs of the mean logits.
 
     The EMAs are buffers, so they are saved with the discriminator state. They start at 0 and
-    follow ema <- decay * ema + (1 - decay) * mean(logits), as in MAGVIT's trainer.
+    follow ema <- decay * ema + (1 - decay) * mean(logits), as in MAGVIT's trainer; train.discriminator_step
+    takes the penalty first, then updates (the order is explained there).
     """
 
     def __init__(self, decay=0.999):
@@ -145,7 +145,7 @@ class LeCAM(nn.Module):
         self.ema_fake.lerp_(logits_fake.detach().float().mean(), 1 - self.decay)
 
     def penalty(self, logits_real, logits_fake):
-        """mean(relu(D(real) - ema_fake)^2) + mean(relu(ema_real - D(fake))^2), before the weight.
+        """mean(relu(disc(real) - ema_fake)^2) + mean(relu(ema_real - disc(fake))^2), before the weight.
 
         Applied per logit as in the LeCAM authors' code; MAGVIT's `lecam_reg` applies the same formula
         to the batch-mean logits (pass `logits.mean()[None]` to reproduce that).
@@ -156,15 +156,15 @@ class LeCAM(nn.Module):
 
 
 def r1_penalty(discriminator, real_images, *, every=1, step=0):
-    """R1 gradient penalty on real images: mean over the batch of ||grad_x D(x)||^2.
+    """R1 gradient penalty on real images: mean over the batch of ||grad_x disc(x)||^2.
 
-    Returns (logits_real [B], penalty), so the real logits can feed the D loss without a second
-    forward pass. The graph is kept (create_graph=True), so the penalty trains D. App. C's
+    Returns (logits_real [B], penalty), so the real logits can feed the disc loss without a second
+    forward pass. The graph is kept (create_graph=True), so the penalty trains disc. App. C's
     "r1 with cost 10" is applied by the caller as 10 * penalty: MaskGIT/MAGVIT
     `r1_gradient_penalty` multiply the mean squared gradient norm by `penalty_cost` directly,
     without StyleGAN's gamma / 2.
 
-    Lazy R1 (StyleGAN2's lazy regularisation, Karras et al. 2020, §3.1): with every=k and `step` the D step
+    Lazy R1 (StyleGAN2's lazy regularisation, Karras et al. 2020, §3.1): with every=k and `step` the disc step
     count, the penalty is computed only when step % k == 0 and returned multiplied by k, so its average weight
     stays the same; on the other steps it is 0 and the logits come from a plain forward pass (no double
     backward). The default every=1 is App. C's setting. StyleGAN2 uses k = 16.

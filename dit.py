@@ -40,7 +40,7 @@ class DiTConfig:
 
 
 def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, with per-sample [B, D] shift and scale broadcast over the tokens."""
+    """adaLN: x * (1 + scale) + shift, with per-sample [B, hidden_size] shift and scale broadcast over the tokens."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
@@ -52,7 +52,7 @@ def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
 
 
 class TimestepEmbedder(nn.Module):
-    """Timestep t -> 256 sinusoidal frequencies -> two-layer SiLU MLP -> [B, D] (DiT)."""
+    """Timestep t -> 256 sinusoidal frequencies -> two-layer SiLU MLP -> [B, hidden_size] (DiT)."""
 
     def __init__(self, hidden_size: int, freq_dim: int = 256):
         super().__init__()
@@ -171,7 +171,7 @@ class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://ar
         return None
 
     def _condition(self, B, device, cond, force_drop_ids):
-        """The adaLN input's class part [B, D] (or 0 for T2I) and the cross-attention context and mask."""
+        """The adaLN input's class part [B, hidden_size] (or 0 for T2I) and the cross-attention context and mask."""
         drop = self._drop_ids(B, device, force_drop_ids)
         if self.text_dim is None:
             label = None if cond is None else cond.label
@@ -194,8 +194,8 @@ class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://ar
             null_mask = torch.arange(N_t, device=device) == 0
             text = torch.where(drop[:, None, None], null, text)
             text_mask = torch.where(drop[:, None], null_mask, text_mask)
-        if not text_mask.any(dim=1).all():
-            raise ValueError("every text_mask row needs at least one valid (True) token")
+        # Each text_mask row needs a True token (else attention is NaN): checked once where captions become
+        # conditions (data.Conditions), never here, where it would be a host sync per DDIM step.
         return 0, self.text_proj(text), text_mask
 
     def forward(self, x, t, cond=None, force_drop_ids=None):

@@ -1,16 +1,14 @@
-"""The ADM evaluation suite (FID, sFID, IS, precision, recall) plus PSNR, SSIM, LPIPS and reconstruction FID (§4.2),
-and a domain FID for the embedded shapes set where the Inception weights cannot be had.
+"""The ADM evaluation suite (FID, sFID, IS, precision, recall) plus PSNR, SSIM, LPIPS and reconstruction FID (§4.2).
 
     python metrics.py REF.npz SAMPLE.npz                   # gFID, gIS, precision, recall: the ADM evaluator's report
     python metrics.py --tokenizer CKPT [--data DIR]        # rFID, rIS, PSNR, SSIM, LPIPS of TexTok reconstructions
-    python metrics.py --domain REF.npz SAMPLE.npz          # embedded set only: domain FID, class / caption accuracy
 
 The ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py) runs TensorFlow's 2015 Inception-v3 graph;
 here it is the PyTorch port in inception.py, with the graph's own preprocessing by default (`--preprocess tf`: TF1
 legacy bilinear resize, (x - 128) / 128), so the FID against an ADM reference batch's stored statistics is the
 evaluator's; `--preprocess pytorch-fid` gives pytorch-fid's features instead (its numbers differ from the TF
-graph's). `--domain` replaces Inception by a small classifier trained on the embedded set (domain.py): its numbers
-are not FID-Inception and compare only with each other.
+graph's). Without its weights, `python domain.py SAMPLE.npz` measures samples of the embedded set with a small
+classifier trained on it instead: its numbers are not FID-Inception and compare only with each other.
 """
 import argparse
 import math
@@ -21,7 +19,6 @@ import zipfile
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy.linalg
@@ -29,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import InputError
+from common import InputError, MissingInput
 from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, PREPROCESS,  # noqa: F401 (re-exported)
                        SPATIAL_CHANNELS, InceptionFeatures, inception_path, load_inception)
 
@@ -75,7 +72,7 @@ def compute_features(model, images, batch_size: int = 64, progress: bool = True,
 # FID / sFID, IS, precision and recall
 
 def feature_statistics(features, chunk: int = 4096):
-    """Mean and covariance (as np.cov, rowvar=False) of [N, D] features, accumulated in float64 in two passes."""
+    """Mean and covariance (as np.cov, rowvar=False) of [N, dim] features, accumulated in float64 in two passes."""
     n = len(features)
     if n < 2:
         raise ValueError(f"feature statistics need at least 2 images, got {n}")
@@ -204,16 +201,17 @@ def ssim(a, b, sigma: float = 1.5) -> float:
     return s.mean((1, 2, 3)).mean().item()
 
 
-def load_lpips(net: str = "alex", device="cpu"):
-    """LPIPS (Zhang et al. 2018) from the `lpips` package. Its ImageNet backbone comes from torchvision's weights,
-    which must already be in torch.hub.get_dir()/checkpoints/ (this never downloads)."""
+def load_lpips(net: str = "alex", device="cpu", hint: str = ""):
+    """LPIPS (Zhang et al. 2018) from the `lpips` package, frozen: the one loader of the metric (net "alex") and of
+    train.py's perceptual loss (net "vgg"). Its ImageNet backbone comes from torchvision's weights, which must already
+    be in torch.hub.get_dir()/checkpoints/ (this never downloads); `hint` ends the error saying what to do instead."""
     import lpips
     from torchvision.models import AlexNet_Weights, VGG16_Weights
     url = {"alex": AlexNet_Weights.IMAGENET1K_V1.url, "vgg": VGG16_Weights.IMAGENET1K_V1.url}[net]
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"LPIPS backbone weights {os.path.basename(url)} not found at {path}; "
-                                f"download them from {url} into that folder")
+        raise MissingInput(f"{path}: not found (the LPIPS-{net} backbone); download {os.path.basename(url)} from "
+                           f"{url} into {os.path.dirname(path)} (TORCH_HOME moves it){hint}")
     with warnings.catch_warnings():  # lpips calls torchvision with the deprecated `pretrained=True`
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net=net, verbose=False)
@@ -372,12 +370,22 @@ def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, de
 @torch.inference_mode()
 def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_images: int = 50_000,
                             batch_size: int = 64, inception=None, lpips_net: str = "alex", text_cache="cache",
-                            device="cpu", preprocess: str = "tf") -> dict:
+                            device="cpu", preprocess: str = "tf", skipped: list | None = None) -> dict:
     """Encodes and decodes `num_images` images of the dataset with a TexTok checkpoint; rFID compares the Inception
-    statistics of reconstructions and originals, rIS is the IS of the reconstructions."""
+    statistics of reconstructions and originals, rIS is the IS of the reconstructions. Missing weights (Inception,
+    the LPIPS backbone) are an error; with a list `skipped`, their metrics are left out and named there with why."""
     from common import to_uint8  # the model code is imported here so metrics.py imports without it
     from data import collate, conditioned, make_datasets
     from textok import TexTok
+
+    def optional(load, names):
+        try:
+            return load()
+        except FileNotFoundError as e:
+            if skipped is None:
+                raise
+            skipped.append(f"{names} ({e})")
+            return None
 
     tok = TexTok.from_pretrained(tokenizer, map_location=device).eval()
     cfg = tok.cfg
@@ -386,30 +394,33 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     dataset = torch.utils.data.Subset(dataset, range(min(num_images, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1),
                                          collate_fn=collate)
-    model, lpips_model = load_inception(inception, device, preprocess), load_lpips(lpips_net, device)
-    real, rec, sums = [], [], {"PSNR": 0.0, "SSIM": 0.0, "LPIPS": 0.0}
+    model = optional(lambda: load_inception(inception, device, preprocess), "rFID, rIS")
+    lpips_model = optional(lambda: load_lpips(lpips_net, device), "LPIPS")
+    real, rec, sums = [], [], {"PSNR": 0.0, "SSIM": 0.0, **({"LPIPS": 0.0} if lpips_model else {})}
     for batch in tqdm(loader, desc="reconstruction", unit="batch"):
         images = batch["image"].to(device)
         cond = batch["cond"].to(device)
         x_hat = tok.decode(tok.encode(images, cond), cond)
         x, x_hat = (torch.from_numpy(to_uint8(z)).to(device) for z in (images, x_hat))  # metrics stay on device
-        real.append(compute_features(model, x, batch_size, progress=False))
-        rec.append(compute_features(model, x_hat, batch_size, progress=False))
+        if model is not None:
+            real.append(compute_features(model, x, batch_size, progress=False))
+            rec.append(compute_features(model, x_hat, batch_size, progress=False))
         sums["PSNR"] += psnr(x, x_hat) * len(x)
         sums["SSIM"] += ssim(x, x_hat) * len(x)
-        sums["LPIPS"] += lpips_distance(x, x_hat, lpips_model, batch_size) * len(x)
-    real = {k: np.concatenate([f[k] for f in real]) for k in real[0]}
-    rec = {k: np.concatenate([f[k] for f in rec]) for k in rec[0]}
-    (mu_r, s_r), (mu_x, s_x) = feature_statistics(rec["pool"]), feature_statistics(real["pool"])
-    n = len(dataset)
-    return {"rFID": frechet_distance(mu_r, s_r, mu_x, s_x), "rIS": inception_score(rec["logits"]),
-            **{k: v / n for k, v in sums.items()}}
+        if lpips_model is not None:
+            sums["LPIPS"] += lpips_distance(x, x_hat, lpips_model, batch_size) * len(x)
+    n, report = len(dataset), {}
+    if model is not None:
+        real = {k: np.concatenate([f[k] for f in real]) for k in real[0]}
+        rec = {k: np.concatenate([f[k] for f in rec]) for k in rec[0]}
+        (mu_r, s_r), (mu_x, s_x) = feature_statistics(rec["pool"]), feature_statistics(real["pool"])
+        report = {"rFID": frechet_distance(mu_r, s_r, mu_x, s_x), "rIS": inception_score(rec["logits"])}
+    return {**report, **{k: v / n for k, v in sums.items()}}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="ADM evaluation suite (FID, sFID, IS, precision, recall), TexTok "
-                                                 "reconstruction metrics (rFID, rIS, PSNR, SSIM, LPIPS), and a domain "
-                                                 "FID for the embedded shapes set (--domain)")
+    parser = argparse.ArgumentParser(description="ADM evaluation suite (FID, sFID, IS, precision, recall) and TexTok "
+                                                 "reconstruction metrics (rFID, rIS, PSNR, SSIM, LPIPS)")
     parser.add_argument("ref_batch", nargs="?", help="reference batch .npz (ADM format: arr_0 uint8 [N, H, W, 3])")
     parser.add_argument("sample_batch", nargs="?", help="sample batch .npz (ADM format)")
     parser.add_argument("--tokenizer", help="TexTok checkpoint directory: evaluate its reconstructions instead")
@@ -417,15 +428,6 @@ def main(argv=None):
     parser.add_argument("--split", default="train", choices=["train", "val"], help="§4.2 uses training images")
     parser.add_argument("--num-images", type=int, default=50_000, help="§4.2: 50K images")
     parser.add_argument("--text-cache", default="cache", help="--tokenizer: the cache folder train.py filled (--cache-dir)")
-    parser.add_argument("--domain", action="store_true",
-                        help="embedded set, no Inception: domain FID (not FID-Inception), class and caption accuracy; "
-                             "`--domain SAMPLE.npz` compares with real held-out images")
-    parser.add_argument("--classes-in-turn", action="store_true",
-                        help="--domain: sample i is of class i %% 8, as sample.py draws them (else the sample file's "
-                             "`labels` array, if any)")
-    parser.add_argument("--captions", help="--domain: text file, the caption of each sample on its line (sample.py's "
-                                           "captions.txt)")
-    parser.add_argument("--domain-cache", default="cache", help="--domain: folder of the cached classifier")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--inception", help=f"{INCEPTION_FILE} path (default: ${INCEPTION_ENV}, else the torch "
                                             "hub cache)")
@@ -433,31 +435,31 @@ def main(argv=None):
                         help="Inception input: tf = the ADM evaluator's TF graph (TF1 bilinear resize, (x-128)/128; "
                              "matches the reference batches' statistics), pytorch-fid = pytorch-fid's port")
     parser.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
+    parser.add_argument("--strict", action="store_true",
+                        help="--tokenizer: refuse to run without every metric's weights (default: without the "
+                             "Inception or LPIPS weights, report the rest and name what was skipped)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.domain and args.ref_batch and not args.sample_batch:  # `--domain SAMPLE.npz`: real images as reference
-        args.ref_batch, args.sample_batch = None, args.ref_batch
-    if not args.tokenizer and not (args.sample_batch and (args.ref_batch or args.domain)):
-        parser.error("give REF.npz SAMPLE.npz, --domain [REF.npz] SAMPLE.npz, or --tokenizer CKPT")
+    if not args.tokenizer and not (args.sample_batch and args.ref_batch):
+        parser.error("give REF.npz SAMPLE.npz or --tokenizer CKPT (the embedded set without Inception weights: "
+                     "python domain.py SAMPLE.npz)")
+    skipped = None if args.strict else []
     try:
         if args.tokenizer:
             report = evaluate_reconstruction(args.tokenizer, args.data, args.split, args.num_images, args.batch_size,
                                              args.inception, args.lpips_net, args.text_cache, args.device,
-                                             args.preprocess)
-        elif args.domain:
-            captions = Path(args.captions).read_text().splitlines() if args.captions else None
-            import domain  # the embedded set's classifier; the ADM suite runs without it
-            report = domain.evaluate_domain(args.ref_batch, args.sample_batch, args.classes_in_turn, captions,
-                                            args.batch_size, args.domain_cache, args.device)
+                                             args.preprocess, skipped)
         else:
             report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device,
                                   args.preprocess)
     except (InputError, FileNotFoundError) as e:  # the user's input; bugs keep their tracebacks
-        hint = ("\n(without them, `metrics.py --domain` measures samples of the embedded set in a domain feature "
-                "space: not FID-Inception)") if INCEPTION_FILE in str(e) else ""
+        hint = ("\n(without them, `python domain.py SAMPLE.npz` measures samples of the embedded set in a domain "
+                "feature space: not FID-Inception)") if INCEPTION_FILE in str(e) else ""
         sys.exit(f"error: {e}{hint}")
     for name, value in report.items():
         print(f"{name}: {value}")
+    if skipped:
+        print("skipped (weights missing; --strict refuses instead): " + "; ".join(skipped))
 
 
 if __name__ == "__main__":

@@ -83,12 +83,12 @@ def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
     return [0] * n, [captions[i % len(captions)] for i in range(n)]
 
 
-def check_args(args, T: int) -> None:
+def check_args(args, num_timesteps: int) -> None:
     """Refuses values that cannot be meant (rather than silently replacing them)."""
     if args.num_samples < 1 or args.batch_size < 1:
         raise InputError(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) must be >= 1")
-    if args.steps is not None and not 1 <= args.steps <= T:
-        raise InputError(f"--steps {args.steps}: DDIM needs 1 to {T} steps")
+    if args.steps is not None and not 1 <= args.steps <= num_timesteps:
+        raise InputError(f"--steps {args.steps}: DDIM needs 1 to {num_timesteps} steps")
     if args.cfg_scale is not None and args.cfg_scale < 0:
         raise InputError(f"--cfg-scale {args.cfg_scale}: the guidance scale must be >= 0")
     if args.cfg_power is not None and args.cfg_power <= 0:

@@ -30,13 +30,13 @@ class Tokenizer(nn.Module):
     def __init__(self, cfg: TexTokConfig):
         super().__init__()
         self.cfg = cfg
-        D, s = cfg.width, cfg.patch_size
-        self.patch_embed = nn.Linear(3 * s * s, D)                      # P: patchify + linear projection
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid ** 2, D))  # P: learned position embedding
-        self.L = nn.Parameter(torch.zeros(1, cfg.num_tokens, D))         # L: N learnable image tokens
+        width, s = cfg.width, cfg.patch_size
+        self.patch_embed = nn.Linear(3 * s * s, width)                       # P: patchify + linear projection
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid ** 2, width))  # P: learned position embedding
+        self.L = nn.Parameter(torch.zeros(1, cfg.num_tokens, width))         # L: N learnable image tokens
         self.cond = Conditioner(cfg) if cfg.conditions("tokenizer") else None  # T: projected text tokens
         self.vit = ViT(cfg, cfg.enc_layers, conditioned=self.cond is not None)
-        self.to_Z = nn.Linear(D, cfg.token_dim)                          # outputs at L -> Z in R^{N x d}
+        self.to_Z = nn.Linear(width, cfg.token_dim)                          # outputs at L -> Z in R^{N x d}
         init_weights(self)
         init_tokens(self.pos_embed, self.L)
 
@@ -56,8 +56,8 @@ class Tokenizer(nn.Module):
         self.check_images(images)
         P = self.patch_embed(patchify(images, self.cfg.patch_size)) + self.pos_embed
         L = self.L.expand(P.shape[0], -1, -1)
-        T = self.cond(cond) if self.cond is not None else None
-        x = self.vit(torch.cat([P, L], dim=1), T)  # in-context: ViT([P, L, T]); Tab. 4c: [P, L] attending to T
+        T, T_mask = self.cond(cond) if self.cond is not None else (None, None)
+        x = self.vit(torch.cat([P, L], dim=1), T, T_mask)  # in-context: ViT([P, L, T]); Tab. 4c: [P, L] attending to T
         return self.to_Z(x[:, P.shape[1]:])       # outputs at L -> Z
 
 

@@ -18,6 +18,7 @@ import hashlib
 import math
 import sys
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (InputError, Run, all_reduce_grads, autocast, global_mean, load_tensors, run_main,
-                    save_image_grid, save_tensors, setup_distributed)
+                    save_image_grid, save_tensors, setup_distributed, to_uint8)
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
                     get_preset, given_flags, to_dict)
 from data import (CAPTION_STYLES, Conditions, LatentSet, check_labels, collate, conditioned, make_datasets,
@@ -34,9 +35,8 @@ from data import (CAPTION_STYLES, Conditions, LatentSet, check_labels, collate, 
 from diffusion import Diffusion
 from dit import build_dit
 from discriminator import LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty
+from metrics import load_lpips, psnr
 from textok import TexTok
-
-VGG_FILE = "vgg16-397923af.pth"
 
 
 # ----------------------------------------------------------------------------------------------------------- setup
@@ -119,15 +119,72 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - decay)
 
 
-def perceptual_loss(device):
-    """LPIPS-VGG (App. C: perceptual loss), requiring the pretrained VGG trunk in the torch hub cache."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / VGG_FILE
-    if not path.is_file():
-        raise InputError(f"{path}: not found (perceptual loss). Download {VGG_FILE} from "
-                         f"https://download.pytorch.org/models/{VGG_FILE} into {path.parent} (TORCH_HOME moves it), "
-                         f"or switch the perceptual loss off with --perceptual-weight 0 (recorded in the run config).")
-    import lpips
-    return lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
+# ------------------------------------------------------------------------------------ stage-1 step (App. C losses)
+# One tokenizer step = generator_step (ℓ2 + perceptual + GAN (+ VQ) loss, backward, Adam) then, from disc_start on,
+# discriminator_step (non-saturating loss + R1 + LeCAM, backward, Adam). train.py and the benches call these two.
+def generator_step(net, model, opt, disc, lpips_fn, tc: TokenizerTrainConfig, micro_batches: list, precision: str,
+                   gan_on: bool, check=None):
+    """Updates the tokenizer and detokenizer once on App. C's generator loss, accumulated over `micro_batches`
+    [(batch, sync)]; returns (loss terms, the detached reconstructions for the discriminator step)."""
+    device, K = micro_batches[0][0]["image"].device, len(micro_batches)
+    terms, fakes = {}, []
+    if disc is not None:
+        disc.requires_grad_(False)  # the GAN loss reaches the tokenizer through a frozen disc
+    for mb, sync in micro_batches:
+        with nullcontext() if sync else net.no_sync(), autocast(device, precision):
+            recon, _, vq_loss = net(mb["image"], mb["cond"])
+            recon = recon.float()
+            parts = {"l2": F.mse_loss(recon, mb["image"]), "vq": vq_loss.float()}   # ℓ2 reconstruction (+ VQ, App. A)
+            if lpips_fn is not None:
+                parts["perceptual"] = lpips_fn(recon, mb["image"]).mean()          # perceptual loss (LPIPS-VGG)
+            if gan_on:
+                parts["gan"] = generator_loss(disc(recon))                         # non-saturating GAN loss
+            loss = (tc.recon_weight * parts["l2"] + parts["vq"] + tc.perceptual_weight * parts.get("perceptual", 0)
+                    + tc.gan_weight * parts.get("gan", 0))
+            (loss / K).backward()
+        fakes.append(recon.detach())
+        for k, v in parts.items():
+            terms[k] = terms.get(k, 0.0) + v.item() / K
+    if check is not None:
+        check(terms)  # a non-finite loss stops here, before it reaches the weights
+    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return terms, fakes
+
+
+def discriminator_step(disc, d_opt, lecam, tc: TokenizerTrainConfig, micro_batches: list, fakes: list,
+                       precision: str, d_step: int, lr: float, world: int = 1, check=None) -> dict:
+    """Updates the discriminator once on App. C's discriminator loss: non-saturating loss + r1_cost x R1 (every
+    r1_every-th disc step `d_step`) + lecam_weight x LeCAM, over `micro_batches` and the generator's `fakes`; then
+    moves LeCAM's EMAs. Returns the loss terms."""
+    device, K = fakes[0].device, len(micro_batches)
+    terms, mean_real, mean_fake = {}, 0.0, 0.0
+    disc.requires_grad_(True)
+    for (mb, _), fake in zip(micro_batches, fakes):
+        with autocast(device, precision):
+            logits_real, r1 = r1_penalty(disc, mb["image"], every=tc.r1_every, step=d_step)  # R1 on real images
+            logits_fake = disc(fake)
+        # LeCAM against the EMAs *before* this step's update, as MAGVIT / MaskGIT-style trainers (TiTok's
+        # losses.py) do: the EMAs can then move once per step by the mean over all micro-batches and ranks. (The
+        # LeCAM authors' code, google/lecam-gan, updates first: a difference of (1 - lecam_decay) of one step's mean.)
+        parts = {"d_loss": discriminator_loss(logits_real, logits_fake), "r1": r1,
+                 "lecam": lecam.penalty(logits_real, logits_fake)}
+        d_loss = parts["d_loss"] + tc.r1_cost * r1 + tc.lecam_weight * parts["lecam"]
+        (d_loss / K).backward()
+        mean_real = mean_real + logits_real.detach().float().mean() / K
+        mean_fake = mean_fake + logits_fake.detach().float().mean() / K
+        for k, v in parts.items():
+            terms[k] = terms.get(k, 0.0) + v.item() / K
+    if check is not None:
+        check(terms)
+    lecam.update(global_mean(mean_real, world), global_mean(mean_fake, world))  # LeCAM's EMAs: once per step
+    all_reduce_grads(disc, world)  # disc is not DDP-wrapped (R1's double backward)
+    for group in d_opt.param_groups:  # disc follows the tokenizer's warm-up + cosine schedule
+        group["lr"] = lr
+    d_opt.step()
+    d_opt.zero_grad(set_to_none=True)
+    return terms
 
 
 def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, classes=None):
@@ -170,72 +227,40 @@ def train_tokenizer(args, rank, world, device):
     d_opt = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, run.total))
     objects = {"model": model, "ema": ema, "disc": disc, "lecam": lecam, "opt": opt, "d_opt": d_opt, "sched": sched}
-    lpips_fn = perceptual_loss(device) if tc.perceptual_weight > 0 else None
+    lpips_fn = load_lpips("vgg", device, hint=", or switch the perceptual loss off with --perceptual-weight 0 "
+                          "(recorded in the run config)") if tc.perceptual_weight > 0 else None  # App. C: LPIPS-VGG
     net = run.wrap(model)
     if rank == 0:
-        print(f"TexTok {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, D "
+        print(f"TexTok {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, discriminator "
               f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M; {note}; perceptual loss "
               f"{run_config['perceptual_loss']}; {run.total} steps on {device} x {world}")
     val_batch = {k: v.to(device) for k, v in collate([val_set[i] for i in range(min(len(val_set), 64))]).items()}
-    K = args.grad_accum
     for step, batch in run.steps(loader_for(args, train_set, rank, world, tc.seed), objects, tc.seed):
+        # The discriminator joins at disc_start (App. C: 80k steps); before it the loss is ℓ2 + perceptual (+ VQ).
         gan_on = step >= tc.disc_start
-        terms, fakes = {}, []
-        # ---- tokenizer / detokenizer update: l2 + perceptual + GAN (+ VQ) losses (§3.2, App. C)
-        disc.requires_grad_(False)
-        for mb, sync in run.micro_batches(batch):
-            with nullcontext() if sync else net.no_sync(), autocast(device, args.precision):
-                recon, _, vq_loss = net(mb["image"], mb["cond"])
-                recon = recon.float()
-                parts = {"l2": F.mse_loss(recon, mb["image"]), "vq": vq_loss.float()}
-                if lpips_fn is not None:
-                    parts["perceptual"] = lpips_fn(recon, mb["image"]).mean()
-                if gan_on:
-                    parts["gan"] = generator_loss(disc(recon))
-                loss = (tc.recon_weight * parts["l2"] + parts["vq"] + tc.perceptual_weight * parts.get("perceptual", 0)
-                        + tc.gan_weight * parts.get("gan", 0))
-                (loss / K).backward()
-            fakes.append(recon.detach())
-            for k, v in parts.items():
-                terms[k] = terms.get(k, 0.0) + v.item() / K
-        run.check_finite(step, terms)
-        terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        lr = sched.get_last_lr()[0]  # this step's rate (linear warm-up, then cosine), disc's too
+        micro_batches = list(run.micro_batches(batch))  # --grad-accum micro-batches; DDP syncs on the last
+        check = partial(run.check_finite, step)  # a non-finite loss stops before it reaches the weights
+        # 1. Tokenizer + detokenizer: recon_weight x ℓ2 + perceptual_weight x LPIPS + gan_weight x non-saturating
+        #    GAN loss through the frozen disc (+ VQ), backward, grad clip, Adam.
+        terms, fakes = generator_step(net, model, opt, disc, lpips_fn, tc, micro_batches, args.precision, gan_on,
+                                      check)
         sched.step()
+        # 2. EMA of the weights (App. C: decay 0.999): the model evaluated below and saved at the end.
         ema_update(ema, model, tc.ema_decay)
-        # ---- discriminator update: non-saturating loss + R1 (cost 10) + LeCAM (App. C), from disc_start on.
-        # Lazy R1 (--r1-every k): the penalty on every k-th D step, weighted by k (StyleGAN2).
+        # 3. Discriminator, from disc_start on: non-saturating loss + R1 (cost 10, on every r1_every-th disc step,
+        #    counted from disc_start) + LeCAM (weight 1e-4) on the reconstructions of step 1; then LeCAM's EMAs.
         if gan_on:
-            disc.requires_grad_(True)
-            mean_real = mean_fake = 0.0
-            for (mb, _), fake in zip(run.micro_batches(batch), fakes):
-                with autocast(device, args.precision):
-                    logits_real, r1 = r1_penalty(disc, mb["image"], every=tc.r1_every, step=step - tc.disc_start)
-                    logits_fake = disc(fake)
-                d_parts = {"d_loss": discriminator_loss(logits_real, logits_fake), "r1": r1,
-                           "lecam": lecam.penalty(logits_real, logits_fake)}
-                d_loss = d_parts["d_loss"] + tc.r1_cost * r1 + tc.lecam_weight * d_parts["lecam"]
-                (d_loss / K).backward()
-                mean_real = mean_real + logits_real.detach().float().mean() / K
-                mean_fake = mean_fake + logits_fake.detach().float().mean() / K
-                for k, v in d_parts.items():
-                    terms[k] = terms.get(k, 0.0) + v.item() / K
-            run.check_finite(step, terms)
-            # LeCAM's EMAs move once per step, by the batch means over micro-batches and ranks.
-            lecam.update(global_mean(mean_real, world), global_mean(mean_fake, world))
-            all_reduce_grads(disc, world)
-            for group in d_opt.param_groups:  # D follows the same warm-up + cosine schedule as the tokenizer
-                group["lr"] = lr
-            d_opt.step()
-            d_opt.zero_grad(set_to_none=True)
+            terms |= discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, args.precision,
+                                        step - tc.disc_start, lr, world, check)
+        # 4. Log, and every --eval-every steps the EMA model's validation PSNR (uint8) and a reconstruction grid.
         done = step + 1
         run.log(done, {**terms, "lr": lr}, tc.batch_size)
         if done % args.eval_every == 0 or done == run.stop:
-            psnr = evaluate_tokenizer(ema, val_batch, run.out / f"recon-{done:07d}.png", rank, device, args.precision)
-            run.write_log({"step": done, "val_psnr": psnr})
-            run.bar.write(f"step {done}: validation PSNR {psnr:.2f} dB (EMA)") if rank == 0 else None
+            val_psnr = evaluate_tokenizer(ema, val_batch, run.out / f"recon-{done:07d}.png", rank, device,
+                                          args.precision)
+            run.write_log({"step": done, "val_psnr_uint8": val_psnr})
+            run.bar.write(f"step {done}: validation PSNR {val_psnr:.2f} dB (EMA, uint8)") if rank == 0 else None
     if rank == 0:
         ema.save_pretrained(run.out / "tokenizer")
         print(f"done: EMA tokenizer in {run.out / 'tokenizer'}, log {run.out / 'log.jsonl'}")
@@ -244,16 +269,15 @@ def train_tokenizer(args, rank, world, device):
 
 @torch.no_grad()
 def evaluate_tokenizer(model, batch, grid_path, rank, device, precision) -> float:
-    """Validation PSNR (dB, images in [-1, 1]) of `model` on `batch`; rank 0 writes originals beside
-    reconstructions as a PNG grid (Fig. 1 layout: pairs of columns)."""
+    """Validation PSNR (dB) of `model` on `batch` by metrics.psnr, on uint8-quantised images as metrics.py; rank 0
+    writes originals beside reconstructions as a PNG grid (Fig. 1 layout: pairs of columns)."""
     with autocast(device, precision):
         recon = model(batch["image"], batch["cond"])[0].float().clamp(-1, 1)
-    mse = ((recon - batch["image"]) / 2).pow(2).flatten(1).mean(1)
-    psnr = (-10 * torch.log10(mse.clamp_min(1e-10))).mean().item()
+    value = psnr(to_uint8(batch["image"]), to_uint8(recon))
     if rank == 0:
         k = min(16, len(recon))
         save_image_grid(torch.stack([batch["image"][:k], recon[:k]], 1).flatten(0, 1), grid_path, ncol=8)
-    return round(psnr, 4)
+    return round(value, 4)
 
 
 # --------------------------------------------------------------------------------------------------- stage 2

@@ -1,14 +1,15 @@
 """What the adversarial losses cost in a stage-1 (tokenizer) training step (App. C: GAN loss, LeCAM, R1 with cost 10).
 
 Rows, each the mean time of one training step (tokenizer update, then discriminator update where there is one):
-  stage-1 step, ℓ2 only                  TexTok forward, l2 loss, backward, Adam.
-  stage-1 step with D + R1 + LeCAM       + the generator loss through D, and a D step: non-saturating loss, R1 on
-                                         the real batch (double backward), LeCAM; App. C's setting.
-  ... lazy R1 (k = 16)                   R1 every 16th D step, weighted by 16 (StyleGAN2's lazy regularisation).
+  stage-1 step, ℓ2 only                  TexTok forward, l2 loss, backward, clipping, Adam.
+  stage-1 step with disc + R1 + LeCAM    + the generator loss through disc, and a disc step: non-saturating loss,
+                                         R1 on the real batch (double backward), LeCAM; App. C's setting.
+  ... lazy R1 (k = 16)                   R1 every 16th disc step, weighted by 16 (StyleGAN2's lazy regularisation).
   ... depthwise-conv blur                (--compare-conv-blur) the discriminator's blur as the depthwise conv it
                                          was before (issue 14: on an H100 its double backward took 85% of the
                                          R1 step).
-TexTok runs with conditioning "none" (no text encoder needed; text adds the same cost to every row). Random images,
+Each step is train.py's: train.generator_step, then train.discriminator_step. TexTok runs with
+conditioning "none" (no text encoder needed; text adds the same cost to every row). Random images,
 bf16 autocast on CUDA, float32 on the CPU.
 
     python bench/gan_step.py --threads 1 --compare-conv-blur   # CPU: the tiny preset at batch 8, ~20 s
@@ -19,7 +20,6 @@ On a shared CPU, --threads 1 gives steadier times than two threads competing wit
 import argparse
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,9 +29,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import run_main  # noqa: E402
 from config import PRESETS, get_preset  # noqa: E402
-from discriminator import (LeCAM, ResBlock, StyleGANDiscriminator, discriminator_loss, generator_loss,  # noqa: E402
-                           r1_penalty)
+from discriminator import LeCAM, ResBlock, StyleGANDiscriminator  # noqa: E402
+from harness import best_seconds  # noqa: E402
 from textok import TexTok  # noqa: E402
+from train import discriminator_step, generator_step  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,11 +49,6 @@ def parse_args(argv=None):
     if args.steps % args.r1_every:
         p.error(f"--steps {args.steps} is not a multiple of --r1-every {args.r1_every}")
     return args
-
-
-def reconstruct(model, images):
-    """TexTok's reconstruction of images [B, 3, H, W] with conditioning "none": this script's one TexTok call."""
-    return model(images)[0]
 
 
 class DepthwiseConvBlur(nn.Module):
@@ -84,44 +80,20 @@ def seconds_per_step(args, device, gan: bool, r1_every: int = 1, conv_blur: bool
     opt = torch.optim.Adam(model.parameters(), tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
     d_opt = torch.optim.Adam(disc.parameters(), tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
     images = torch.rand(args.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    micro_batches = [({"image": images, "cond": None}, True)]
+    tc = dataclasses.replace(tc, r1_every=r1_every, perceptual_weight=0.0)  # no VGG trunk offline
 
     def step(i):
-        disc.requires_grad_(False)
-        with autocast():
-            recon = reconstruct(model, images).float()
-            loss = tc.recon_weight * F.mse_loss(recon, images)
-            if gan:
-                loss = loss + tc.gan_weight * generator_loss(disc(recon))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        """train.py's stage-1 step: the generator step, then (gan) the discriminator step, the i-th disc step."""
+        _, fakes = generator_step(model, model, opt, disc, None, tc, micro_batches, "auto", gan)
         if gan:
-            disc.requires_grad_(True)
-            with autocast():
-                logits_real, r1 = r1_penalty(disc, images, every=r1_every, step=i)
-                logits_fake = disc(recon.detach())
-            lecam.update(logits_real, logits_fake)
-            d_loss = (discriminator_loss(logits_real, logits_fake) + tc.r1_cost * r1
-                      + tc.lecam_weight * lecam.penalty(logits_real, logits_fake))
-            d_loss.backward()
-            d_opt.step()
-            d_opt.zero_grad(set_to_none=True)
+            discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, "auto", i, tc.lr)
 
-    step(0)  # warm-up (an R1 step in every row)
-    best = float("inf")
-    for repeat in range(args.repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    def block():
         for i in range(1, args.steps + 1):
             step(i)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - start) / args.steps)
-    return best
+
+    return best_seconds(block, args.repeats, device, warmup=lambda: step(0)) / args.steps  # warm-up: an R1 step
 
 
 def main(argv=None):
@@ -131,11 +103,11 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     k = args.r1_every
     rows = [("stage-1 step, ℓ2 only", dict(gan=False)),
-            ("stage-1 step with D + R1 + LeCAM", dict(gan=True)),
-            (f"stage-1 step with D + lazy R1 (k = {k}) + LeCAM", dict(gan=True, r1_every=k))]
+            ("stage-1 step with disc + R1 + LeCAM", dict(gan=True)),
+            (f"stage-1 step with disc + lazy R1 (k = {k}) + LeCAM", dict(gan=True, r1_every=k))]
     if args.compare_conv_blur:
-        rows += [("stage-1 step with D + R1 + LeCAM, depthwise-conv blur", dict(gan=True, conv_blur=True)),
-                 (f"stage-1 step with D + lazy R1 (k = {k}) + LeCAM, depthwise-conv blur",
+        rows += [("stage-1 step with disc + R1 + LeCAM, depthwise-conv blur", dict(gan=True, conv_blur=True)),
+                 (f"stage-1 step with disc + lazy R1 (k = {k}) + LeCAM, depthwise-conv blur",
                   dict(gan=True, r1_every=k, conv_blur=True))]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"preset {args.preset}, batch {args.batch_size}, best of {args.repeats} x {args.steps} steps; {where}, "

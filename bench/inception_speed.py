@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import inception  # noqa: E402
+from harness import sync  # noqa: E402
 
 
 def throughputs(runs, repeats):
@@ -54,12 +55,11 @@ def main():
     images = torch.randint(0, 256, (args.images, args.size, args.size, 3), dtype=torch.uint8, device=args.device)
     u8 = list(images.split(args.batch_size))
     f01 = [b.permute(0, 3, 1, 2).float() / 255 for b in u8]
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     diff = (ours(u8[0])[0] - theirs(f01[0])[0].flatten(1)).abs().max().item()
 
     names = ["pytorch-fid InceptionV3 (pool)", "inception.InceptionFeatures (pool+spatial+logits)"]
-    rows = list(zip(names, throughputs([(lambda b: (theirs(b), sync()), f01),
-                                        (lambda b: (ours(b), sync()), u8)], args.repeats)))
+    rows = list(zip(names, throughputs([(lambda b: (theirs(b), sync(args.device)), f01),
+                                        (lambda b: (ours(b), sync(args.device)), u8)], args.repeats)))
     print(f"{args.images} images {args.size}px, batch {args.batch_size}, {args.threads} threads, {args.device}; "
           f"max |pool difference| {diff:.2e}")
     print(f"{'implementation':<50}{'images/s':>10}{'ratio':>8}")

@@ -10,9 +10,9 @@ On CUDA both DiTs run compiled with CUDA graphs (torch.compile mode="reduce-over
 sampling is compute-bound, not launch-bound. "speed-up / FLOP ratio" divides the measured generation speed-up by the
 ratio of generation FLOPs per image (matmul, conv and attention FLOPs counted by torch.utils.flop_counter): 1.0 is
 the speed-up the FLOPs alone allow.
-Training: images/s and peak memory of one TexTok training step (l2 loss, Adam, App. C) beside the identical
-architecture built from `timm` ViT `Block`s (a bench-only dependency: pip install timm); ours should be at least
-as fast. On CUDA, model FLOPs utilisation (MFU) of TexTok-Base in bf16 as well.
+Training: images/s and peak memory of one TexTok training step (train.generator_step: l2 loss, Adam, App. C)
+beside the identical architecture built from `timm` ViT `Block`s (a bench-only dependency: pip install timm); ours
+should be at least as fast. On CUDA, model FLOPs utilisation (MFU) of TexTok-Base in bf16 as well.
 
     python bench/speed.py                 # CPU default, a few minutes: TexTok-Small-32, DiT-S, 4 DDIM steps, batch 2
     python bench/speed.py --resolutions 256 --repeats 1 --train-steps 1   # CPU, the smallest run (~1 minute)
@@ -25,24 +25,24 @@ import argparse
 import dataclasses
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import atomic_write, autocast, run_main, save_json  # noqa: E402
-from config import MODEL_PRESETS, OFFLINE_TEXT_ENCODER, TexTokConfig  # noqa: E402
+from config import MODEL_PRESETS, OFFLINE_TEXT_ENCODER, TexTokConfig, TokenizerTrainConfig  # noqa: E402
 from data import Cond, ShapesDataset  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from dit import DiT_models  # noqa: E402
+from harness import best_seconds  # noqa: E402
 from text_encoder import TextEncoder  # noqa: E402
 from textok import TexTok  # noqa: E402
 from tokenizer import patchify, unpatchify  # noqa: E402
+from train import generator_step  # noqa: E402
 
 # Flag defaults: a CPU run of a few minutes, or the paper's sizes (Table 5 / Fig. 4: TexTok-Base, DiT-XL,
 # DDIM 250 steps, batch 32; N from Table 1).
@@ -93,24 +93,6 @@ def machine(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"torch {torch.__version__}")
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_seconds(fn, repeats: int, device) -> float:
-    """Best wall-clock seconds of fn() over `repeats` calls, after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def count_flops(fn) -> int:
@@ -172,7 +154,7 @@ def inference_rows(args, size: int, encoder: TextEncoder, device, bar) -> list:
             del model, dit
             bar.update()
         # The original DiT: DiT/2 over the SD-VAE latent (size/8)^2 x 4. Patch size 2 makes every token a 2x2x4
-        # patch, so DiT/2's patch embedding (Conv2d 4 -> D, kernel 2, stride 2) is a linear map of 16 channels per
+        # patch, so DiT/2's patch embedding (Conv2d 4 -> hidden, kernel 2, stride 2) is a linear map of 16 channels per
         # token: our DiT over (size/16)^2 tokens of 16 channels computes the same (256 tokens at 256 px, 1024 at
         # 512 px). Its output layer predicts 16 values per token where DiT's also learns the variance (32): negligible.
         bar.set_postfix_str(f"{size} px, SD-VAE + {args.dit}/2")
@@ -196,21 +178,23 @@ class TimmEncoderDecoder(nn.Module):
     def __init__(self, cfg: TexTokConfig):
         super().__init__()
         from timm.models.vision_transformer import Block
-        D, s, hw = cfg.width, cfg.patch_size, cfg.grid ** 2
+        width, s, hw = cfg.width, cfg.patch_size, cfg.grid ** 2
         self.cfg = cfg
 
         def blocks(depth):
-            return nn.ModuleList(Block(D, cfg.heads, cfg.mlp_dim / D, qkv_bias=True) for _ in range(depth))
+            return nn.ModuleList(Block(width, cfg.heads, cfg.mlp_dim / width, qkv_bias=True) for _ in range(depth))
 
-        self.patch_embed, self.pos_embed = nn.Linear(3 * s * s, D), nn.Parameter(torch.zeros(1, hw, D))
-        self.L = nn.Parameter(torch.zeros(1, cfg.num_tokens, D))
-        self.enc_text, self.enc, self.enc_norm = nn.Linear(cfg.text_dim, D), blocks(cfg.enc_layers), nn.LayerNorm(D)
-        self.to_Z = nn.Linear(D, cfg.token_dim)
-        self.P = nn.Parameter(torch.zeros(1, hw, D))
-        self.z_proj, self.z_pos = nn.Linear(cfg.token_dim, D), nn.Parameter(torch.zeros(1, cfg.num_tokens, D))
-        self.dec_text, self.dec, self.dec_norm = nn.Linear(cfg.text_dim, D), blocks(cfg.dec_layers), nn.LayerNorm(D)
-        self.to_pixels = nn.Linear(D, 3 * s * s)
-        for p in (self.pos_embed, self.L, self.P, self.z_pos):
+        self.patch_embed, self.pos_embed = nn.Linear(3 * s * s, width), nn.Parameter(torch.zeros(1, hw, width))
+        self.L = nn.Parameter(torch.zeros(1, cfg.num_tokens, width))
+        self.enc_text, self.enc = nn.Linear(cfg.text_dim, width), blocks(cfg.enc_layers)
+        self.enc_norm = nn.LayerNorm(width)
+        self.to_Z = nn.Linear(width, cfg.token_dim)
+        self.P_prime = nn.Parameter(torch.zeros(1, hw, width))
+        self.z_proj, self.z_pos = nn.Linear(cfg.token_dim, width), nn.Parameter(torch.zeros(1, cfg.num_tokens, width))
+        self.dec_text, self.dec = nn.Linear(cfg.text_dim, width), blocks(cfg.dec_layers)
+        self.dec_norm = nn.LayerNorm(width)
+        self.to_pixels = nn.Linear(width, 3 * s * s)
+        for p in (self.pos_embed, self.L, self.P_prime, self.z_pos):
             nn.init.trunc_normal_(p, std=0.02)
 
     @staticmethod
@@ -224,32 +208,33 @@ class TimmEncoderDecoder(nn.Module):
         return norm(h)[:, :S]
 
     def forward(self, images, cond):
-        """images [B, 3, H, W], cond: Cond(text [B, N_t, C], text_mask [B, N_t]) -> reconstruction [B, 3, H, W]."""
+        """images [B, 3, H, W], cond: Cond(text [B, N_t, C], text_mask [B, N_t]) -> (reconstruction, Z, 0)."""
         text, text_mask = cond.text, cond.text_mask
         P = self.patch_embed(patchify(images, self.cfg.patch_size)) + self.pos_embed
         x = torch.cat([P, self.L.expand(len(P), -1, -1)], 1)
         Z = self.to_Z(self._vit(self.enc, self.enc_norm, x, self.enc_text(text), text_mask)[:, P.shape[1]:])
-        x = torch.cat([self.P.expand(len(Z), -1, -1), self.z_proj(Z) + self.z_pos], 1)
+        x = torch.cat([self.P_prime.expand(len(Z), -1, -1), self.z_proj(Z) + self.z_pos], 1)
         out = self._vit(self.dec, self.dec_norm, x, self.dec_text(text), text_mask)
-        return unpatchify(self.to_pixels(out[:, : self.P.shape[1]]), self.cfg.patch_size)
+        recon = unpatchify(self.to_pixels(out[:, : self.P_prime.shape[1]]), self.cfg.patch_size)
+        return recon, Z, Z.new_zeros(())  # TexTok.forward's (images_hat, Z, vq_loss)
 
 
 def train_flops_per_image(cfg: TexTokConfig) -> float:
     """Model FLOPs of one training step per image: 3x the forward's matmul FLOPs (forward + backward, as PaLM's MFU),
     tokenizer and detokenizer over hw patches + N tokens + N_t text tokens each (in-context, §3.2)."""
-    D, M, s, hw, N, L = cfg.width, cfg.mlp_dim, cfg.patch_size, cfg.grid ** 2, cfg.num_tokens, cfg.text_len
-    S = hw + N + L
+    width, M, s, hw, N, N_t = cfg.width, cfg.mlp_dim, cfg.patch_size, cfg.grid ** 2, cfg.num_tokens, cfg.text_len
+    S = hw + N + N_t
 
     def vit(layers):  # q, k, v, out projections + MLP, and the two attention matmuls (QK^T, AV)
-        return layers * (2 * S * (4 * D * D + 2 * D * M) + 4 * S * S * D)
+        return layers * (2 * S * (4 * width * width + 2 * width * M) + 4 * S * S * width)
 
-    embed = 2 * hw * 3 * s * s * D * 2 + 2 * L * cfg.text_dim * D * 2 + 2 * N * D * cfg.token_dim * 2
+    embed = 2 * hw * 3 * s * s * width * 2 + 2 * N_t * cfg.text_dim * width * 2 + 2 * N * width * cfg.token_dim * 2
     return 3 * (vit(cfg.enc_layers) + vit(cfg.dec_layers) + embed)
 
 
 def training_row(name: str, build, cfg: TexTokConfig, args, device, precision: str) -> dict:
     """Images/s (best of `repeats` blocks of `train_steps` steps, after a warm-up step) and peak memory of training
-    the model `build()` returns on random images and text (l2 loss, Adam with App. C's betas)."""
+    the model `build()` returns on random images and text (train.generator_step: l2 loss, Adam with App. C's betas)."""
     B = args.train_batch_size
     precision = "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
     gen = torch.Generator().manual_seed(0)
@@ -263,18 +248,13 @@ def training_row(name: str, build, cfg: TexTokConfig, args, device, precision: s
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # inputs and other models
     torch.manual_seed(0)
     model = build(cfg).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.0, 0.99), fused=device.type == "cuda")
+    tc = TokenizerTrainConfig(perceptual_weight=0.0)  # App. C's weights and Adam betas; ℓ2 only (no VGG, no disc)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+    micro_batches = [({"image": images, "cond": Cond(text, mask)}, True)]
 
-    def step():
-        with autocast(device, precision):
-            out = model(images, Cond(text, mask))
-        F.mse_loss((out[0] if isinstance(out, tuple) else out).float(), images).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def block():
+    def block():  # train.py's generator step before disc_start
         for _ in range(args.train_steps):
-            step()
+            generator_step(model, model, opt, None, None, tc, micro_batches, precision, gan_on=False)
 
     seconds = best_seconds(block, args.repeats, device)
     row = dict(model=name, size=cfg.image_size, tokens=cfg.num_tokens, batch=B, precision=precision,
@@ -323,7 +303,8 @@ def tables(inference: list, training: list, args) -> str:
         lines.append(f"| {r['size']} | {r['system']} | {r['tokens']} | {fmt(r['text'])} | {fmt(r['tokenize'])} | "
                      f"{fmt(r['detokenize'])} | {fmt(r['dit'])} | {fmt(r['tokenization'])} | {fmt(r['generation'])} | "
                      f"{r['generation_flops'] / 1e9:.4g} | {r['speedup']:.2f}x | {r['speedup_per_flop_ratio']:.2f} |")
-    lines += ["", "Tokenizer training throughput (one step: forward, l2 loss, backward, Adam):", "",
+    lines += ["", "Tokenizer training throughput (train.generator_step before disc_start: forward, l2 loss, backward, "
+              "clipping, Adam):", "",
               "| model | px | tokens | batch | precision | params (M) | images/s | peak memory (GiB) | MFU | "
               "vs timm |", "|" + "---|" * 10]
     timm_rate = next((r["images_per_s"] for r in training if "timm" in r["model"]), None)

@@ -5,11 +5,13 @@ import os
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 
-from common import InputError, Run, atomic_write, save_checkpoint
+from common import InputError, Run, atomic_write, save_checkpoint, save_image_grid
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
@@ -64,3 +66,17 @@ def test_resumed_log_drops_a_torn_last_line_and_refuses_a_bad_one(tmp_path):
     path.write_text('{"step": 1}\n[1, 2]\n{"step": 3}\n')
     with pytest.raises(InputError, match=re.escape(f"{path}:2: not a JSON log row with a \"step\"")):
         Run.trim_log(SimpleNamespace(out=tmp_path), 2)
+
+
+def test_image_grid_enlarges_small_images_with_nearest_neighbour(tmp_path):
+    """Two 32 px images, 2 columns: each pixel becomes a 4 x 4 block (128 px tiles) between 2 px white borders;
+    128 px images stay at 1x."""
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    grid = np.asarray(Image.open(save_image_grid(images, tmp_path / "small.png", ncol=2)))
+    assert grid.shape == (2 + 128 + 2, 2 + 2 * (128 + 2), 3)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    tile = grid[2:130, 132:260]
+    assert np.array_equal(tile, pixels[1].repeat(4, 0).repeat(4, 1))
+    assert (grid[:2] == 255).all() and (grid[:, 130:132] == 255).all()
+    large = np.asarray(Image.open(save_image_grid(torch.zeros(1, 3, 128, 128), tmp_path / "large.png", ncol=1)))
+    assert large.shape == (132, 132, 3)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from data import Cond
 from diffusion import Diffusion, cfg_scale
+from dit import DiT
 
 
 def _oracle(diffusion, x0):
@@ -153,6 +155,25 @@ def test_ddim_and_guidance_loop_builds_no_cpu_tensor_per_step():
         return mode.count
 
     assert cpu_calls(10) == cpu_calls(2)
+
+
+def test_dit_t2i_guided_ddim_loop_needs_no_host_sync():
+    # The same check through DiT-T2I with classifier-free guidance on the MDT schedule: on the meta device a host
+    # read of the text mask (a sync per step on CUDA) raises, and no CPU tensor is made per step.
+    dit = DiT(num_tokens=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, text_dim=8).eval().to("meta")
+    text = torch.empty(2, 5, 8, device="meta")
+    cond = Cond(text, torch.ones(2, 5, dtype=torch.bool, device="meta"))
+    diffusion = Diffusion()
+    diffusion.ddim_sample(lambda x, t: x, (2, 3), steps=2, device="meta")  # caches ᾱ on the meta device
+
+    def cpu_calls(steps):
+        with _CPUOps() as mode:
+            out = diffusion.ddim_sample(lambda x, t: dit.forward_with_cfg(x, t, cfg_scale(t, 4.0), cond), (2, 4, 3),
+                                        steps=steps, device="meta")
+        assert out.device.type == "meta"
+        return mode.count
+
+    assert cpu_calls(6) == cpu_calls(2)
 
 
 def test_ddim_is_deterministic_given_the_generator():

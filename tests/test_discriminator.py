@@ -72,10 +72,10 @@ def _depthwise_conv_blur(x):
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 4, 7, 9), (3, 2, 6, 5), (1, 1, 2, 3)])
 def test_blur_pool_equals_the_depthwise_conv_to_second_order(shape):
-    # R1's path: penalty = ||grad_x D(x)||^2 with create_graph, then its gradient w.r.t. weights and inputs.
+    # R1's path: penalty = ||grad_x disc(x)||^2 with create_graph, then its gradient w.r.t. weights and inputs.
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen)
-    weight = torch.randn(1, shape[1], 1, 1, generator=gen)  # a per-channel "D weight" in front of the blur
+    weight = torch.randn(1, shape[1], 1, 1, generator=gen)  # a per-channel "disc weight" in front of the blur
     readout = torch.randn(_depthwise_conv_blur(x).shape, generator=gen)
 
     def derivatives(blur):
@@ -120,7 +120,7 @@ def test_lecam_penalty_and_ema_update_match_hand_values():
 
 
 class _SquareD(nn.Module):
-    """D(x) = sum(w * x^2) per sample, so grad_x D = 2 w x."""
+    """disc(x) = sum(w * x^2) per sample, so grad_x disc = 2 w x."""
 
     def __init__(self):
         super().__init__()
@@ -152,7 +152,7 @@ def test_r1_penalty_on_stylegan_discriminator_reaches_every_parameter():
     assert penalty.item() > 0
     penalty.backward()
     assert real.grad is None
-    # grad_x D is piecewise linear in the weights and constant in the biases (leaky ReLU), so
+    # grad_x disc is piecewise linear in the weights and constant in the biases (leaky ReLU), so
     # R1 trains every weight and no bias.
     for name, p in d.named_parameters():
         if name.endswith("weight"):

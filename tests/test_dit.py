@@ -1,13 +1,16 @@
 """Tests for dit.py: sizes (DiT Table 1), adaLN-Zero init, conditioning, CFG, bf16, and a tiny-DiT overfit."""
 
+import numpy as np
 import pytest
 import torch
 
+import data
+from common import InputError
 from diffusion import Diffusion
 from data import Cond
 from dit import DiT, DiT_models
 
-N, D, CLASSES, TEXT_DIM = 8, 8, 10, 16
+N, CHANNELS, CLASSES, TEXT_DIM = 8, 8, 10, 16
 
 
 def _num_params(module):
@@ -15,7 +18,7 @@ def _num_params(module):
 
 
 def _tiny(text_dim=None, **kwargs):
-    return DiT(num_tokens=N, in_channels=D, hidden_size=64, depth=2, num_heads=4, num_classes=CLASSES,
+    return DiT(num_tokens=N, in_channels=CHANNELS, hidden_size=64, depth=2, num_heads=4, num_classes=CLASSES,
                text_dim=text_dim, **kwargs)
 
 
@@ -28,9 +31,9 @@ def _randomised(model):
     return model.eval()
 
 
-def _text(B=3, L=5):
-    text = torch.randn(B, L, TEXT_DIM)
-    mask = torch.arange(L)[None] < torch.tensor([5, 3, 1])[:B, None]  # varying caption lengths
+def _text(B=3, N_t=5):
+    text = torch.randn(B, N_t, TEXT_DIM)
+    mask = torch.arange(N_t)[None] < torch.tensor([5, 3, 1])[:B, None]  # varying caption lengths
     return text, mask
 
 
@@ -54,11 +57,11 @@ def test_t2i_adds_cross_attention_and_no_label_table():
 def test_output_shape_and_zero_init(text_dim):
     torch.manual_seed(0)
     model = _tiny(text_dim).eval()
-    x, t = torch.randn(3, N, D), torch.tensor([0, 500, 999])
+    x, t = torch.randn(3, N, CHANNELS), torch.tensor([0, 500, 999])
     text, mask = _text()
     kwargs = {"cond": Cond(label=torch.tensor([0, 1, 9])) if text_dim is None else Cond(text, mask)}
     out = model(x, t, **kwargs)
-    assert out.shape == (3, N, D)
+    assert out.shape == (3, N, CHANNELS)
     assert torch.equal(out, torch.zeros_like(out))  # adaLN-Zero: zero modulation and zero output layer
     out = _randomised(model)(x, t, **kwargs)
     assert out.abs().mean() > 1e-3
@@ -67,18 +70,25 @@ def test_output_shape_and_zero_init(text_dim):
 def test_bad_shapes_raise():
     model = _tiny().eval()
     with pytest.raises(ValueError, match="expected"):
-        model(torch.randn(2, N + 1, D), torch.zeros(2, dtype=torch.long), Cond(label=torch.zeros(2, dtype=torch.long)))
+        model(torch.randn(2, N + 1, CHANNELS), torch.zeros(2, dtype=torch.long),
+              Cond(label=torch.zeros(2, dtype=torch.long)))
     with pytest.raises(ValueError, match="labels"):
-        model(torch.randn(2, N, D), torch.zeros(2, dtype=torch.long))
-    t2i = _tiny(TEXT_DIM).eval()
-    text, mask = _text()
-    with pytest.raises(ValueError, match="at least one"):
-        t2i(torch.randn(3, N, D), torch.zeros(3, dtype=torch.long), Cond(text, mask & False))
+        model(torch.randn(2, N, CHANNELS), torch.zeros(2, dtype=torch.long))
+
+
+def test_a_caption_without_text_tokens_is_refused_where_conditions_are_built(tmp_path, monkeypatch):
+    # DiT reads no mask on the host (a sync per DDIM step): data.Conditions checks every row has a real token.
+    mask = np.array([[True, True, False], [False, False, False]])
+    monkeypatch.setattr(data, "cached_text_embeddings", lambda *a, **k: (np.zeros((2, 3, 4), np.float16), mask))
+    with pytest.raises(InputError, match=r"caption 1 has no text token in its mask \('b'\)"):
+        data.Conditions(["a", "b"], [0, 0], "encoder", 3, tmp_path)
+    mask[1, 0] = True
+    assert data.Conditions(["a", "b"], [0, 0], "encoder", 3, tmp_path)[1].text_mask.tolist() == [True, False, False]
 
 
 def test_cross_attention_ignores_padded_text():
     model = _randomised(_tiny(TEXT_DIM))
-    x, t = torch.randn(3, N, D), torch.tensor([3, 400, 900])
+    x, t = torch.randn(3, N, CHANNELS), torch.tensor([3, 400, 900])
     text, mask = _text()
     noisy = torch.where(mask[..., None], text, torch.randn_like(text) * 100)
     torch.testing.assert_close(model(x, t, Cond(text, mask)), model(x, t, Cond(noisy, mask)))
@@ -87,7 +97,7 @@ def test_cross_attention_ignores_padded_text():
 
 def test_null_condition_and_label_dropout():
     model = _randomised(_tiny(class_dropout_prob=1.0))
-    x, t, y = torch.randn(3, N, D), torch.tensor([10, 20, 30]), torch.tensor([1, 2, 3])
+    x, t, y = torch.randn(3, N, CHANNELS), torch.tensor([10, 20, 30]), torch.tensor([1, 2, 3])
     null = model(x, t, Cond(label=torch.full((3,), CLASSES)))
     torch.testing.assert_close(model(x, t, Cond(label=y), force_drop_ids=torch.ones(3)), null)
     assert not torch.allclose(model(x, t, Cond(label=y)), null)  # eval: no dropout
@@ -105,7 +115,7 @@ def test_null_condition_and_label_dropout():
 @pytest.mark.parametrize("text_dim", [None, TEXT_DIM])
 def test_cfg_scale_one_is_conditional_and_zero_is_unconditional(text_dim):
     model = _randomised(_tiny(text_dim))
-    x, t = torch.randn(3, N, D), torch.tensor([5, 250, 990])
+    x, t = torch.randn(3, N, CHANNELS), torch.tensor([5, 250, 990])
     text, mask = _text()
     kwargs = {"cond": Cond(label=torch.tensor([4, 5, 6])) if text_dim is None else Cond(text, mask)}
     cond = model(x, t, **kwargs)
@@ -120,7 +130,7 @@ def test_cfg_scale_one_is_conditional_and_zero_is_unconditional(text_dim):
 
 def test_bf16_autocast_forward():
     model = _randomised(_tiny(TEXT_DIM))
-    x, t = torch.randn(3, N, D), torch.tensor([1, 2, 3])
+    x, t = torch.randn(3, N, CHANNELS), torch.tensor([1, 2, 3])
     text, mask = _text()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.forward_with_cfg(x, t, 2.0, Cond(text, mask))
@@ -133,8 +143,8 @@ def test_tiny_dit_overfits_one_batch():
     torch.manual_seed(0)
     model = _tiny(class_dropout_prob=0.0)
     diffusion = Diffusion()
-    x0, y = torch.randn(4, N, D), torch.tensor([0, 1, 2, 3])
-    t_eval, noise_eval = torch.arange(0, 1000, 50).repeat_interleave(4), torch.randn(80, N, D)
+    x0, y = torch.randn(4, N, CHANNELS), torch.tensor([0, 1, 2, 3])
+    t_eval, noise_eval = torch.arange(0, 1000, 50).repeat_interleave(4), torch.randn(80, N, CHANNELS)
 
     def eval_loss():
         with torch.no_grad():

@@ -1,5 +1,7 @@
 """domain.py: the embedded set's classifier, its cache, and the domain FID and accuracies computed with it."""
+import ast
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import torch
 
 import domain
 import metrics
+from common import InputError
 from data import COLORS, SHAPES, caption, make_scene
 
 TINY = domain.DomainSettings(num_images=1024, steps=80, batch_size=32)  # seconds: features, not accuracy
@@ -100,7 +103,7 @@ def test_class_and_caption_accuracy_on_known_predictions():
 
 @pytest.mark.slow
 def test_held_out_accuracy_of_the_default_classifier(tmp_path):
-    """The classifier that `metrics.py --domain` uses, trained as it is (80 s on 2 idle cores)."""
+    """The classifier that `domain.py SAMPLE.npz` uses, trained as it is (80 s on 2 idle cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count())  # conftest's one thread suits tiny tensors, not this training
     try:
@@ -121,12 +124,22 @@ def test_cli_prints_the_domain_report(tiny, tmp_path, monkeypatch, capsys):
     (tmp_path / "captions.txt").write_text("\n".join(data.captions) + "\n")
 
     def report(*args):
-        metrics.main(["--domain", *map(str, args)])
+        domain.main([*map(str, args)])
         return {line.split(": ")[0]: float(line.split(": ")[1]) for line in capsys.readouterr().out.splitlines()}
-    assert list(report(tmp_path / "ref.npz", tmp_path / "sample.npz")) == ["Domain FID"]
+    assert list(report(tmp_path / "sample.npz", "--ref", tmp_path / "ref.npz")) == ["Domain FID"]
     assert list(report(tmp_path / "sample.npz")) == ["Domain FID"]  # against real held-out images
     assert list(report(tmp_path / "labelled.npz")) == ["Domain FID", "Class accuracy"]
-    full = report(tmp_path / "ref.npz", tmp_path / "sample.npz", "--classes-in-turn", "--captions",
+    full = report(tmp_path / "sample.npz", "--ref", tmp_path / "ref.npz", "--classes-in-turn", "--captions",
                   tmp_path / "captions.txt")
     assert list(full) == ["Domain FID", "Class accuracy", "Caption shape accuracy", "Caption colour accuracy"]
     assert full["Domain FID"] > 0 and all(0 <= v <= 1 for k, v in full.items() if k != "Domain FID")
+    with pytest.raises(InputError, match=r"missing.txt: file not found \(--captions\)"):
+        domain.main([str(tmp_path / "sample.npz"), "--captions", str(tmp_path / "missing.txt")])
+
+
+def test_the_library_goes_one_way_domain_uses_metrics():
+    """metrics.py never imports domain.py (its command is `python domain.py SAMPLE.npz`)."""
+    tree = ast.parse((Path(metrics.__file__)).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "domain" not in imported

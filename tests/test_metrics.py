@@ -402,4 +402,25 @@ def test_cli_without_inception_weights_points_to_the_domain_metrics(tmp_path, mo
     np.savez(tmp_path / "ref.npz", images())
     with pytest.raises(SystemExit) as err:
         metrics.main([str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz")])
-    assert inception.INCEPTION_FILE in str(err.value.code) and "--domain" in str(err.value.code)
+    assert inception.INCEPTION_FILE in str(err.value.code) and "domain.py SAMPLE.npz" in str(err.value.code)
+
+
+def test_tokenizer_report_without_weights_gives_psnr_ssim_and_names_what_was_skipped(tmp_path, monkeypatch, capsys):
+    """No Inception and no LPIPS backbone: PSNR and SSIM are reported, one line names rFID, rIS and LPIPS with the
+    missing files; --strict refuses in one line instead."""
+    from conftest import tiny_config
+    from textok import TexTok
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+    torch.manual_seed(0)
+    TexTok(tiny_config(conditioning="none")).save_pretrained(tmp_path / "tok")
+    argv = ["--tokenizer", str(tmp_path / "tok"), "--num-images", "4", "--batch-size", "4", "--device", "cpu"]
+    metrics.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines[:2]] == ["PSNR", "SSIM"] and len(lines) == 3
+    assert 0 < float(lines[0].split(": ")[1]) < 60 and -1 < float(lines[1].split(": ")[1]) < 1
+    assert lines[2].startswith("skipped (weights missing; --strict refuses instead): rFID, rIS (")
+    assert inception.INCEPTION_FILE in lines[2] and "; LPIPS (" in lines[2] and "alexnet-owt-7be5be79.pth" in lines[2]
+    with pytest.raises(SystemExit) as err:
+        metrics.main(argv + ["--strict"])
+    assert str(err.value.code).startswith("error: FID Inception weights") and "domain.py" in str(err.value.code)

@@ -190,7 +190,7 @@ def test_perceptual_loss_runs_with_local_vgg_weights(tmp_path, text_cache, monke
     import torchvision
     home = tmp_path / "torch_home"
     (home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(torchvision.models.vgg16().state_dict(), home / "hub" / "checkpoints" / train.VGG_FILE)
+    torch.save(torchvision.models.vgg16().state_dict(), home / "hub" / "checkpoints" / "vgg16-397923af.pth")
     monkeypatch.setenv("TORCH_HOME", str(home))
     out = tmp_path / "run"
     train.main(base_args(out, text_cache, "--max-steps", "1", "--perceptual-weight", "0.1"))
@@ -217,7 +217,7 @@ def assert_same_states(a, b):
         torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f"{k}: {m}")
 
 
-GAN_ON = ("--disc-start", "0", "--max-steps", "2", "--ckpt-every", "2")  # both steps train D: R1, LeCAM, its EMAs
+GAN_ON = ("--disc-start", "0", "--max-steps", "2", "--ckpt-every", "2")  # both steps train disc: R1, LeCAM, its EMAs
 
 
 @pytest.mark.slow
@@ -383,8 +383,36 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
 
 
 def test_lazy_r1_flag(tmp_path, text_cache):
-    """--r1-every 2: the penalty (x 2) on D steps 0, 2, ...; none on step 1."""
+    """--r1-every 2: the penalty (x 2) on disc steps 0, 2, ...; none on step 1."""
     out = tmp_path / "run"
     train.main(base_args(out, text_cache, "--max-steps", "3", "--disc-start", "0", "--r1-every", "2"))
     r1 = [r["r1"] for r in log_rows(out) if "l2" in r]
     assert r1[0] > 0 and r1[1] == 0 and r1[2] > 0
+
+
+def test_stage1_steps_reproduce_recorded_losses(tmp_path, text_cache):
+    """Two GAN steps from seed 0 give the losses and LeCAM EMAs recorded before the stage-1 step became
+    train.generator_step / train.discriminator_step (the LeCAM penalty reads the EMAs before this step's update)."""
+    out = tmp_path / "run"
+    train.main(base_args(out, text_cache, *GAN_ON))
+    rows = [r for r in log_rows(out) if "l2" in r]
+    recorded = [{"l2": 1.12767, "gan": 0.704512, "grad_norm": 1.41804, "d_loss": 1.38447, "r1": 5.29535e-05,
+                 "lecam": 0.000541862},
+                {"l2": 0.916964, "gan": 0.754858, "grad_norm": 1.45534, "d_loss": 1.35019, "r1": 8.64946e-05,
+                 "lecam": 0.0144067}]
+    for row, expected in zip(rows, recorded, strict=True):
+        assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-4), row  # a swapped LeCAM: 1e-3
+    state = load_tensors(out / "step-0000002" / "state.safetensors")
+    assert state["s.lecam.ema_real"].item() == pytest.approx(-6.184484664e-05, rel=1e-4)
+    assert state["s.lecam.ema_fake"].item() == pytest.approx(-1.424030779e-04, rel=1e-4)
+
+
+def test_validation_psnr_is_metrics_psnr_on_uint8_images(tmp_path):
+    """One PSNR: a reconstruction 0.6 grey levels off rounds to 1 level off, so the logged PSNR is 20 log10(255)
+    (48.13 dB, metrics.psnr on uint8 images), not the float images' 52.57 dB."""
+    levels = torch.randint(0, 254, (4, 3, 8, 8)).float()
+    batch = {"image": levels / 127.5 - 1, "cond": None}
+    model = lambda images, cond: ((levels + 0.6) / 127.5 - 1,)  # noqa: E731
+    value = train.evaluate_tokenizer(model, batch, tmp_path / "grid.png", 0, torch.device("cpu"), "fp32")
+    assert value == pytest.approx(20 * math.log10(255), abs=1e-4)
+    assert (tmp_path / "grid.png").is_file()
