@@ -151,3 +151,12 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     assert common.setup_distributed(90)[:2] == (0, 1)
     assert seen["timeout"] == datetime.timedelta(seconds=90)
     assert train.parse_args(["--stage", "dit"]).dist_timeout == 7200
+
+
+def test_stage1_runs_with_text_cache_off(tmp_path):
+    """`--text-cache off`: a step and the validation batch with captions encoded on the fly, no store on disk."""
+    from test_train import base_args, log_rows
+    train.main(base_args(tmp_path / "run", tmp_path / "cache", "--max-steps", "1", "--eval-every", "1",
+                         "--text-cache", "off"))
+    assert [r["step"] for r in log_rows(tmp_path / "run")] == [1, 1] and "val_psnr" in log_rows(tmp_path / "run")[1]
+    assert not (tmp_path / "cache" / "text").exists()
