@@ -38,7 +38,8 @@ MiB = 2 ** 20
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--captions", type=int, nargs="+", default=[20_000, 200_000], help="M values (1280000: ImageNet)")
+    p.add_argument("--captions", type=int, nargs="*", default=[20_000, 200_000],
+                   help="M values (1280000: ImageNet; none: skip the store table)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--text-len", type=int, default=16, help="tokens per caption (the paper: 128)")
     p.add_argument("--batch-size", type=int, default=256, help="captions per encoder batch")
@@ -260,7 +261,8 @@ def main(argv=None):
     lines = [f"bench/scale.py {' '.join(sys.argv[1:])}: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs, torch {torch.__version__}, MiniLM at --text-len {args.text_len}", ""]
     print(lines[0], flush=True)
-    lines += store_table(args, work)
+    if args.captions:
+        lines += store_table(args, work)
     if args.latents:
         lines += [""] + latents_table(args, work)
         print(lines[-1], flush=True)
