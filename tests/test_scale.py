@@ -28,7 +28,8 @@ CAPTIONS = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in (
 # Each rank: the text store, the stage-2 latents (a DataLoader with a worker) and the scan of a folder whose one bad
 # image is in rank 1's share; prints the scan's error.
 RANK_CODE = """
-import sys, torch
+import sys
+from pathlib import Path
 from common import InputError, setup_distributed
 from conftest import tiny_config
 from data import JsonlDataset, ShapesDataset, conditioned
@@ -40,7 +41,7 @@ rank, world, device = setup_distributed(60)
 cached_text_embeddings("{enc}", 8, captions, out + "/text", batch_size=8, rank=rank, world=world)
 data = conditioned(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), out)
 tok = TexTok.from_pretrained(out + "/tok").eval()
-train.encode_latents(tok, data, device, "fp32", train.Path(out) / "Z", batch_size=4, rank=rank, world=world, workers=1)
+train.encode_latents(tok, data, device, "fp32", Path(out) / "Z", batch_size=4, rank=rank, world=world, workers=1)
 try:
     JsonlDataset(out + "/jsonl", 16).scan(rank=rank, world=world)
 except InputError as e:
