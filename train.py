@@ -21,13 +21,15 @@ from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from common import (InputError, Run, all_reduce_grads, autocast, global_mean, load_tensors, run_main,
-                    save_image_grid, save_tensors, setup_distributed, to_uint8)
+from common import (InputError, Run, all_reduce_grads, autocast, build_once, global_mean, rank_share, run_main,
+                    save_image_grid, setup_distributed, to_uint8)
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
                     get_preset, given_flags, to_dict)
 from data import (CAPTION_STYLES, Conditions, LatentSet, check_labels, collate, conditioned, make_datasets,
@@ -51,6 +53,11 @@ def parse_args(argv=None):
                    help="embedded set's captions (Tab. 4a): full descriptive, short, or the class-name template")
     p.add_argument("--out", default=None, help="output folder (default runs/<stage>)")
     p.add_argument("--cache-dir", default="cache", help="text-embedding and latent caches")
+    p.add_argument("--text-cache", choices=["on", "off"], default="on",
+                   help="on: caption embeddings encoded once into --cache-dir (its size is printed first); off: the "
+                        "frozen text encoder runs on each batch (no disk, more compute per step)")
+    p.add_argument("--dist-timeout", type=float, default=7200,
+                   help="seconds a rank waits for the others (torchrun): first-time caches are built between barriers")
     again = p.add_mutually_exclusive_group()  # an --out holding another run is refused without one of these
     again.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     again.add_argument("--overwrite", action="store_true",
@@ -92,9 +99,9 @@ def run_configs(args):
     """(TexTokConfig, this stage's training config, preset note) from the preset and the command-line flags."""
     preset = get_preset(args.preset)
     overrides = {**(MODEL_PRESETS[args.model_size] if args.model_size else {}), **given_flags(args, TexTokConfig)}
-    if args.text_encoder is not None and args.text_dim is None:
-        from text_encoder import TextEncoder
-        overrides["text_dim"] = TextEncoder(args.text_encoder, 1).dim
+    if args.text_encoder is not None and args.text_dim is None:  # the encoder's config.json, not its weights
+        from text_encoder import encoder_config, width
+        overrides["text_dim"] = width(encoder_config(args.text_encoder))
     train = preset.train if args.stage == "tokenizer" else preset.dit
     try:
         train = dataclasses.replace(train, **given_flags(args, type(train)))
@@ -187,16 +194,18 @@ def discriminator_step(disc, d_opt, lecam, tc: TokenizerTrainConfig, micro_batch
     return terms
 
 
-def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, classes=None):
-    """(train, val) data sets with the conditions `cfg` reads (cached caption embeddings, labels); rank 0 first
-    checks that every image of a --data folder decodes. `classes` (count, who reads the labels): every image needs a
-    label below the count, checked first (stage 1 validates with labels too)."""
+def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, world: int = 1, classes=None):
+    """(train, val) data sets with the conditions `cfg` reads (caption embeddings, labels), after checking that every
+    image of a --data folder decodes. All ranks call it: they share the scan and the embedding store's encoding.
+    `classes` (count, who reads the labels): every image needs a label below the count, checked first (stage 1
+    validates with labels too)."""
     train, val = make_datasets(args.data, args.val, cfg.image_size, args.num_images, captions=args.captions)
     for ds in ((train, val) if args.stage == "tokenizer" else (train,)) if classes else ():
         check_labels(ds, *classes)
-    for ds in (train, val) if args.data and rank == 0 else ():
-        ds.scan()
-    return (conditioned(train, cfg, args.cache_dir, device), conditioned(val, cfg, args.cache_dir, device))
+    for ds in (train, val) if args.data else ():
+        ds.scan(rank=rank, world=world)
+    return tuple(conditioned(ds, cfg, args.cache_dir, device, args.text_cache, args.precision, rank, world)
+                 for ds in (train, val))
 
 
 def loader_for(args, dataset, rank, world, seed):
@@ -208,7 +217,7 @@ def loader_for(args, dataset, rank, world, seed):
 def train_tokenizer(args, rank, world, device):
     cfg, tc, note = run_configs(args)
     classes = (cfg.num_classes, "--conditioning class") if cfg.conditioning == "class" else None
-    train_set, val_set = datasets_for(args, cfg, device, rank, classes)
+    train_set, val_set = datasets_for(args, cfg, device, rank, world, classes)
     run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
                   "captions": args.captions if args.data is None else "captions.jsonl",
                   "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),
@@ -234,7 +243,9 @@ def train_tokenizer(args, rank, world, device):
         print(f"TexTok {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, discriminator "
               f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M; {note}; perceptual loss "
               f"{run_config['perceptual_loss']}; {run.total} steps on {device} x {world}")
-    val_batch = {k: v.to(device) for k, v in collate([val_set[i] for i in range(min(len(val_set), 64))]).items()}
+    val_batch = collate([val_set[i] for i in range(min(len(val_set), 64))])
+    val_batch["cond"] = val_set.conds.with_text(val_batch["cond"], val_batch["index"])  # --text-cache off
+    val_batch = {k: v.to(device) for k, v in val_batch.items()}
     for step, batch in run.steps(loader_for(args, train_set, rank, world, tc.seed), objects, tc.seed):
         # The discriminator joins at disc_start (App. C: 80k steps); before it the loss is ℓ2 + perceptual (+ VQ).
         gan_on = step >= tc.disc_start
@@ -282,18 +293,29 @@ def evaluate_tokenizer(model, batch, grid_path, rank, device, precision) -> floa
 
 # --------------------------------------------------------------------------------------------------- stage 2
 @torch.no_grad()
-def encode_latents(tokenizer: TexTok, dataset, device, precision, cache: Path, batch_size: int = 64):
-    """Encodes the whole data set once with the frozen (EMA) tokenizer: Z [M, N, d] float32, cached on disk."""
-    if cache.is_file():
-        return load_tensors(cache)["Z"]
-    Z = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc="encoding latents"):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        with autocast(device, precision):
-            Z.append(tokenizer.encode(batch["image"].to(device), batch["cond"].to(device)).float().cpu())
-    Z = torch.cat(Z)
-    save_tensors({"Z": Z}, cache)
-    return Z
+def encode_latents(tokenizer: TexTok, dataset, device, precision, cache: Path, batch_size: int = 64, rank: int = 0,
+                   world: int = 1, workers: int = 0) -> torch.Tensor:
+    """Encodes the whole data set (a `WithCond`) once with the frozen (EMA) tokenizer: Z [M, N, d] float32, cached in
+    the folder `cache` (Z.npy). Every rank (all must call it) encodes a contiguous share of the batches through a
+    DataLoader with `workers` and writes it into the one file; the batches are one rank's, so Z does not depend on
+    the number of ranks."""
+    M, cfg = len(dataset), tokenizer.cfg
+
+    def fill(files):
+        mine = rank_share(-(-M // batch_size), rank, world)
+        share = range(mine.start * batch_size, min(mine.stop * batch_size, M))
+        loader = DataLoader(Subset(dataset, share), batch_size, num_workers=workers, collate_fn=collate,
+                            pin_memory=device.type == "cuda")
+        at = share.start
+        for batch in tqdm(loader, desc=f"encoding latents ({world} rank(s))", disable=rank != 0):
+            cond = dataset.conds.with_text(batch["cond"], batch["index"]).to(device)  # --text-cache off: encoded here
+            with autocast(device, precision):
+                Z = tokenizer.encode(batch["image"].to(device), cond).float().cpu()
+            files["Z"].write(at, Z.numpy())
+            at += len(Z)
+    folder = build_once(cache, {"Z": ((M, cfg.num_tokens, cfg.token_dim), np.float32)}, fill, rank, world,
+                        f"latents Z ({M:,} x {cfg.num_tokens} x {cfg.token_dim}, float32)")
+    return torch.from_numpy(np.load(folder / "Z.npy"))
 
 
 def train_dit(args, rank, world, device):
@@ -312,7 +334,7 @@ def train_dit(args, rank, world, device):
         raise InputError(f"--num-classes {num_classes}: the class-conditioned TexTok {tok_path} embeds only "
                          f"{cfg.num_classes} classes")
     classes = (num_classes, "a class-conditional DiT") if args.task == "class" else None
-    train_set, _ = datasets_for(args, cfg, device, rank, classes)
+    train_set, _ = datasets_for(args, cfg, device, rank, world, classes)
     labels = train_set.labels
     split = {"data": args.data, "val": args.val, "num_images": args.num_images, "captions": args.captions}
     run_config = {"stage": "dit", "preset": args.preset, "note": note, "task": args.task, "split": split,
@@ -322,16 +344,16 @@ def train_dit(args, rank, world, device):
               lambda saved, path: check_config(saved, run_config, path))
 
     # Keyed by the tokenizer's weights and the data's identity: never stale, never shared by two data sets.
-    weights = hashlib.sha1((tok_path / "model.safetensors").read_bytes()).hexdigest()[:16]
-    cache = Path(args.cache_dir) / "latents" / f"{weights}-{train_set.dataset.identity()}.safetensors"
-    Z = encode_latents(tokenizer, train_set, device, args.precision, cache) if rank == 0 else None
-    if world > 1:
-        dist.barrier()
-        Z = load_tensors(cache)["Z"] if Z is None else Z
+    with open(tok_path / "model.safetensors", "rb") as f:
+        weights = hashlib.file_digest(f, "sha1").hexdigest()[:16]
+    cache = Path(args.cache_dir) / "latents" / f"{weights}-{train_set.dataset.identity()}"
+    Z = encode_latents(tokenizer, train_set, device, args.precision, cache, rank=rank, world=world,
+                       workers=args.workers)
     mean, std = Z.mean(dim=(0, 1)), Z.std(dim=(0, 1)).clamp_min(1e-6)  # per-channel latent normalisation
-    text = cfg.text_encoder if args.task == "t2i" else None  # the same cached embeddings the tokenizer read
-    latents = LatentSet((Z - mean) / std, Conditions(train_set.captions, labels, text, cfg.text_len, args.cache_dir,
-                                                     device))
+    Z.sub_(mean).div_(std)  # in place: one copy of Z in memory
+    text = cfg.text_encoder if args.task == "t2i" else None  # the same embeddings the tokenizer read
+    latents = LatentSet(Z, Conditions(train_set.captions, labels, text, cfg.text_len, args.cache_dir, device,
+                                      args.text_cache, args.precision, rank, world))
 
     torch.manual_seed(dc.seed)
     model = build_dit(dc.model, dc.class_dropout, cfg, args.task, num_classes).to(device)
@@ -371,7 +393,7 @@ def train_dit(args, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.dist_timeout)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

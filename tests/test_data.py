@@ -106,13 +106,16 @@ def test_missing_weights_give_one_clear_error():
 
 
 def test_embedding_cache_computes_once(tmp_path, monkeypatch):
-    caps = ["a red circle", "a small blue star at the top"]
-    emb, mask = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 16, caps, tmp_path)
-    assert emb.shape == (2, 16, 384) and emb.dtype == np.float16 and mask.dtype == bool
+    caps = ["a red circle", "a small blue star at the top", "a green ring"]
+    emb, mask = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 16, caps, tmp_path, batch_size=2)
+    assert emb.shape == (3, 16, 384) and emb.dtype == np.float16 and mask.dtype == bool
+    direct, direct_mask = TextEncoder(OFFLINE_TEXT_ENCODER, 16)(caps[2:])  # the second batch, read back row by row
+    assert np.array_equal(emb[2], direct[0].half().numpy()) and np.array_equal(mask[2], direct_mask[0].numpy())
     monkeypatch.setattr(text_encoder, "TextEncoder", lambda *a, **k: pytest.fail("encoder ran again"))
     emb2, _ = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 16, caps, tmp_path)
-    assert np.array_equal(emb, emb2)
-    assert len(list(tmp_path.glob("*.npy"))) == 2 and not list(tmp_path.glob(".*"))
+    assert np.array_equal(emb.read(0, 3), emb2.read(0, 3))
+    assert [p.name for p in tmp_path.iterdir()] == [emb.path.parent.name]  # one store, no leftovers
+    assert sorted(p.name for p in emb.path.parent.iterdir()) == ["emb.npy", "mask.npy"]
 
 
 def test_scan_reports_bad_files_and_their_count(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import data
-from common import InputError
+from common import InputError, NpyRows
 from diffusion import Diffusion
 from data import Cond
 from dit import DiT, DiT_models
@@ -79,7 +79,12 @@ def test_bad_shapes_raise():
 def test_a_caption_without_text_tokens_is_refused_where_conditions_are_built(tmp_path, monkeypatch):
     # DiT reads no mask on the host (a sync per DDIM step): data.Conditions checks every row has a real token.
     mask = np.array([[True, True, False], [False, False, False]])
-    monkeypatch.setattr(data, "cached_text_embeddings", lambda *a, **k: (np.zeros((2, 3, 4), np.float16), mask))
+
+    def store(*args, **kwargs):  # the on-disk store's two files
+        np.save(tmp_path / "emb.npy", np.zeros((2, 3, 4), np.float16))
+        np.save(tmp_path / "mask.npy", mask)
+        return NpyRows(tmp_path / "emb.npy"), NpyRows(tmp_path / "mask.npy")
+    monkeypatch.setattr(data, "cached_text_embeddings", store)
     with pytest.raises(InputError, match=r"caption 1 has no text token in its mask \('b'\)"):
         data.Conditions(["a", "b"], [0, 0], "encoder", 3, tmp_path)
     mask[1, 0] = True

@@ -1,0 +1,163 @@
+"""The paper-scale path (issue 19): the text-embedding store and the stage-2 latents built by several ranks equal one
+rank's, a killed build leaves nothing that looks complete, on-the-fly text encoding equals the store, one permutation
+per epoch, the encoder width from its config alone, the process-group timeout."""
+import datetime
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import train
+from common import InputError, NpyRows, build_once
+from config import OFFLINE_TEXT_ENCODER
+from conftest import tiny_config
+from data import Conditions, ShapesDataset, StepBatches, conditioned, step_loader
+from test_train import ROOT, free_port
+from text_encoder import cached_text_embeddings
+from textok import TexTok
+
+CAPTIONS = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in ("circle", "star", "ring", "cross")
+            for p in ("top", "bottom")]  # 24 captions: 3 batches of 8, shared 1 + 2 by two ranks
+
+# Each rank: the text store, the stage-2 latents (a DataLoader with a worker) and the scan of a folder whose one bad
+# image is in rank 1's share; prints the scan's error.
+RANK_CODE = """
+import sys
+from pathlib import Path
+from common import InputError, setup_distributed
+from conftest import tiny_config
+from data import JsonlDataset, ShapesDataset, conditioned
+from text_encoder import cached_text_embeddings
+from textok import TexTok
+import train
+out, captions = sys.argv[1], sys.argv[2:]
+rank, world, device = setup_distributed(60)
+cached_text_embeddings("{enc}", 8, captions, out + "/text", batch_size=8, rank=rank, world=world)
+data = conditioned(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), out)
+tok = TexTok.from_pretrained(out + "/tok").eval()
+train.encode_latents(tok, data, device, "fp32", Path(out) / "Z", batch_size=4, rank=rank, world=world, workers=1)
+try:
+    JsonlDataset(out + "/jsonl", 16).scan(rank=rank, world=world)
+except InputError as e:
+    print("scan:", e)
+"""
+
+
+def test_two_gloo_ranks_build_what_one_rank_builds(tmp_path):
+    """Text store and latents Z from 2 gloo ranks are bit-identical to 1 rank's; the scan is shared and both ranks
+    report the bad file that only rank 1 checked."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    (two / "jsonl").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (8, 8)).save(two / "jsonl" / f"{i}.png")
+    (two / "jsonl" / "3.png").write_bytes(b"not a png")
+    (two / "jsonl" / "captions.jsonl").write_text("".join(f'{{"image": "{i}.png", "caption": "c"}}\n' for i in range(4)))
+    torch.manual_seed(0)
+    TexTok(tiny_config(conditioning="none")).save_pretrained(two / "tok")  # no text: one encoder load per rank
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+        code = RANK_CODE.replace("{enc}", OFFLINE_TEXT_ENCODER)
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(two), *CAPTIONS], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    # Meanwhile, one rank here.
+    emb, mask = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 8, CAPTIONS, one / "text", batch_size=8)
+    data = conditioned(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), one)
+    tok = TexTok.from_pretrained(two / "tok").eval()
+    Z = train.encode_latents(tok, data, torch.device("cpu"), "fp32", one / "Z", batch_size=4)
+    for p in procs:
+        output = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, output[-3000:]
+        assert "scan: " in output and "1 of 4 listed images are bad: " in output and "3.png: cannot read" in output
+    emb2, mask2 = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 8, CAPTIONS, two / "text")
+    assert np.array_equal(emb.read(0, 24), emb2.read(0, 24)) and np.array_equal(mask.read(0, 24), mask2.read(0, 24))
+    assert np.abs(emb.read(0, 24).astype(np.float32)).sum(axis=(1, 2)).min() > 0  # every row written
+    Z2 = torch.from_numpy(np.load(two / "Z" / "Z.npy"))
+    assert Z.shape == (10, 8, tiny_config().token_dim) and torch.equal(Z, Z2)
+    with torch.no_grad():  # the first batch, encoded directly as before the store (one batch in the main process)
+        batch = data.conds.batch(range(4))
+        direct = tok.encode(torch.stack([data[i]["image"] for i in range(4)]), batch)
+    assert torch.equal(Z[:4], direct)
+
+
+def test_a_failed_build_leaves_no_complete_looking_store(tmp_path, monkeypatch):
+    arrays = {"x": ((6, 2), np.float32)}
+
+    def killed(files):
+        files["x"].write(0, np.ones((3, 2)))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_once(tmp_path / "store", arrays, killed)
+    assert not (tmp_path / "store").exists()
+    folder = build_once(tmp_path / "store", arrays, lambda files: files["x"].write(0, np.arange(12).reshape(6, 2)))
+    assert np.array_equal(NpyRows(folder / "x.npy").read(0, 6), np.arange(12).reshape(6, 2))
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]  # the killed build's files are gone
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: SimpleNamespace(free=10))
+    with pytest.raises(InputError, match=r"store2 need 0\.0 GB and 0\.0 GB are free; free space"):
+        build_once(tmp_path / "store2", arrays, lambda files: None, what="store2")
+
+
+def test_text_cache_off_equals_the_store(tmp_path):
+    """--text-cache off: the loader's batches carry embeddings encoded on the fly equal to the store's (both rounded
+    through fp16), for the same steps."""
+    ds = ShapesDataset("train", 32, 12)
+    stored = conditioned(ds, tiny_config(), tmp_path)
+    fly = conditioned(ds, tiny_config(), tmp_path / "unused", text_cache="off")
+    assert fly[0]["cond"].text is None and not (tmp_path / "unused").exists()
+    a, b = (next(iter(step_loader(d, 4, 0, 1, 0, 1, 2, 0))) for d in (stored, fly))
+    assert torch.equal(a["index"], b["index"]) and torch.equal(a["cond"].text_mask, b["cond"].text_mask)
+    torch.testing.assert_close(b["cond"].text, a["cond"].text, atol=0, rtol=2 ** -10)  # one fp16 rounding step
+    assert torch.equal(b["cond"].text, b["cond"].text.half().float())
+    assert torch.equal(fly.conds.batch([5, 2]).text, fly.conds.with_text(fly.conds.batch([5, 2]), [5, 2]).text)
+
+
+def test_step_batches_draw_one_permutation_per_epoch(monkeypatch):
+    calls = []
+    real = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: calls.append(a) or real(*a, **k))
+    n, batch, world = 20, 3, 2
+    got = [list(StepBatches(n, batch, r, world, 7, 0, 9)) for r in range(world)]
+    assert len(calls) == 2 * 3  # 9 steps of 3 per epoch: 3 epochs, per rank
+    for r in range(world):  # the draw as it was made on every step
+        for step, b in enumerate(got[r]):
+            epoch, k = divmod(step, 3)
+            perm = real(n, generator=torch.Generator().manual_seed(7 * 100_003 + epoch))
+            assert b == perm.repeat(2)[(k * world + r) * batch:][:batch].tolist()
+
+
+def test_run_configs_read_the_encoder_width_from_its_config_alone(tmp_path):
+    """A T5 folder with config.json and no weights: the width is its d_model (a model load would fail)."""
+    from transformers import T5Config
+    T5Config(d_model=48, num_layers=1, num_heads=2, d_kv=8, d_ff=32, vocab_size=64).save_pretrained(tmp_path)
+    cfg = train.run_configs(train.parse_args(["--stage", "tokenizer", "--text-encoder", str(tmp_path)]))[0]
+    assert cfg.text_dim == 48
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(common.dist, "init_process_group", lambda backend, **k: seen.update(k))
+    monkeypatch.setattr(common.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(common.dist, "get_world_size", lambda: 1)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert common.setup_distributed(90)[:2] == (0, 1)
+    assert seen["timeout"] == datetime.timedelta(seconds=90)
+    assert train.parse_args(["--stage", "dit"]).dist_timeout == 7200
+
+
+def test_stage1_runs_with_text_cache_off(tmp_path):
+    """`--text-cache off`: a step and the validation batch with captions encoded on the fly, no store on disk."""
+    from test_train import base_args, log_rows
+    train.main(base_args(tmp_path / "run", tmp_path / "cache", "--max-steps", "1", "--eval-every", "1",
+                         "--text-cache", "off"))
+    assert [r["step"] for r in log_rows(tmp_path / "run")] == [1, 1] and "val_psnr" in log_rows(tmp_path / "run")[1]
+    assert not (tmp_path / "cache" / "text").exists()
