@@ -159,5 +159,5 @@ def test_stage1_runs_with_text_cache_off(tmp_path):
     from test_train import base_args, log_rows
     train.main(base_args(tmp_path / "run", tmp_path / "cache", "--max-steps", "1", "--eval-every", "1",
                          "--text-cache", "off"))
-    assert [r["step"] for r in log_rows(tmp_path / "run")] == [1, 1] and "val_psnr" in log_rows(tmp_path / "run")[1]
+    assert [r["step"] for r in log_rows(tmp_path / "run")] == [1, 1] and "val_psnr_uint8" in log_rows(tmp_path / "run")[1]
     assert not (tmp_path / "cache" / "text").exists()

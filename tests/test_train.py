@@ -348,7 +348,7 @@ def test_bad_data_mid_run_names_last_checkpoint(tmp_path, text_cache, monkeypatc
     """Data that goes bad after the scan (through a loader worker) is one InputError naming the last checkpoint."""
     data = jsonl_folder(tmp_path / "data", n=16)
     import data as data_module
-    monkeypatch.setattr(data_module.JsonlDataset, "scan", lambda self: None)
+    monkeypatch.setattr(data_module.JsonlDataset, "scan", lambda self, **kwargs: None)
     out = tmp_path / "run"
     val = jsonl_folder(tmp_path / "val", n=4)
     argv = ["--stage", "tokenizer", "--data", str(data), "--val", str(val), "--out", str(out), "--cache-dir", str(text_cache),
