@@ -76,9 +76,8 @@ def seconds_per_step(args, device, gan: bool, r1_every: int = 1, conv_blur: bool
             if isinstance(block, ResBlock):
                 block.blur = DepthwiseConvBlur().to(device)
     lecam = LeCAM(tc.lecam_decay).to(device)
-    fused = device.type == "cuda"
-    opt = torch.optim.Adam(model.parameters(), tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
-    d_opt = torch.optim.Adam(disc.parameters(), tc.lr, betas=(tc.beta1, tc.beta2), fused=fused)
+    opt = torch.optim.Adam(model.parameters(), tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
+    d_opt = torch.optim.Adam(disc.parameters(), tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
     images = torch.rand(args.batch_size, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
     micro_batches = [({"image": images, "cond": None}, True)]
     tc = dataclasses.replace(tc, r1_every=r1_every, perceptual_weight=0.0)  # no VGG trunk offline

@@ -249,7 +249,7 @@ def training_row(name: str, build, cfg: TexTokConfig, args, device, precision: s
     torch.manual_seed(0)
     model = build(cfg).to(device).train()
     tc = TokenizerTrainConfig(perceptual_weight=0.0)  # App. C's weights and Adam betas; ℓ2 only (no VGG, no disc)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
     micro_batches = [({"image": images, "cond": Cond(text, mask)}, True)]
 
     def block():  # train.py's generator step before disc_start
