@@ -331,7 +331,7 @@ def as_images(u8: np.ndarray, min_size: int = 128) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- plots
-COLOURS = {"baseline": "tab:gray", "textok": "tab:red", "shuffled": "tab:orange", "thumbnail": "tab:blue"}
+COLOURS = {"shuffled": "tab:orange", "baseline": "tab:gray", "textok": "tab:red", "thumbnail": "tab:blue"}  # by name
 
 
 def line_plot(path, panels: list, xlabel: str = "number of tokens", log2_x: bool = True) -> Path:
@@ -343,7 +343,7 @@ def line_plot(path, panels: list, xlabel: str = "number of tokens", log2_x: bool
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels):
         for k, (name, (xs, ys, std)) in enumerate(series.items()):
-            colour = next((c for key, c in COLOURS.items() if name.lower().startswith(key)), f"C{k}")
+            colour = next((c for key, c in COLOURS.items() if key in name.lower()), f"C{k}")
             ax.errorbar(xs, ys, yerr=std, label=name, color=colour, marker="o", ms=3, capsize=3)
         if log2_x:
             ax.set_xscale("log", base=2)
