@@ -47,8 +47,8 @@ METRICS = [("rfid", "rFID", False), ("psnr", "PSNR", True), ("object_psnr", "obj
 FRACTIONS = ("ssim", "lpips", "class_acc")  # shown with 3 decimals
 # Flags the benchmark sets itself, identically for every variant: passing them through would break the pairing.
 OWN_FLAGS = {"--stage", "--num-tokens", "--no-text", "--conditioning", "--out", "--max-steps", "--epochs",
-             "--batch-size", "--num-images", "--seed", "--seeds", "--data", "--val", "--cache-dir", "--preset", "--resume",
-             "--set", "--shuffle-captions", "--eval-every"}
+             "--batch-size", "--num-images", "--seed", "--seeds", "--data", "--val", "--cache-dir", "--preset",
+             "--resume", "--set", "--shuffle-captions", "--eval-every"}
 
 
 def parse_args(argv=None):
@@ -170,8 +170,9 @@ def main(argv=None):
             curves[variant, tokens] = harness.val_curve(run_dir / "log.jsonl")
             if swap is not None and variant == "textok":
                 swaps[tokens] = (rec[: args.grid_images], swap[: args.grid_images])
-        print(f"{VARIANTS[variant].format(n=tokens)}, seed {seed}: PSNR {row['psnr']:.2f} dB, "
-              f"object PSNR {row['object_psnr'] or float('nan'):.2f}, class acc. {row['class_acc'] or float('nan'):.3f}")
+        nan = float("nan")
+        print(f"{VARIANTS[variant].format(n=tokens)}, seed {seed}: PSNR {row['psnr']:.2f} dB, object PSNR "
+              f"{row['object_psnr'] or nan:.2f}, class acc. {row['class_acc'] or nan:.3f}")
     for tokens in sorted({n for n, _, _ in plan}):
         thumb = harness.thumbnail(real, tokens)
         runs.append({"variant": "thumbnail", "tokens": tokens, "seed": None, "psnr": metrics.psnr(real, thumb),
@@ -195,6 +196,7 @@ def main(argv=None):
         columns = [real[:k], real[partner]] + [s for n in tokens if n in swaps for s in swaps[n]]
         save_image_grid(harness.as_images(np.stack(columns, 1).reshape(-1, *real.shape[1:])),
                         out / "caption_swap.png", ncol=len(columns))
+
     def series(v, key):
         """(N, mean, std) of variant v's rows that have `key`."""
         have = sorted((r["tokens"], r[key], r.get(key + "_std") or 0.0) for r in rows
@@ -217,7 +219,7 @@ Machine: {harness.machine(device)}
 Settings: preset `{args.preset}`, set `{name}`, {args.steps} steps of batch {args.batch_size} per run, seeds \
 {args.seeds}, {len(train_set)} training images, evaluated on {len(val_set)} held-out images (EMA weights).
 Train flags passed through: `{' '.join(extra) or 'none'}`
-Class accuracy of the real held-out images (the classifier's ceiling): {real_acc if real_acc is None else f"{real_acc:.3f}"}
+Class accuracy of the real held-out images (its ceiling): {"–" if real_acc is None else f"{real_acc:.3f}"}
 
 {table}
 
