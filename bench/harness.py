@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -93,7 +94,6 @@ def train_runs(argvs: list, script: str = "train.py", jobs: int = 1, threads: in
             i = todo.pop(0)
             out = _record(argvs[i]).parent
             if out.exists():
-                import shutil
                 shutil.rmtree(out)
             env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
             running[i] = (subprocess.Popen([sys.executable, str(root / script), *argvs[i]], cwd=root, env=env),
