@@ -164,7 +164,8 @@ def _imagenet(res: int) -> Preset:
     return Preset(model, train, DiTTrainConfig(), f"paper: ImageNet {res}x{res}, Appendix C unchanged")
 
 
-PRESETS = {"tiny": _tiny, "toy-mechanism": _toy_mechanism, "imagenet256": lambda: _imagenet(256), "imagenet512": lambda: _imagenet(512)}
+PRESETS = {"tiny": _tiny, "toy-mechanism": _toy_mechanism, "imagenet256": lambda: _imagenet(256),
+           "imagenet512": lambda: _imagenet(512)}
 
 
 def get_preset(name: str) -> Preset:
