@@ -180,6 +180,126 @@ def to_rgb(im: Image.Image, path) -> Image.Image:
         raise InputError(f"{path}: image mode {im.mode} cannot be converted to RGB") from None
 
 
+# ---------------------------------------------------------------------- one-object sets (the mechanism harness)
+GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+OBJECT_SETS = {"glyphs": list(GLYPHS), "shape": SHAPES}  # --set: glyphs (toy-mechanism's); shape, held out
+OBJECT_PLACES = {"on the left": -0.17, "in the center": 0.0, "on the right": 0.17}  # horizontal offset / image side
+
+
+def make_object_scene(rng: np.random.Generator, family: str) -> dict:
+    """One large object of `family` (OBJECT_SETS): what the caption names (object, colour, place, background) and
+    what only the tokens can carry (jitter, size, rotation, shading, stripes, background tilt, noise)."""
+    bg = str(rng.choice(list(BACKGROUNDS)))
+    colour = str(rng.choice([c for c in COLORS if np.abs(np.subtract(COLORS[c], BACKGROUNDS[bg])).sum() > 120]))
+    return dict(family=family, object=str(rng.choice(OBJECT_SETS[family])), colour=colour, background=bg,
+                place=str(rng.choice(list(OBJECT_PLACES))), jitter=rng.uniform(-0.06, 0.06, 2),
+                scale=rng.uniform(0.75, 1.0), angle=rng.uniform(-0.35, 0.35), shade=rng.uniform(0.55, 1.0),
+                shade_dir=rng.uniform(0, 2 * math.pi), stripes=rng.uniform() < 0.3, stripe_freq=rng.uniform(6, 12),
+                bg_tilt=rng.uniform(-0.25, 0.25), noise=rng.uniform(0.0, 0.04), noise_seed=int(rng.integers(2 ** 31)))
+
+
+def object_caption(scene: dict) -> str:
+    """The caption fixes the layout: "A red letter B on the left, on a navy background." """
+    kind = ("digit" if scene["object"].isdigit() else "letter") if scene["family"] == "glyphs" else ""
+    name = f"{kind} {scene['object']}" if kind else scene["object"]
+    return f"A {scene['colour']} {name} {scene['place']}, on a {scene['background']} background."
+
+
+_FONTS = {}
+
+
+def _font(size: int):
+    """PIL's bundled scalable default font (no system fonts), one instance per size."""
+    if size not in _FONTS:
+        from PIL import ImageFont
+        _FONTS[size] = ImageFont.load_default(size=size)
+    return _FONTS[size]
+
+
+def render_object(scene: dict, size: int) -> tuple:
+    """(uint8 image [size, size, 3], float object mask [size, size] in [0, 1]); masks 4x supersampled."""
+    S = 4 * size
+    cx = (0.5 + OBJECT_PLACES[scene["place"]] + scene["jitter"][0]) * S
+    cy = (0.5 + scene["jitter"][1]) * S
+    canvas = Image.new("L", (S, S), 0)
+    draw = ImageDraw.Draw(canvas)
+    if scene["family"] == "glyphs":  # a bold glyph about 0.75 of the side high, rotated about its centre
+        draw.text((cx, cy), scene["object"], fill=255, font=_font(round(scene["scale"] * S)), anchor="mm",
+                  stroke_width=round(0.05 * scene["scale"] * S), stroke_fill=255)
+        canvas = canvas.rotate(math.degrees(scene["angle"]), resample=Image.BILINEAR, center=(cx, cy))
+    else:
+        draw.polygon(_outline(scene["object"], cx, cy, 0.4 * scene["scale"] * S, scene["angle"] - math.pi / 2),
+                     fill=255)
+        if scene["object"] == "ring":
+            draw.polygon(_outline("circle", cx, cy, 0.22 * scene["scale"] * S, 0.0), fill=0)
+    m = np.asarray(canvas.resize((size, size), Image.BILINEAR), np.float32) / 255
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    tilt = 1 + scene["bg_tilt"] * (yy - 0.5)
+    img = np.asarray(BACKGROUNDS[scene["background"]], np.float32)[None, None] * tilt[..., None]
+    u = (xx - cx / S) * math.cos(scene["shade_dir"]) + (yy - cy / S) * math.sin(scene["shade_dir"])
+    shade = scene["shade"] + (1 - scene["shade"]) * (0.5 + 0.5 * np.tanh(4 * u))
+    if scene["stripes"]:
+        shade = shade * (0.85 + 0.15 * np.sign(np.sin(scene["stripe_freq"] * 2 * math.pi * (xx - yy))))
+    fill = np.asarray(COLORS[scene["colour"]], np.float32)[None, None] * shade[..., None]
+    img = img * (1 - m[..., None]) + fill * m[..., None]
+    img = img + 255 * scene["noise"] * np.random.default_rng(scene["noise_seed"]).standard_normal(img.shape)
+    return np.clip(img, 0, 255).round().astype(np.uint8), m
+
+
+class ObjectDataset(Dataset):
+    """A one-object captioned set (`family` of OBJECT_SETS), rendered once: item i of `split` is drawn from seed
+    (split, seed, i); the label is the object's index in its family; `masks` [M, size, size] are the objects'."""
+
+    def __init__(self, family: str = "glyphs", split: str = "train", size: int = 32, num_images: int = 4096,
+                 seed: int = 0):
+        if family not in OBJECT_SETS:
+            raise InputError(f"set {family!r}: choose from {['shapes', *OBJECT_SETS]}")
+        self.family, self.size, self.split, self.seed = family, size, split, seed
+        self.scenes = [make_object_scene(np.random.default_rng([SPLITS[split], seed, i]), family)
+                       for i in range(num_images)]
+        self.captions = [object_caption(s) for s in self.scenes]
+        self.labels = [OBJECT_SETS[family].index(s["object"]) for s in self.scenes]
+        pairs = [render_object(s, size) for s in self.scenes]
+        self.images = np.stack([p[0] for p in pairs])
+        self.masks = np.stack([p[1] for p in pairs])
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, i):
+        return dict(image=to_tensor(self.images[i]), index=i)
+
+    def identity(self) -> str:
+        return f"{self.family}-{self.split}-{self.seed}-{len(self)}-{self.size}px"
+
+
+def derangement(n: int, seed) -> np.ndarray:
+    """A seeded permutation of range(n) moving every index (one random n-cycle); identity for n < 2."""
+    order = np.random.default_rng(seed).permutation(n)
+    perm = np.arange(n)
+    perm[order] = np.roll(order, -1)
+    return perm
+
+
+class ShuffledCaptions(Dataset):
+    """The shuffled-caption control: `dataset` with caption i replaced by caption perm[i] of a seeded derangement;
+    images, labels and masks stay with their images."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.perm = dataset, derangement(len(dataset), seed)
+        self.captions = [dataset.captions[j] for j in self.perm]
+        self.labels, self.masks = dataset.labels, getattr(dataset, "masks", None)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
+
+    def identity(self) -> str:
+        return f"{self.dataset.identity()}-shuffled"
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
     """Opens an image, turns it upright (its EXIF orientation), makes it 8-bit RGB (`to_rgb`: wider modes scaled,
     transparency on white), center-crops it to a square and resizes it to `size` (bicubic): uint8 [size, size, 3]."""
@@ -318,8 +438,17 @@ def jsonl_line(image: str, caption: str, label: int | None = None) -> str:
 
 
 def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, seed: int = 0, captions: str = "full"):
+def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, seed: int = 0, captions: str = "full",
+                  set: str = "shapes", shuffle_captions: bool = False):
     """(train, val) datasets: the JSONL folder `data` (and `val`, else a seeded 10% of `data`), or the embedded set
-    with captions of style `captions` (CAPTION_STYLES)."""
+    `set` ("shapes" with captions of style `captions` (CAPTION_STYLES), or a one-object set of OBJECT_SETS). With
+    `shuffle_captions`, both splits' captions are permuted across their images (ShuffledCaptions, seeded)."""
+    if shuffle_captions:
+        train, val = make_datasets(data, val, size, num_images, seed, captions, set)
+        return ShuffledCaptions(train, [seed, SPLITS["train"]]), ShuffledCaptions(val, [seed, SPLITS["val"]])
+    if data is None and set != "shapes":
+        return (ObjectDataset(set, "train", size, num_images, seed),
+                ObjectDataset(set, "val", size, max(64, num_images // 16), seed))
     if data is None:
         return (ShapesDataset("train", size, num_images, seed, captions),
                 ShapesDataset("val", size, max(64, num_images // 16), seed, captions))

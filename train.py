@@ -32,8 +32,8 @@ from common import (InputError, Run, all_reduce_grads, autocast, build_once, glo
                     save_image_grid, setup_distributed, to_uint8)
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
                     get_preset, given_flags, to_dict)
-from data import (CAPTION_STYLES, Conditions, LatentSet, check_labels, collate, conditioned, make_datasets,
-                  step_loader)
+from data import (CAPTION_STYLES, OBJECT_SETS, Conditions, LatentSet, check_labels, collate, conditioned,
+                  make_datasets, step_loader)
 from diffusion import Diffusion
 from dit import build_dit
 from discriminator import LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty
@@ -51,6 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--num-images", type=int, default=4096, help="size of the embedded training set")
     p.add_argument("--captions", choices=CAPTION_STYLES, default="full",
                    help="embedded set's captions (Tab. 4a): full descriptive, short, or the class-name template")
+    p.add_argument("--set", choices=["shapes", *OBJECT_SETS], default="shapes",
+                   help="embedded set: shapes (1-3 shapes), or one large object per image: glyphs (the "
+                        "toy-mechanism preset's), shape (held out)")
+    p.add_argument("--shuffle-captions", action="store_true",
+                   help="control: captions permuted across images (seeded; train and validation alike)")
     p.add_argument("--out", default=None, help="output folder (default runs/<stage>)")
     p.add_argument("--cache-dir", default="cache", help="text-embedding and latent caches")
     p.add_argument("--text-cache", choices=["on", "off"], default="on",
@@ -199,7 +204,8 @@ def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, world: int = 1,
     image of a --data folder decodes. All ranks call it: they share the scan and the embedding store's encoding.
     `classes` (count, who reads the labels): every image needs a label below the count, checked first (stage 1
     validates with labels too)."""
-    train, val = make_datasets(args.data, args.val, cfg.image_size, args.num_images, captions=args.captions)
+    train, val = make_datasets(args.data, args.val, cfg.image_size, args.num_images, captions=args.captions,
+                               set=args.set, shuffle_captions=args.shuffle_captions)
     for ds in ((train, val) if args.stage == "tokenizer" else (train,)) if classes else ():
         check_labels(ds, *classes)
     for ds in (train, val) if args.data else ():
@@ -220,6 +226,7 @@ def train_tokenizer(args, rank, world, device):
     train_set, val_set = datasets_for(args, cfg, device, rank, world, classes)
     run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
                   "captions": args.captions if args.data is None else "captions.jsonl",
+                  "set": args.set, "shuffle_captions": args.shuffle_captions,
                   "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),
                   "perceptual_loss": "on (LPIPS-VGG)" if tc.perceptual_weight > 0 else "OFF (perceptual_weight 0)"}
     run = Run(args, rank, world, device, run_config, len(train_set), tc.batch_size, tc.epochs,
@@ -336,7 +343,8 @@ def train_dit(args, rank, world, device):
     classes = (num_classes, "a class-conditional DiT") if args.task == "class" else None
     train_set, _ = datasets_for(args, cfg, device, rank, world, classes)
     labels = train_set.labels
-    split = {"data": args.data, "val": args.val, "num_images": args.num_images, "captions": args.captions}
+    split = {"data": args.data, "val": args.val, "num_images": args.num_images, "captions": args.captions,
+             "set": args.set, "shuffle_captions": args.shuffle_captions}
     run_config = {"stage": "dit", "preset": args.preset, "note": note, "task": args.task, "split": split,
                   "tokenizer": str(tok_path.resolve()), "num_classes": num_classes, "tokenizer_config": to_dict(cfg),
                   "train": to_dict(dc)}

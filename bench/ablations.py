@@ -29,12 +29,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
 from common import atomic_write, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
-from speed import machine  # noqa: E402
-from text_conditioning import (embedded_classifier, evaluate, last_step, load_optional,  # noqa: E402
-                               mean_over_seeds, train_run)
+from harness import (evaluate, last_step, load_optional, machine, mean_over_seeds, set_classifier,  # noqa: E402
+                     train_run)
 import metrics  # noqa: E402
 
 # (table, row label, train.py flags, caption style); the default row (full caption, in-context, both, tiny) is
@@ -136,7 +135,7 @@ def main(argv=None):
     epochs = -(-args.steps // max(1, len(train_set) // args.batch_size))
     lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
-    classifier = embedded_classifier(args, device)
+    classifier = set_classifier(args, device)
     todo = [DEFAULT] + [r for r in ROWS if args.rows is None or r[0] in args.rows]
     runs = []
     for seed in args.seeds:

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
 import domain  # noqa: E402
 from common import atomic_write, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
-from speed import machine  # noqa: E402
-from text_conditioning import VARIANTS, line_plot, train_argv, train_run  # noqa: E402
+from harness import line_plot, machine, tokenizer_argv, train_run  # noqa: E402
 
 TASKS = {"class": "class-conditional", "t2i": "text-to-image"}
+VARIANTS = {"baseline": "Baseline-{n} (w/o text)", "textok": "TexTok-{n} (w/ text)"}
 
 
 def parse_args(argv=None):
@@ -89,7 +89,7 @@ def main(argv=None):
     rows = []
     for tokens in args.tokens:
         for variant in VARIANTS:
-            argv_tok = train_argv(tok_args, [], variant, tokens, epochs)
+            argv_tok = tokenizer_argv(tok_args, [], variant, tokens, epochs)
             train_run(argv_tok)
             tokenizer = Path(argv_tok[argv_tok.index("--out") + 1]) / "tokenizer"
             for task in TASKS:
@@ -98,9 +98,10 @@ def main(argv=None):
                 print({k: v for k, v in rows[-1].items()})
     table = markdown_table(rows)
     fid = [k for k in rows[0] if "FID" in k][0]
-    line_plot(out / "fid.png", sorted(args.tokens), [
-        (f"{TASKS[t]}: {fid}", {v: [r[fid] for r in sorted(rows, key=lambda r: r["tokens"])
-                                    if r["variant"] == v and r["task"] == t] for v in VARIANTS}) for t in TASKS])
+    line_plot(out / "fid.png", [
+        (f"{TASKS[t]}: {fid}", {VARIANTS[v].format(n="N"): (sorted(args.tokens), [
+            r[fid] for r in sorted(rows, key=lambda r: r["tokens"]) if r["variant"] == v and r["task"] == t], None)
+            for v in VARIANTS}) for t in TASKS])
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(
         f"`{command}` on {machine(device)}; tokenizers {args.tokenizer_steps} steps, DiTs {args.dit_steps} steps, "
         f"{args.num_samples} samples of {args.sampling_steps} DDIM steps (w = {args.cfg_scale}) each; domain FID "

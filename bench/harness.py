@@ -1,7 +1,363 @@
-"""Helpers the bench scripts share."""
-import time
+"""The helpers the benchmarks share: cached training runs keyed by their arguments and the code's identity, evaluation
+of a trained tokenizer, aggregation over seeds, plots (text_conditioning.py, ablations.py, generation.py), timing
+(speed.py, gan_step.py, inception_speed.py).
 
+A benchmark script puts the repository root on sys.path (one line) and imports this module from its own folder.
+"""
+import ast
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+
+import domain  # noqa: E402
+import metrics  # noqa: E402
+from common import atomic_write, load_json, save_json, to_uint8  # noqa: E402
+from data import collate, conditioned, make_datasets  # noqa: E402
+from textok import TexTok  # noqa: E402
+
+
+def machine(device: torch.device) -> str:
+    """The hardware a number was measured on, in words."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}")
+
+
+# ---------------------------------------------------------------------------------------------- cached runs
+def imported_files(script: str, root: Path = ROOT) -> list:
+    """The repository's .py files that `script` (a path under `root`) imports, directly or through each other,
+    found by reading their import statements: sorted paths relative to `root`, `script` first."""
+    todo, seen = [Path(script)], []
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.append(rel)
+        for node in ast.walk(ast.parse((root / rel).read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            todo += [Path(n.split(".")[0] + ".py") for n in names if (root / (n.split(".")[0] + ".py")).is_file()]
+    return [seen[0]] + sorted(seen[1:])
+
+
+def code_identity(script: str, root: Path = ROOT) -> str:
+    """A hash of the contents of the .py files a run of `script` imports (imported_files): a run is reused only
+    while none of them changed."""
+    h = hashlib.sha1()
+    for rel in imported_files(script, root):
+        h.update(f"{rel}\n".encode() + (root / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _record(argv: list) -> Path:
+    return Path(argv[argv.index("--out") + 1]) / "bench_run.json"
+
+
+def finished(argv: list, code: str):
+    """The seconds of the finished run of `argv` under code `code`, or None."""
+    record = _record(argv)
+    if record.is_file():
+        done = load_json(record)
+        if done.get("argv") == argv and done.get("code") == code:
+            return done["seconds"]
+    return None
+
+
+def train_runs(argvs: list, script: str = "train.py", jobs: int = 1, threads: int = None, root: Path = ROOT) -> list:
+    """Runs `python SCRIPT ARGV` for each argv (train.py or sample.py), `jobs` at a time as subprocesses, skipping
+    runs already finished with the same argv and the same code (code_identity), each with `threads` torch threads
+(OMP_NUM_THREADS; default torch's choice); returns each run's seconds. A
+    finished run records both in OUT/bench_run.json; a stale or half-finished run starts afresh. jobs > 1 is for a
+    GPU that one tiny run leaves mostly idle (untested here: no GPU)."""
+    code = code_identity(script, root)
+    seconds = [finished(argv, code) for argv in argvs]
+    todo = [i for i, s in enumerate(seconds) if s is None]
+    for i in set(range(len(argvs))) - set(todo):
+        print(f"reusing {_record(argvs[i]).parent} (same settings and code, trained in {seconds[i]:.0f} s)")
+    running = {}
+    while todo or running:
+        while todo and len(running) < jobs:
+            i = todo.pop(0)
+            out = _record(argvs[i]).parent
+            if out.exists():
+                shutil.rmtree(out)
+            env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+            running[i] = (subprocess.Popen([sys.executable, str(root / script), *argvs[i]], cwd=root, env=env),
+                          time.perf_counter())
+        for i, (proc, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[i]
+            if proc.returncode:
+                for other, _ in running.values():
+                    other.terminate()
+                raise subprocess.CalledProcessError(proc.returncode, [script, *argvs[i]])
+            seconds[i] = time.perf_counter() - start
+            save_json({"argv": argvs[i], "code": code, "seconds": seconds[i]}, _record(argvs[i]))
+        time.sleep(0.2 if running else 0)
+    return seconds
+
+
+def tokenizer_argv(args, extra, variant: str, tokens: int, epochs: int, seed: int = 0) -> list:
+    """train.py's command line for one tokenizer run of a benchmark (args: its set, data, val, out, preset, steps,
+    batch_size, num_images, cache_dir); the variants differ only by --no-text (Baseline) or --shuffle-captions
+    (TexTok with captions shuffled across images, the control)."""
+    data_set = getattr(args, "set", "shapes")
+    name = f"{Path(args.data).name if args.data else data_set}-{variant}-{tokens}-seed{seed}"
+    argv = ["--stage", "tokenizer", "--preset", args.preset, "--set", data_set, "--num-tokens", str(tokens),
+            "--out", str(Path(args.out) / "runs" / name), "--max-steps", str(args.steps),
+            "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--num-images", str(args.num_images),
+            "--seed", str(seed), "--cache-dir", args.cache_dir, "--eval-every", str(max(1, args.steps // 12))]
+    argv += ["--data", args.data] if args.data else []
+    argv += ["--val", args.val] if args.val else []
+    argv += {"baseline": ["--no-text"], "textok": [], "shuffled": ["--shuffle-captions"]}[variant]
+    return argv + list(extra)
+
+
+def train_run(argv: list, script: str = "train.py") -> float:
+    """One cached run (train_runs); its seconds."""
+    return train_runs([argv], script)[0]
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def load_optional(loader, what: str):
+    """A metric model from local weights, or None (with one line saying why) when they are missing."""
+    try:
+        return loader()
+    except FileNotFoundError as e:
+        print(f"{what} skipped: {e}")
+        return None
+
+
+@torch.no_grad()
+def reconstruct(model: TexTok, dataset, device, batch_size: int):
+    """(originals, reconstructions, caption-swapped reconstructions or None), uint8 [M, H, W, 3], EMA weights.
+
+    The swap decodes each image's tokens (encoded with its own caption) with the caption of the next image in the
+    batch (the last takes the first's): how far the result moves shows what the text carries and what the tokens
+    carry."""
+    real, rec, swap = [], [], []
+    text = model.cfg.conditioning == "text"
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate):
+        x, cond = batch["image"].to(device), batch["cond"].to(device)
+        Z = model.encode(x, cond)
+        real.append(to_uint8(x))
+        rec.append(to_uint8(model.decode(Z, cond)))
+        if text:
+            swap.append(to_uint8(model.decode(Z, type(cond)(*(v.roll(-1, 0) for v in cond)))))
+    return np.concatenate(real), np.concatenate(rec), np.concatenate(swap) if text else None
+
+
+def region_psnr(real: np.ndarray, rec: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> float:
+    """Mean over images of the PSNR (dB) over the pixels where the object's mask [M, H, W] is >= `threshold`:
+    the part of the image a one-object set's caption names."""
+    inside = np.asarray(masks) >= threshold
+    err = (real.astype(np.float64) - rec.astype(np.float64)) ** 2
+    mse = np.array([e[m].mean() for e, m in zip(err, inside) if m.any()])
+    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
+
+
+class ObjectClassifier(torch.nn.Module):
+    """uint8 [B, H, W, 3] -> logits [B, classes]: which object of a one-object set (data.OBJECT_SETS) an image holds."""
+    outputs = ("logits",)  # the name metrics.compute_features gives it
+
+    def __init__(self, classes: int, width: int = 16):
+        super().__init__()
+        layers, cin = [], 3
+        for cout, stride in ((width, 1), (2 * width, 2), (2 * width, 1), (4 * width, 2), (4 * width, 1)):
+            layers += [torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout),
+                       torch.nn.ReLU()]
+            cin = cout
+        self.net = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                       torch.nn.Linear(cin, classes))
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+        return (self.net(torch.nn.functional.interpolate(x, size=32, mode="bilinear", antialias=True)),)
+
+
+def blurred(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of uint8 [B, H, W, 3] squeezed to a random side in 8..H and enlarged back (bilinear), as uint8:
+    the classifier learns to read blurry reconstructions, not only sharp originals."""
+    out = []
+    for img in x.permute(0, 3, 1, 2).float():
+        k = int(torch.randint(8, x.shape[1] + 1, (1,), generator=generator))
+        small = torch.nn.functional.interpolate(img[None], size=k, mode="bilinear", antialias=True)
+        out.append(torch.nn.functional.interpolate(small, size=x.shape[1], mode="bilinear"))
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@torch.random.fork_rng(devices=[])
+def object_classifier(family: str, cache_dir="cache", device="cpu", num_images: int = 8192, steps: int = 600,
+                      batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> ObjectClassifier:
+    """A classifier of the object in `family`'s images, trained once on its "pool" split (never a run's train or
+    validation images; half of each batch blurred) and cached under cache_dir/bench/."""
+    from common import load_state, load_tensors, save_tensors
+    from data import OBJECT_SETS, ObjectDataset
+    key = hashlib.sha1(f"{family}|{num_images}|{steps}|{batch_size}|{lr}|{seed}".encode()).hexdigest()[:12]
+    path = Path(cache_dir) / "bench" / f"object-classifier-{family}-{key}.safetensors"
+    model = ObjectClassifier(len(OBJECT_SETS[family]))
+    if path.is_file():
+        load_state(model, load_tensors(path), path)
+        return model.eval().requires_grad_(False).to(device)
+    pool = ObjectDataset(family, "pool", 32, num_images, seed)
+    images, labels = torch.from_numpy(pool.images), torch.as_tensor(pool.labels)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        x = images[idx]
+        x[: batch_size // 2] = blurred(x[: batch_size // 2], gen)
+        loss = torch.nn.functional.cross_entropy(model(x)[0], labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+    save_tensors(model.state_dict(), path)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def set_classifier(args, device):
+    """The class-accuracy classifier of the run's data: domain.py's for the shapes set, object_classifier for a
+    one-object set, None for a --data folder."""
+    if args.data:
+        return None
+    if getattr(args, "set", "shapes") == "shapes":
+        return domain.load_classifier(domain.DomainSettings(), args.cache_dir, device)
+    return object_classifier(args.set, args.cache_dir, device)
+
+
+def recon_class_accuracy(classifier, images: np.ndarray, labels, batch_size: int):
+    """Share of images (uint8 [N, H, W, 3]) whose class the classifier finds (None without a classifier): for
+    domain.py's shapes classifier, the class's shape in some cell; for an ObjectClassifier, its top prediction."""
+    if classifier is None:
+        return None
+    features = metrics.compute_features(classifier, images, batch_size, progress=False)
+    if "shape" in features:
+        return domain.class_accuracy(features["shape"], labels)
+    return float((features["logits"].argmax(1) == np.asarray(labels)).mean())
+
+
+def evaluate(run_dir: Path, args, device, batch_size: int, lpips_model, inception, reference: dict,
+             captions: str = "full", classifier=None):
+    """Metrics of one trained tokenizer on the held-out split (shapes set: captions of style `captions`; a
+    --shuffle-captions run is evaluated with the same shuffled captions it trained with), and its uint8
+    reconstructions for the grids. `reference` keeps the Inception statistics of the originals between calls (rFID);
+    `classifier` gives the class accuracy of the reconstructions; a one-object set adds the object region's PSNR."""
+    model = TexTok.from_pretrained(run_dir / "tokenizer", map_location=device).eval()
+    config = load_json(run_dir / "config.json")
+    val = make_datasets(args.data, args.val, model.cfg.image_size, args.num_images, captions=captions,
+                        set=config.get("set", "shapes"), shuffle_captions=config.get("shuffle_captions", False))[1]
+    real, rec, swap = reconstruct(model, conditioned(val, model.cfg, args.cache_dir, device), device, batch_size)
+    row = {"psnr": metrics.psnr(real, rec), "ssim": metrics.ssim(real, rec), "lpips": None, "rfid": None,
+           "object_psnr": region_psnr(real, rec, val.masks) if getattr(val, "masks", None) is not None else None,
+           "psnr_swapped": metrics.psnr(real, swap) if swap is not None else None,
+           "class_acc": recon_class_accuracy(classifier, rec, val.labels, batch_size)}
+    if lpips_model is not None:
+        row["lpips"] = metrics.lpips_distance(real, rec, lpips_model, batch_size)
+    if inception is not None:
+        def stats(images):
+            return metrics.feature_statistics(metrics.compute_features(inception, images, batch_size,
+                                                                       progress=False)["pool"])
+        if "real" not in reference:
+            reference["real"] = stats(real)
+        row["rfid"] = metrics.frechet_distance(*stats(rec), *reference["real"])
+    return row, real, rec, swap
+
+
+def thumbnail(real: np.ndarray, tokens: int) -> np.ndarray:
+    """The images squeezed to a bicubic k x k x 3 thumbnail with about as many numbers as N tokens of d = 8
+    (k = round(sqrt(8 N / 3))), then enlarged back (bicubic): what a tokenizer must beat."""
+    k = max(1, round(math.sqrt(8 * tokens / 3)))
+    size = real.shape[1]
+    return np.stack([np.asarray(Image.fromarray(x).resize((k, k), Image.BICUBIC).resize((size, size), Image.BICUBIC))
+                     for x in real])
+
+
+def mean_over_seeds(runs: list, keys=("variant", "tokens")) -> list:
+    """One row per distinct `keys` (default: variant, tokens): each numeric field's mean over the seeds, with its
+    standard deviation as key_std, and `seeds`, their count; other fields are the first seed's."""
+    rows = []
+    for group in dict.fromkeys(tuple(r[k] for k in keys) for r in runs):
+        same = [r for r in runs if tuple(r[k] for k in keys) == group]
+        row = {**dict(zip(keys, group)), "seeds": len(same)}
+        for key in same[0]:
+            if key in row or key == "seed":
+                continue
+            vals = [r[key] for r in same]
+            if any(isinstance(v, (list, str, dict)) for v in vals):
+                row[key] = vals[0]
+            else:
+                row[key] = None if None in vals else float(np.mean(vals))
+                row[key + "_std"] = None if None in vals else float(np.std(vals))
+        rows.append(row)
+    return rows
+
+
+def last_step(log_path: Path) -> int:
+    """The last training step train.py logged."""
+    return max(json.loads(line)["step"] for line in log_path.read_text().splitlines() if line.strip())
+
+
+def val_curve(log_path: Path) -> tuple:
+    """(steps, validation PSNR) of a train.py run, from its log.jsonl."""
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "val_psnr" in r]
+    return [r["step"] for r in rows], [r["val_psnr"] for r in rows]
+
+
+def as_images(u8: np.ndarray, min_size: int = 128) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H', W'] in [-1, 1], enlarged (nearest) to at least `min_size` for viewing."""
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 127.5 - 1
+    scale = max(1, -(-min_size // x.shape[-1]))
+    return torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
+
+
+# ---------------------------------------------------------------------------------------------- plots
+COLOURS = {"shuffled": "tab:orange", "baseline": "tab:gray", "textok": "tab:red", "thumbnail": "tab:blue"}  # by name
+
+
+def line_plot(path, panels: list, xlabel: str = "number of tokens", log2_x: bool = True) -> Path:
+    """One panel per (title, {name: (xs, ys, ys_std or None)}), drawn with matplotlib (bench/requirements.txt):
+    a line per series with its spread as error bars, x on a log2 axis by default."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for k, (name, (xs, ys, std)) in enumerate(series.items()):
+            colour = next((c for key, c in COLOURS.items() if key in name.lower()), f"C{k}")
+            ax.errorbar(xs, ys, yerr=std, label=name, color=colour, marker="o", ms=3, capsize=3)
+        if log2_x:
+            ax.set_xscale("log", base=2)
+            ticks = sorted({x for xs, _, _ in series.values() for x in xs})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return Path(path)
 
 
 # ------------------------------------------------------------------------------------------------------- timing

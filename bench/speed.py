@@ -23,7 +23,6 @@ Writes OUT/speed.md (the tables, command and machine) and OUT/speed.json, and pr
 """
 import argparse
 import dataclasses
-import platform
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from config import MODEL_PRESETS, OFFLINE_TEXT_ENCODER, TexTokConfig, TokenizerT
 from data import Cond, ShapesDataset  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
 from dit import DiT_models  # noqa: E402
-from harness import best_seconds  # noqa: E402
+from harness import best_seconds, machine  # noqa: E402
 from text_encoder import TextEncoder  # noqa: E402
 from textok import TexTok  # noqa: E402
 from tokenizer import patchify, unpatchify  # noqa: E402
@@ -85,14 +84,6 @@ def parse_args(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
-
-
-def machine(device: torch.device) -> str:
-    """The hardware a number was measured on, in words."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}")
 
 
 def count_flops(fn) -> int:

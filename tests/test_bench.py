@@ -1,5 +1,5 @@
-"""The benchmarks' pieces (bench/text_conditioning.py, shared by bench/ablations.py): seed aggregation, mean and
-spread per group; the class accuracy of reconstructions."""
+"""The benchmarks' shared pieces (bench/harness.py): seed aggregation, mean and spread per group; the class accuracy
+and object PSNR of reconstructions; the run cache keyed by arguments and code."""
 import sys
 from pathlib import Path
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from text_conditioning import mean_over_seeds, recon_class_accuracy  # noqa: E402
+import harness  # noqa: E402
+from harness import mean_over_seeds, recon_class_accuracy  # noqa: E402
 
 
 def test_mean_over_seeds_groups_averages_and_keeps_labels():
@@ -46,3 +47,51 @@ def test_recon_class_accuracy_reads_the_shape_logits():
     assert recon_class_accuracy(RedMeansCircle(), images, [0, 0, 1, 1], batch_size=3) == 1.0
     assert recon_class_accuracy(RedMeansCircle(), images, [1, 0, 1, 0], batch_size=3) == 0.5
     assert recon_class_accuracy(None, images, [0, 0, 1, 1], batch_size=3) is None
+
+
+def test_region_psnr_reads_only_the_object():
+    real = np.zeros((2, 4, 4, 3), np.uint8)
+    rec = real.copy()
+    rec[:, 0] = 255  # wrong outside the object only
+    masks = np.zeros((2, 4, 4))
+    masks[:, 2:] = 1.0
+    perfect = 10 * np.log10(255.0 ** 2 / 1e-10)
+    assert harness.region_psnr(real, rec, masks) == pytest.approx(perfect)
+    rec[0, 3, 3] = 16  # one wrong pixel of the 8 in image 0's object (3 channels each)
+    want = (10 * np.log10(255.0 ** 2 / (16 ** 2 / 8)) + perfect) / 2
+    assert harness.region_psnr(real, rec, masks) == pytest.approx(want)
+
+
+FAKE_TRAIN = """import sys
+from pathlib import Path
+import helper
+out = Path(sys.argv[sys.argv.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+count = Path(sys.argv[0]).parent / "count.txt"
+count.write_text(str(int(count.read_text()) + 1 if count.exists() else 1))
+"""
+
+
+def test_runs_are_cached_by_arguments_and_by_the_code_they_import(tmp_path):
+    (tmp_path / "fake_train.py").write_text(FAKE_TRAIN)
+    (tmp_path / "helper.py").write_text("import other\nVALUE = 1\n")
+    (tmp_path / "other.py").write_text("X = 0\n")
+    (tmp_path / "unrelated.py").write_text("Y = 0\n")
+    argv = ["--out", str(tmp_path / "run"), "--seed", "0"]
+    count = lambda: int((tmp_path / "count.txt").read_text())
+    assert [str(p) for p in harness.imported_files("fake_train.py", tmp_path)] == ["fake_train.py", "helper.py",
+                                                                                    "other.py"]
+    harness.train_runs([argv], "fake_train.py", root=tmp_path)
+    harness.train_runs([argv], "fake_train.py", root=tmp_path)
+    assert count() == 1  # same arguments, same code: reused
+    (tmp_path / "unrelated.py").write_text("Y = 1\n")
+    harness.train_runs([argv], "fake_train.py", root=tmp_path)
+    assert count() == 1  # a file the run does not import
+    (tmp_path / "other.py").write_text("X = 1\n")  # imported through helper.py
+    harness.train_runs([argv], "fake_train.py", root=tmp_path)
+    assert count() == 2
+    harness.train_runs([argv[:-1] + ["1"]], "fake_train.py", root=tmp_path)
+    assert count() == 3  # other arguments
+    second = ["--out", str(tmp_path / "second"), "--seed", "1"]
+    harness.train_runs([argv[:-1] + ["1"], second], "fake_train.py", jobs=2, root=tmp_path)
+    assert count() == 4 and (tmp_path / "second" / "bench_run.json").is_file()  # only the new run

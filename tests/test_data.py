@@ -133,3 +133,33 @@ def test_class_caption_pool_errors_name_the_line(tmp_path):
     (tmp_path / "class_captions.jsonl").write_text('{"label": 0, "caption": "a dog"}\n{"caption": "no label"}\n')
     with pytest.raises(InputError, match=r"class_captions.jsonl:2: expected"):
         class_caption_pool(tmp_path)
+
+
+def test_one_object_sets_are_deterministic_and_the_caption_fixes_the_layout():
+    from data import OBJECT_SETS, ObjectDataset
+    for family in OBJECT_SETS:
+        a, b = ObjectDataset(family, "val", 32, 12), ObjectDataset(family, "val", 32, 12)
+        assert np.array_equal(a.images, b.images) and a.captions == b.captions and a.labels == b.labels
+        assert a.images.shape == (12, 32, 32, 3) and a.masks.shape == (12, 32, 32)
+        for cap, scene, label, mask in zip(a.captions, a.scenes, a.labels, a.masks):
+            assert OBJECT_SETS[family][label] == scene["object"]
+            for part in (scene["object"], scene["colour"], scene["place"], scene["background"]):
+                assert part in cap
+            assert 0.05 < (mask > 0.5).mean() < 0.7  # one large object
+        assert not np.array_equal(a.images, ObjectDataset(family, "train", 32, 12).images)
+
+
+def test_shuffled_captions_move_every_caption_the_same_way_each_time():
+    train, val = make_datasets(set="glyphs", num_images=64)
+    s_train, s_val = make_datasets(set="glyphs", num_images=64, shuffle_captions=True)
+    again = make_datasets(set="glyphs", num_images=64, shuffle_captions=True)[0]
+    for plain, shuffled in ((train, s_train), (val, s_val)):
+        assert sorted(shuffled.captions) == sorted(plain.captions)  # the same text, other images
+        assert all(shuffled.captions[i] != plain.captions[i] or plain.captions.count(plain.captions[i]) > 1
+                   for i in range(len(plain)))
+        assert (shuffled.perm != np.arange(len(plain))).all()  # a derangement: no image keeps its caption
+        assert shuffled.labels == plain.labels and np.array_equal(shuffled.masks, plain.masks)
+        assert torch.equal(shuffled[5]["image"], plain[5]["image"])
+    assert again.captions == s_train.captions  # seeded: the same pairing in every run
+    assert not np.array_equal(s_train.perm[:64], s_val.perm)  # each split has its own permutation
+    assert s_train.identity() != train.identity()  # never shares a latent cache with the real pairing
