@@ -299,6 +299,9 @@ class ShuffledCaptions(Dataset):
     def identity(self) -> str:
         return f"{self.dataset.identity()}-shuffled"
 
+    def scan(self, **kwargs) -> None:
+        self.dataset.scan(**kwargs)
+
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """Opens an image, turns it upright (its EXIF orientation), makes it 8-bit RGB (`to_rgb`: wider modes scaled,
@@ -437,7 +440,6 @@ def jsonl_line(image: str, caption: str, label: int | None = None) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
 
 
-def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, seed: int = 0, captions: str = "full"):
 def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, seed: int = 0, captions: str = "full",
                   set: str = "shapes", shuffle_captions: bool = False):
     """(train, val) datasets: the JSONL folder `data` (and `val`, else a seeded 10% of `data`), or the embedded set
