@@ -318,10 +318,12 @@ def last_step(log_path: Path) -> int:
 
 
 def val_curve(log_path: Path) -> tuple:
-    """(steps, validation PSNR) of a train.py run, from its log.jsonl."""
+    """(steps, validation PSNR) of a train.py run, from its log.jsonl (`val_psnr_uint8`; runs logged before the
+    one PSNR have the float-image `val_psnr`)."""
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "val_psnr" in r]
-    return [r["step"] for r in rows], [r["val_psnr"] for r in rows]
+    key = "val_psnr_uint8" if any("val_psnr_uint8" in r for r in rows) else "val_psnr"
+    rows = [r for r in rows if key in r]
+    return [r["step"] for r in rows], [r[key] for r in rows]
 
 
 def as_images(u8: np.ndarray, min_size: int = 128) -> torch.Tensor:
