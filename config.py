@@ -129,16 +129,16 @@ class Preset:
 def _tiny() -> Preset:
     model = TexTokConfig(image_size=32, patch_size=8, width=128, enc_layers=2, dec_layers=2, heads=4, mlp_dim=512,
                          num_tokens=16, text_encoder=OFFLINE_TEXT_ENCODER, text_dim=384, text_len=32, num_classes=8)
-    train = TokenizerTrainConfig(batch_size=32, epochs=24, lr=1e-3, warmup_steps=20, beta1=0.9, ema_decay=0.99,
-                                 perceptual_weight=0.0, disc_start=2816, r1_every=4, disc_channels=16,
+    train = TokenizerTrainConfig(batch_size=32, epochs=22, lr=1e-3, warmup_steps=20, beta1=0.9, ema_decay=0.99,
+                                 perceptual_weight=0.0, disc_start=2560, r1_every=4, disc_channels=16,
                                  disc_multipliers=(1, 2, 2))
     dit = DiTTrainConfig(model="DiT-T", batch_size=64, epochs=30, lr=1e-3, warmup_steps=20, ema_decay=0.99,
                          sampling_steps=50)
     note = ("embedded CPU default: 32 px shapes, patch 8, a 2+2-layer width-128 TexTok-16, all-MiniLM-L6-v2 text "
-            "encoder (offline, 32 text tokens), 24 epochs of 4096 images (3072 steps, so the run stays under 8 min), "
-            "lr 1e-3 with beta1 0.9, a short warm-up and EMA decay 0.99 so it trains in minutes, perceptual loss OFF "
+            "encoder (offline, 32 text tokens), 22 epochs of 4096 images (2816 steps, so the run stays under 8 min: "
+            "docs/RESULTS.md §4), lr 1e-3 with beta1 0.9, a short warm-up and EMA decay 0.99 so it trains in minutes, perceptual loss OFF "
             "(no VGG weights offline), discriminator with 16 base channels for the last 256 steps only (from step "
-            "2816; started at 1024 of 2048 it cost 0.35 dB held-out PSNR and 1.8 min) with StyleGAN2's lazy R1 "
+            "2560; started at 1024 of 2048 it cost 0.35 dB held-out PSNR and 1.8 min) with StyleGAN2's lazy R1 "
             "(every 4th step, weighted x4: R1's double backward doubled the step), tiny DiT-T for stage 2 with 50 "
             "DDIM steps")
     return Preset(model, train, dit, note)

@@ -217,7 +217,7 @@ def assert_same_states(a, b):
         torch.testing.assert_close(a[k], b[k], **tol, msg=lambda m: f"{k}: {m}")
 
 
-GAN_ON = ("--disc-start", "0", "--max-steps", "2", "--ckpt-every", "2")  # both steps train disc: R1, LeCAM, its EMAs
+GAN_ON = ("--disc-start", "0", "--r1-every", "1", "--max-steps", "2", "--ckpt-every", "2")  # R1 on both steps
 
 
 @pytest.mark.slow
