@@ -136,11 +136,11 @@ def _tiny() -> Preset:
                          sampling_steps=50)
     note = ("embedded CPU default: 32 px shapes, patch 8, a 2+2-layer width-128 TexTok-16, all-MiniLM-L6-v2 text "
             "encoder (offline, 32 text tokens), 22 epochs of 4096 images (2816 steps, so the run stays under 8 min: "
-            "docs/RESULTS.md §4), lr 1e-3 with beta1 0.9, a short warm-up and EMA decay 0.99 so it trains in minutes, perceptual loss OFF "
-            "(no VGG weights offline), discriminator with 16 base channels for the last 256 steps only (from step "
-            "2560; started at 1024 of 2048 it cost 0.35 dB held-out PSNR and 1.8 min) with StyleGAN2's lazy R1 "
-            "(every 4th step, weighted x4: R1's double backward doubled the step), tiny DiT-T for stage 2 with 50 "
-            "DDIM steps")
+            "docs/RESULTS.md §4), lr 1e-3 with beta1 0.9, a short warm-up and EMA decay 0.99 so it trains in "
+            "minutes, perceptual loss OFF (no VGG weights offline), discriminator with 16 base channels for the last "
+            "256 steps only (from step 2560; started at 1024 of 2048 it cost 0.35 dB held-out PSNR and 1.8 min) with "
+            "StyleGAN2's lazy R1 (every 4th step, weighted x4: R1's double backward doubled the step), tiny DiT-T "
+            "for stage 2 with 50 DDIM steps")
     return Preset(model, train, dit, note)
 
 
