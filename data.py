@@ -102,11 +102,35 @@ def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list:
     return poly(n, radii)
 
 
+def _background(scene: dict, yy: np.ndarray) -> np.ndarray:
+    """The scene's background colour [size, size, 3] under its vertical brightness tilt."""
+    tilt = 1 + scene["bg_tilt"] * (yy - 0.5)
+    return np.asarray(BACKGROUNDS[scene["background"]], np.float32)[None, None] * tilt[..., None]
+
+
+def _paint(img: np.ndarray, m: np.ndarray, o: dict, cx: float, cy: float, diagonal: np.ndarray) -> np.ndarray:
+    """`img` with object `o` composited through its mask `m` [size, size, 1]: its colour under a shading gradient toward
+    shade_dir from its centre (cx, cy, in image sides), with stripes along `diagonal` on striped objects."""
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]].astype(np.float32) / img.shape[0]
+    u = (xx - cx) * math.cos(o["shade_dir"]) + (yy - cy) * math.sin(o["shade_dir"])
+    shade = o["shade"] + (1 - o["shade"]) * (0.5 + 0.5 * np.tanh(4 * u))
+    if o["stripes"]:
+        shade = shade * (0.85 + 0.15 * np.sign(np.sin(o["stripe_freq"] * 2 * math.pi * diagonal)))
+    fill = np.asarray(COLORS[o["colour"]], np.float32)[None, None] * shade[..., None]
+    return img * (1 - m) + fill * m
+
+
+def _noised(img: np.ndarray, scene: dict) -> np.ndarray:
+    """The scene's seeded pixel noise added, as uint8."""
+    img = img + 255 * scene["noise"] * np.random.default_rng(scene["noise_seed"]).standard_normal(img.shape)
+    return np.clip(img, 0, 255).round().astype(np.uint8)
+
+
 def render(scene: dict, size: int) -> np.ndarray:
     """Renders a scene as uint8 [size, size, 3] (4x supersampled masks for smooth edges)."""
     S = 4 * size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img = np.asarray(BACKGROUNDS[scene["background"]], np.float32)[None, None] * (1 + scene["bg_tilt"] * (yy - 0.5))[..., None]
+    img = _background(scene, yy)
     for o in scene["objects"]:
         r = SIZES[o["size"]] * S
         cx, cy = (o["col"] + 0.5 + o["jitter"][0] * 3) * S / 3, (o["row"] + 0.5 + o["jitter"][1] * 3) * S / 3
@@ -116,14 +140,8 @@ def render(scene: dict, size: int) -> np.ndarray:
         if o["shape"] == "ring":
             draw.polygon(_outline("circle", cx, cy, 0.55 * r, 0.0), fill=0)
         m = np.asarray(canvas.resize((size, size), Image.BILINEAR), np.float32)[..., None] / 255
-        u = (xx - cx / S) * math.cos(o["shade_dir"]) + (yy - cy / S) * math.sin(o["shade_dir"])
-        shade = o["shade"] + (1 - o["shade"]) * (0.5 + 0.5 * np.tanh(4 * u))
-        if o["stripes"]:
-            shade = shade * (0.85 + 0.15 * np.sign(np.sin(o["stripe_freq"] * 2 * math.pi * (xx + yy))))
-        fill = np.asarray(COLORS[o["colour"]], np.float32)[None, None] * shade[..., None]
-        img = img * (1 - m) + fill * m
-    img = img + 255 * scene["noise"] * np.random.default_rng(scene["noise_seed"]).standard_normal(img.shape)
-    return np.clip(img, 0, 255).round().astype(np.uint8)
+        img = _paint(img, m, o, cx / S, cy / S, xx + yy)
+    return _noised(img, scene)
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -234,16 +252,8 @@ def render_object(scene: dict, size: int) -> tuple:
             draw.polygon(_outline("circle", cx, cy, 0.22 * scene["scale"] * S, 0.0), fill=0)
     m = np.asarray(canvas.resize((size, size), Image.BILINEAR), np.float32) / 255
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    tilt = 1 + scene["bg_tilt"] * (yy - 0.5)
-    img = np.asarray(BACKGROUNDS[scene["background"]], np.float32)[None, None] * tilt[..., None]
-    u = (xx - cx / S) * math.cos(scene["shade_dir"]) + (yy - cy / S) * math.sin(scene["shade_dir"])
-    shade = scene["shade"] + (1 - scene["shade"]) * (0.5 + 0.5 * np.tanh(4 * u))
-    if scene["stripes"]:
-        shade = shade * (0.85 + 0.15 * np.sign(np.sin(scene["stripe_freq"] * 2 * math.pi * (xx - yy))))
-    fill = np.asarray(COLORS[scene["colour"]], np.float32)[None, None] * shade[..., None]
-    img = img * (1 - m[..., None]) + fill * m[..., None]
-    img = img + 255 * scene["noise"] * np.random.default_rng(scene["noise_seed"]).standard_normal(img.shape)
-    return np.clip(img, 0, 255).round().astype(np.uint8), m
+    img = _paint(_background(scene, yy), m[..., None], scene, cx / S, cy / S, xx - yy)
+    return _noised(img, scene), m
 
 
 class ObjectDataset(Dataset):
