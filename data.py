@@ -216,10 +216,15 @@ def make_object_scene(rng: np.random.Generator, family: str) -> dict:
                 bg_tilt=rng.uniform(-0.25, 0.25), noise=rng.uniform(0.0, 0.04), noise_seed=int(rng.integers(2 ** 31)))
 
 
-def object_caption(scene: dict) -> str:
-    """The caption fixes the layout: "A red letter B on the left, on a navy background." """
+def object_caption(scene: dict, style: str = "full") -> str:
+    """The caption. "full" fixes the layout: "A red letter B on the left, on a navy background."; "short" (Tab. 4a's
+    short caption): "A red letter B."; "class" (the class-name template): "An image of a letter B." """
     kind = ("digit" if scene["object"].isdigit() else "letter") if scene["family"] == "glyphs" else ""
     name = f"{kind} {scene['object']}" if kind else scene["object"]
+    if style == "class":
+        return f"An image of a {name}."
+    if style == "short":
+        return f"A {scene['colour']} {name}."
     return f"A {scene['colour']} {name} {scene['place']}, on a {scene['background']} background."
 
 
@@ -261,13 +266,13 @@ class ObjectDataset(Dataset):
     (split, seed, i); the label is the object's index in its family; `masks` [M, size, size] are the objects'."""
 
     def __init__(self, family: str = "glyphs", split: str = "train", size: int = 32, num_images: int = 4096,
-                 seed: int = 0):
+                 seed: int = 0, captions: str = "full"):
         if family not in OBJECT_SETS:
             raise InputError(f"set {family!r}: choose from {['shapes', *OBJECT_SETS]}")
-        self.family, self.size, self.split, self.seed = family, size, split, seed
+        self.family, self.size, self.split, self.seed, self.style = family, size, split, seed, captions
         self.scenes = [make_object_scene(np.random.default_rng([SPLITS[split], seed, i]), family)
                        for i in range(num_images)]
-        self.captions = [object_caption(s) for s in self.scenes]
+        self.captions = [object_caption(s, captions) for s in self.scenes]
         self.labels = [OBJECT_SETS[family].index(s["object"]) for s in self.scenes]
         pairs = [render_object(s, size) for s in self.scenes]
         self.images = np.stack([p[0] for p in pairs])
@@ -280,7 +285,8 @@ class ObjectDataset(Dataset):
         return dict(image=to_tensor(self.images[i]), index=i)
 
     def identity(self) -> str:
-        return f"{self.family}-{self.split}-{self.seed}-{len(self)}-{self.size}px"
+        return f"{self.family}-{self.split}-{self.seed}-{len(self)}-{self.size}px" + (
+            "" if self.style == "full" else f"-{self.style}")
 
 
 def derangement(n: int, seed) -> np.ndarray:
@@ -459,8 +465,8 @@ def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, s
         train, val = make_datasets(data, val, size, num_images, seed, captions, set)
         return ShuffledCaptions(train, [seed, SPLITS["train"]]), ShuffledCaptions(val, [seed, SPLITS["val"]])
     if data is None and set != "shapes":
-        return (ObjectDataset(set, "train", size, num_images, seed),
-                ObjectDataset(set, "val", size, max(64, num_images // 16), seed))
+        return (ObjectDataset(set, "train", size, num_images, seed, captions),
+                ObjectDataset(set, "val", size, max(64, num_images // 16), seed, captions))
     if data is None:
         return (ShapesDataset("train", size, num_images, seed, captions),
                 ShapesDataset("val", size, max(64, num_images // 16), seed, captions))
@@ -471,19 +477,28 @@ def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, s
     return JsonlDataset(data, size, train_idx), JsonlDataset(data, size, val_idx)
 
 
-def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, seed: int = 0, captions: str = "full") -> dict:
+def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, seed: int = 0, captions: str = "full",
+                       set: str = "shapes") -> dict:
     """Held-out captions per class for class-conditional sampling (§3.2): {label: [captions]}.
 
-    Embedded set: captions of the `pool` split, never seen in training. JSONL folder: `DIR/class_captions.jsonl`
-    ({"label": int, "caption": str} per line), as the paper pre-generates unseen captions per category."""
+    Embedded set `set`: captions (style `captions`) of its `pool` split, never seen in training. JSONL folder:
+    `DIR/class_captions.jsonl` ({"label": int, "caption": str} per line), as the paper pre-generates unseen captions
+    per category."""
     pool = {c: [] for c in range(num_classes)}
     if data is None:
+        if num_classes > len(OBJECT_SETS.get(set, SHAPES)):
+            raise InputError(f"set {set!r} has {len(OBJECT_SETS.get(set, SHAPES))} classes, not {num_classes}")
         i = 0
         while min(len(v) for v in pool.values()) < per_class:
-            scene = make_scene(np.random.default_rng([SPLITS["pool"], seed, i]))
-            label = SHAPES.index(scene["objects"][0]["shape"])
+            rng = np.random.default_rng([SPLITS["pool"], seed, i])
+            if set == "shapes":
+                scene = make_scene(rng)
+                label, text = SHAPES.index(scene["objects"][0]["shape"]), caption(scene, captions)
+            else:
+                scene = make_object_scene(rng, set)
+                label, text = OBJECT_SETS[set].index(scene["object"]), object_caption(scene, captions)
             if label < num_classes and len(pool[label]) < per_class:
-                pool[label].append(caption(scene, captions))
+                pool[label].append(text)
             i += 1
         return pool
     path = Path(data) / "class_captions.jsonl"

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, atomic_write, autocast, load_json, read_lines, run_main, save_image_grid,
-                    setup_distributed, to_uint8)
+from common import (InputError, atomic_write, autocast, load_json, pretrained_folder, read_lines, run_main,
+                    save_image_grid, setup_distributed, to_uint8)
 from config import DiTTrainConfig, from_dict
 from data import Conditions, class_caption_pool, make_datasets
 from diffusion import Diffusion, cfg_scale
@@ -67,7 +67,7 @@ def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
         labels = [i % meta["num_classes"] for i in range(n)]
         if cfg.conditioning != "text":
             return labels, None
-        pool = class_caption_pool(data, meta["num_classes"], captions=split["captions"])
+        pool = class_caption_pool(data, meta["num_classes"], captions=split["captions"], set=split.get("set", "shapes"))
         for c in sorted(set(labels)):
             if not pool.get(c):
                 where = f"{data}/class_captions.jsonl" if data else "the embedded caption pool"
@@ -78,8 +78,8 @@ def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
         if not captions:
             raise InputError(f"{args.prompts}: no prompts (one caption per line)")
     else:  # the validation split of the DiT's training data: held out from both stages
-        captions = make_datasets(data, split["val"], cfg.image_size, split["num_images"],
-                                 captions=split["captions"])[1].captions
+        captions = make_datasets(data, split["val"], cfg.image_size, split["num_images"], captions=split["captions"],
+                                 set=split.get("set", "shapes"))[1].captions
     return [0] * n, [captions[i % len(captions)] for i in range(n)]
 
 
@@ -97,7 +97,8 @@ def check_args(args, num_timesteps: int) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dit", default="runs/dit/dit", help="a DiT folder written by train.py --stage dit")
+    p.add_argument("--dit", default="runs/dit/dit", help="a DiT folder written by train.py --stage dit, or a Hugging "
+                   "Face repo id (DiT.push_to_hub; pass --tokenizer too)")
     p.add_argument("--tokenizer", default=None, help="TexTok folder (default: the one the DiT was trained on)")
     p.add_argument("--data", default=None, help="JSONL folder: class caption pool / T2I captions (default: the "
                    "DiT's training data)")
@@ -125,13 +126,14 @@ def main(argv=None):
 
 
 def sample(args, rank, world, device):
-    meta = load_json(Path(args.dit) / "config.json")
+    folder = pretrained_folder(args.dit)  # a folder, or a Hugging Face repo id
+    meta = load_json(folder / "config.json")
     if not isinstance(meta, dict) or "tokenizer" not in meta:
-        raise InputError(f"{Path(args.dit) / 'config.json'}: not a DiT folder written by train.py --stage dit")
+        raise InputError(f"{folder / 'config.json'}: not a DiT folder written by train.py --stage dit")
     tokenizer = TexTok.from_pretrained(args.tokenizer or meta["tokenizer"])
     tokenizer = tokenizer.to(device).eval()
-    dit = DiT.from_pretrained(args.dit, tokenizer.cfg, map_location=device)  # refuses another tokenizer's DiT
-    cfg, train = tokenizer.cfg, from_dict(DiTTrainConfig, dit.meta["train"], Path(args.dit) / "config.json")
+    dit = DiT.from_pretrained(folder, tokenizer.cfg, map_location=device)  # refuses another tokenizer's DiT
+    cfg, train = tokenizer.cfg, from_dict(DiTTrainConfig, dit.meta["train"], folder / "config.json")
     check_args(args, train.diffusion_steps)
     steps = train.sampling_steps if args.steps is None else args.steps
     w = train.cfg_scale if args.cfg_scale is None else args.cfg_scale

@@ -32,7 +32,7 @@ from common import (InputError, Run, all_reduce_grads, autocast, build_once, glo
                     save_image_grid, setup_distributed, to_uint8)
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
                     get_preset, given_flags, to_dict)
-from data import (CAPTION_STYLES, OBJECT_SETS, Conditions, LatentSet, check_labels, collate, conditioned,
+from data import (CAPTION_STYLES, OBJECT_SETS, SHAPES, Conditions, LatentSet, check_labels, collate, conditioned,
                   make_datasets, step_loader)
 from diffusion import Diffusion
 from dit import build_dit
@@ -104,6 +104,8 @@ def run_configs(args):
     """(TexTokConfig, this stage's training config, preset note) from the preset and the command-line flags."""
     preset = get_preset(args.preset)
     overrides = {**(MODEL_PRESETS[args.model_size] if args.model_size else {}), **given_flags(args, TexTokConfig)}
+    if args.stage == "tokenizer" and args.data is None and args.num_classes is None:  # an embedded set's own count
+        overrides["num_classes"] = len(OBJECT_SETS.get(args.set, SHAPES))
     if args.text_encoder is not None and args.text_dim is None:  # the encoder's config.json, not its weights
         from text_encoder import encoder_config, width
         overrides["text_dim"] = width(encoder_config(args.text_encoder))

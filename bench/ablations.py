@@ -8,14 +8,16 @@ weights are present) and writes, in --out:
     psnr.png                    mean PSNR of every row (bars), the default row marked
     runs/<row>-seed<k>/         the train.py outputs
 
-Rows (the embedded set provides the class-name text and the short caption, data.caption):
-    4a  none (Baseline) | class embedding | class text "An image of a <shape>." | short caption | full caption (default)
+Rows (the embedded sets provide the class-name text and the short caption: data.caption, data.object_caption):
+    4a  none (Baseline) | class embedding | class text "An image of a letter B." | short caption "A red letter B." |
+        full caption (default)
     4c  cross-attention layer | in-context (default)
     4d  text in the tokenizer only | the detokenizer only | both (default)
-    4e  the tiny preset (default) | a larger model (--large-flags)
+    4e  the preset's model (default) | a larger model (--large-flags)
 Tab. 4b (T5 size) is not run: one offline text encoder exists here (pass --text-encoder PATH to train.py for T5).
 
-    python bench/ablations.py                       # embedded set, 2 CPU cores: ~15 min (--seeds 0 1 2: ~45)
+    python bench/ablations.py                       # glyphs, toy-mechanism (TexTok-1), 2 CPU cores
+    python bench/ablations.py --set shapes --preset tiny --steps 640      # the shapes set of RESULTS §8's first table
     python bench/ablations.py --steps 100000 --batch-size 256 --preset imagenet256 --data DIR \\
         --large-flags "--model-size large" --perceptual-weight 0.1      # on GPUs; unknown flags go to train.py
 
@@ -33,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from common import atomic_write, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
 from harness import (evaluate, last_step, load_optional, machine, mean_over_seeds, set_classifier,  # noqa: E402
-                     train_run)
+                     train_runs)
 import metrics  # noqa: E402
 
 # (table, row label, train.py flags, caption style); the default row (full caption, in-context, both, tiny) is
 # trained once and shown in every group.
-DEFAULT = ("default", "full caption, in-context, both, tiny (default)", [], "full")
+DEFAULT = ("default", "full caption, in-context, both, preset's model (default)", [], "full")
 ROWS = [("4a", "none (Baseline)", ["--conditioning", "none"], "full"),
         ("4a", "class embedding", ["--conditioning", "class"], "full"),
         ("4a", "class text", [], "class"),
@@ -49,18 +51,19 @@ ROWS = [("4a", "none (Baseline)", ["--conditioning", "none"], "full"),
         ("4e", "larger model", None, "full")]  # flags from --large-flags
 OWN_FLAGS = {"--stage", "--out", "--max-steps", "--epochs", "--batch-size", "--num-images", "--seed", "--data",
              "--val", "--cache-dir", "--preset", "--resume", "--captions", "--conditioning", "--cond-arch",
-             "--cond-location"}
+             "--cond-location", "--set"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--data", default=None, help="JSONL folder; default: the embedded shapes set (4a's caption rows "
-                   "need it)")
+    p.add_argument("--set", default="glyphs", help="embedded set (train.py --set): glyphs (the default), shape, "
+                   "shapes; 4a's caption rows need an embedded set")
+    p.add_argument("--data", default=None, help="JSONL folder instead of an embedded set")
     p.add_argument("--val", default=None)
     p.add_argument("--out", default="runs/bench/ablations")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--steps", type=int, default=640, help="training steps per run (the schedule ends there)")
+    p.add_argument("--preset", default="toy-mechanism")
+    p.add_argument("--steps", type=int, default=2048, help="training steps per run (the schedule ends there)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=4096)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -71,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--large-flags", default="--width 192 --heads 6 --mlp-dim 768 --enc-layers 3 --dec-layers 3",
                    help="train.py flags of Tab. 4e's larger model")
     p.add_argument("--rows", nargs="+", default=None, help="only these tables (4a 4c 4d 4e)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (2 on 2 CPU cores, at --threads 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per training run")
     args, extra = p.parse_known_args(argv)
     clash = sorted({a.split("=")[0] for a in extra if a.split("=")[0] in OWN_FLAGS})
     if clash:
@@ -84,7 +89,7 @@ def train_argv(args, extra, name: str, flags: list, captions: str, epochs: int, 
             "--max-steps", str(args.steps), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
             "--num-images", str(args.num_images), "--seed", str(seed), "--cache-dir", args.cache_dir,
             "--captions", captions, "--eval-every", str(args.steps)]
-    argv += ["--data", args.data] if args.data else []
+    argv += ["--data", args.data] if args.data else ["--set", args.set]
     argv += ["--val", args.val] if args.val else []
     return argv + flags + list(extra)
 
@@ -111,16 +116,19 @@ def markdown_table(rows: list) -> str:
     """Table 4 analogue: each group with the default row repeated, the change against it in brackets (means and
     standard deviations over the seeds when there are several)."""
     default = next(r for r in rows if r["table"] == "default")
-    head = ["table", "conditioning", "PSNR ↑", "SSIM ↑", "LPIPS ↓", "rFID ↓", "class acc. of recon. ↑", "steps",
-            "train time"]
+    head = ["table", "conditioning", "PSNR ↑", "object PSNR ↑", "SSIM ↑", "LPIPS ↓", "rFID ↓",
+            "class acc. of recon. ↑", "steps", "train time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for table in dict.fromkeys(r["table"] for r in rows if r["table"] != "default"):
         for r in [x for x in rows if x["table"] == table] + [default]:
             spread = r["seeds"] > 1
             psnr = f"{r['psnr']:.2f}" + (f" ± {r['psnr_std']:.2f}" if spread else "")
-            cells = [table, r["row"], psnr + ("" if r is default else f" ({r['psnr'] - default['psnr']:+.2f})"),
-                     f"{r['ssim']:.4f}" + (f" ± {r['ssim_std']:.4f}" if spread else "")]
-            cells += ["–" if r[k] is None else f"{r[k]:.4f}" for k in ("lpips", "rfid", "class_acc")]
+            cells = [table, r["row"], psnr + ("" if r is default else f" ({r['psnr'] - default['psnr']:+.2f})")]
+            cells += ["–" if r.get(k) is None else f"{r[k]:{f}}" + (f" ± {r[k + '_std']:{f}}" if spread else "")
+                      for k, f in (("object_psnr", ".2f"), ("ssim", ".4f"))]
+            cells += ["–" if r[k] is None else f"{r[k]:.4f}" for k in ("lpips", "rfid")]
+            cells += ["–" if r["class_acc"] is None else f"{r['class_acc']:.3f}" + (
+                f" ± {r['class_acc_std']:.3f}" if spread else "")]
             cells += [str(round(r["steps"])), f"{r['seconds']:.0f} s"]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -128,29 +136,31 @@ def markdown_table(rows: list) -> str:
 
 def main(argv=None):
     args, extra = parse_args(argv)
+    args.out = str(Path(args.out) / (Path(args.data).name if args.data else args.set))
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     command = "python bench/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images)
+    train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images, set=args.set)
     epochs = -(-args.steps // max(1, len(train_set) // args.batch_size))
     lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
     classifier = set_classifier(args, device)
     todo = [DEFAULT] + [r for r in ROWS if args.rows is None or r[0] in args.rows]
+    plan = [(seed, table, label, shlex.split(args.large_flags) if flags is None else flags, captions)
+            for seed in args.seeds for table, label, flags, captions in todo]
+    argvs = [train_argv(args, extra, "default" if table == "default" else
+                        f"{table}-{label.split(' (')[0].replace(' ', '-')}", flags, captions, epochs, seed)
+             for seed, table, label, flags, captions in plan]
+    seconds = train_runs(argvs, jobs=args.jobs, threads=args.threads)
     runs = []
-    for seed in args.seeds:
-        for table, label, flags, captions in todo:
-            flags = shlex.split(args.large_flags) if flags is None else flags
-            name = "default" if table == "default" else f"{table}-{label.split(' (')[0].replace(' ', '-')}"
-            argv_run = train_argv(args, extra, name, flags, captions, epochs, seed)
-            seconds = train_run(argv_run)
-            run_dir = Path(argv_run[argv_run.index("--out") + 1])
-            row = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception, {}, captions,
-                           classifier)[0]
-            runs.append({"table": table, "row": label, "seed": seed, "flags": flags, "captions": captions, **row,
-                         "steps": last_step(run_dir / "log.jsonl"), "seconds": round(seconds, 1)})
-            save_json(runs, out / "results.json")
-            print(f"{table} {label}, seed {seed}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}")
+    for (seed, table, label, flags, captions), argv_run, secs in zip(plan, argvs, seconds):
+        run_dir = Path(argv_run[argv_run.index("--out") + 1])
+        row = evaluate(run_dir, args, device, args.eval_batch_size, lpips_model, inception, {}, captions,
+                       classifier)[0]
+        runs.append({"table": table, "row": label, "seed": seed, "flags": flags, "captions": captions, **row,
+                     "steps": last_step(run_dir / "log.jsonl"), "seconds": round(secs, 1)})
+        save_json(runs, out / "results.json")
+        print(f"{table} {label}, seed {seed}: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}")
     rows = mean_over_seeds(runs, keys=("table", "row"))
     table = markdown_table(rows)
     bar_plot(out / "psnr.png", rows)

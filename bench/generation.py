@@ -3,12 +3,14 @@ generation half, Table 3 at small scale).
 
 For each token count N and each tokenizer variant: train the tokenizer (train.py, as bench/text_conditioning.py),
 train a class-conditional DiT and a DiT-T2I over its tokens, sample both with sample.py, and measure the samples
-with domain.evaluate_domain: the domain FID against real held-out images (FID in the feature space of a small
-classifier trained on the embedded set, domain.py: never FID-Inception, comparable only within this table), class
-accuracy of class-conditional samples, and for T2I whether the caption's first object has the named shape and colour.
-Writes, in --out: results.json, results.md (the table), fid.png (domain FID against N), runs/.
+in the feature space of a small classifier of the embedded set (never FID-Inception, comparable only within this
+table): on a one-object set (glyphs, shape; harness.object_sample_report) the "object FID" against real held-out
+images, the class accuracy of class-conditional samples and, for T2I, whether the sample shows the object its
+caption names; on the shapes set domain.evaluate_domain's domain FID, class accuracy and caption shape / colour
+accuracy. Writes, in --out/<set>: results.json, results.md (the table), fid.png (FID against N), runs/.
 
-    python bench/generation.py                      # embedded set, 2 CPU cores: ~30 min
+    python bench/generation.py                      # glyphs, toy-mechanism, N = 1 4, 2 CPU cores
+    python bench/generation.py --set shapes --preset tiny --tokens 8 32 --tokenizer-steps 768 --dit-steps 768
     python bench/generation.py --tokens 32 128 --tokenizer-steps 100000 --dit-steps 400000 --batch-size 256 \\
         --num-samples 50000 --preset imagenet256 --data DIR     # on GPUs: then use metrics.py's ADM suite on the .npz
 
@@ -22,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
 import domain  # noqa: E402
-from common import atomic_write, run_main, save_json  # noqa: E402
+from common import atomic_write, load_json, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
-from harness import line_plot, machine, tokenizer_argv, train_run  # noqa: E402
+from harness import line_plot, machine, object_sample_report, tokenizer_argv, train_run  # noqa: E402
+from metrics import read_npz_batch  # noqa: E402
 
 TASKS = {"class": "class-conditional", "t2i": "text-to-image"}
 VARIANTS = {"baseline": "Baseline-{n} (w/o text)", "textok": "TexTok-{n} (w/ text)"}
@@ -32,13 +35,14 @@ VARIANTS = {"baseline": "Baseline-{n} (w/o text)", "textok": "TexTok-{n} (w/ tex
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="JSONL folder; domain metrics need the embedded set (the default)")
+    p.add_argument("--set", default="glyphs", help="embedded set (train.py --set): glyphs, shape, shapes")
+    p.add_argument("--data", default=None, help="JSONL folder; the metrics need an embedded set (the default)")
     p.add_argument("--val", default=None)
-    p.add_argument("--tokens", type=int, nargs="+", default=[8, 32], help="token counts N")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="token counts N")
     p.add_argument("--out", default="runs/bench/generation")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--tokenizer-steps", type=int, default=768)
-    p.add_argument("--dit-steps", type=int, default=768)
+    p.add_argument("--preset", default="toy-mechanism")
+    p.add_argument("--tokenizer-steps", type=int, default=2048, help="as bench/text_conditioning.py")
+    p.add_argument("--dit-steps", type=int, default=1920, help="the preset's DiT schedule: 30 epochs of 4096 at 64")
     p.add_argument("--batch-size", type=int, default=32, help="tokenizer batch (the DiT uses its preset's)")
     p.add_argument("--num-images", type=int, default=4096)
     p.add_argument("--num-samples", type=int, default=256)
@@ -54,7 +58,7 @@ def run_pair(args, variant: str, tokens: int, task: str, tokenizer: Path) -> dic
     out = Path(args.out) / "runs" / f"{variant}-{tokens}-{task}"
     dit_argv = ["--stage", "dit", "--task", task, "--tokenizer", str(tokenizer), "--out", str(out / "train"),
                 "--preset", args.preset, "--max-steps", str(args.dit_steps), "--num-images", str(args.num_images),
-                "--seed", str(args.seed), "--cache-dir", args.cache_dir]
+                "--seed", str(args.seed), "--cache-dir", args.cache_dir, "--set", args.set]
     dit_argv += ["--data", args.data] if args.data else []
     dit_seconds = train_run(dit_argv)
     sample_argv = ["--dit", str(out / "train" / "dit"), "--num-samples", str(args.num_samples), "--steps",
@@ -63,8 +67,14 @@ def run_pair(args, variant: str, tokens: int, task: str, tokenizer: Path) -> dic
     train_run(sample_argv, "sample.py")
     (npz,) = (out / "samples").glob("samples_*.npz")
     captions = (out / "samples" / "captions.txt").read_text().splitlines() if task == "t2i" else None
-    report = domain.evaluate_domain(None, npz, classes_in_turn=task == "class", captions=captions,
-                                    cache_dir=args.cache_dir)
+    if args.set == "shapes":
+        report = domain.evaluate_domain(None, npz, classes_in_turn=task == "class", captions=captions,
+                                        cache_dir=args.cache_dir)
+    else:  # sample.py draws classes in turn: sample i is of class i % num_classes
+        samples = read_npz_batch(npz)[0]
+        classes = load_json(out / "train" / "config.json")["num_classes"]
+        labels = [i % classes for i in range(len(samples))] if task == "class" else None
+        report = object_sample_report(samples, args.set, labels, captions, args.cache_dir)
     return {"variant": variant, "tokens": tokens, "task": task, "dit_seconds": round(dit_seconds, 1), **report}
 
 
@@ -80,10 +90,11 @@ def markdown_table(rows: list) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.out = str(Path(args.out) / (Path(args.data).name if args.data else args.set))
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     command = "python bench/generation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images)
+    train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images, set=args.set)
     tok_args = argparse.Namespace(**{**vars(args), "steps": args.tokenizer_steps})  # text_conditioning's names
     epochs = -(-args.tokenizer_steps // max(1, len(train_set) // args.batch_size))
     rows = []
@@ -104,8 +115,8 @@ def main(argv=None):
             for v in VARIANTS}) for t in TASKS])
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(
         f"`{command}` on {machine(device)}; tokenizers {args.tokenizer_steps} steps, DiTs {args.dit_steps} steps, "
-        f"{args.num_samples} samples of {args.sampling_steps} DDIM steps (w = {args.cfg_scale}) each; domain FID "
-        f"(domain.py), never FID-Inception.\n\n{table}\n"))
+        f"{args.num_samples} samples of {args.sampling_steps} DDIM steps (w = {args.cfg_scale}) each; set "
+        f"{args.set}; FID in the set classifier's features, never FID-Inception.\n\n{table}\n"))
     print("\n" + table + f"\n\nwritten: {out / 'results.md'}, results.json, fid.png")
     return rows
 

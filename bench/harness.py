@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import domain  # noqa: E402
 import metrics  # noqa: E402
 from common import atomic_write, load_json, save_json, to_uint8  # noqa: E402
-from data import collate, conditioned, make_datasets  # noqa: E402
+from data import OBJECT_SETS, ObjectDataset, collate, conditioned, make_datasets  # noqa: E402
 from textok import TexTok  # noqa: E402
 
 
@@ -173,8 +173,9 @@ def region_psnr(real: np.ndarray, rec: np.ndarray, masks: np.ndarray, threshold:
 
 
 class ObjectClassifier(torch.nn.Module):
-    """uint8 [B, H, W, 3] -> logits [B, classes]: which object of a one-object set (data.OBJECT_SETS) an image holds."""
-    outputs = ("logits",)  # the name metrics.compute_features gives it
+    """uint8 [B, H, W, 3] -> (logits [B, classes], pooled features [B, 4 x width]): which object of a one-object set
+    (data.OBJECT_SETS) an image holds, and the feature space of its Fréchet distance (object_sample_report)."""
+    outputs = ("logits", "features")  # the names metrics.compute_features gives them
 
     def __init__(self, classes: int, width: int = 16):
         super().__init__()
@@ -188,7 +189,8 @@ class ObjectClassifier(torch.nn.Module):
 
     def forward(self, images):
         x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
-        return (self.net(torch.nn.functional.interpolate(x, size=32, mode="bilinear", antialias=True)),)
+        features = self.net[:-1](torch.nn.functional.interpolate(x, size=32, mode="bilinear", antialias=True))
+        return self.net[-1](features), features
 
 
 def blurred(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -208,7 +210,6 @@ def object_classifier(family: str, cache_dir="cache", device="cpu", num_images: 
     """A classifier of the object in `family`'s images, trained once on its "pool" split (never a run's train or
     validation images; half of each batch blurred) and cached under cache_dir/bench/."""
     from common import load_state, load_tensors, save_tensors
-    from data import OBJECT_SETS, ObjectDataset
     key = hashlib.sha1(f"{family}|{num_images}|{steps}|{batch_size}|{lr}|{seed}".encode()).hexdigest()[:12]
     path = Path(cache_dir) / "bench" / f"object-classifier-{family}-{key}.safetensors"
     model = ObjectClassifier(len(OBJECT_SETS[family]))
@@ -243,6 +244,34 @@ def set_classifier(args, device):
     if getattr(args, "set", "shapes") == "shapes":
         return domain.load_classifier(domain.DomainSettings(), args.cache_dir, device)
     return object_classifier(args.set, args.cache_dir, device)
+
+
+def caption_object(caption: str, family: str) -> int:
+    """The class (index in data.OBJECT_SETS[family]) of the object a one-object caption names (data.object_caption)."""
+    words = caption.rstrip(".").replace(",", "").split()
+    if family == "glyphs":  # "... letter B ..." / "... digit 7 ..."
+        at = next(i for i, w in enumerate(words) if w in ("letter", "digit"))
+        return OBJECT_SETS[family].index(words[at + 1])
+    return next(OBJECT_SETS[family].index(w) for w in words if w in OBJECT_SETS[family])
+
+
+def object_sample_report(samples: np.ndarray, family: str, labels=None, captions=None, cache_dir="cache",
+                         device="cpu", batch_size: int = 64) -> dict:
+    """Generation metrics of samples (uint8 [N, H, W, 3]) of a one-object set, in its classifier (object_classifier):
+    "Object FID", the Fréchet distance of the classifier's pooled features to as many real held-out images (like
+    domain.py's domain FID: comparable within one table, never FID-Inception); class accuracy against `labels`; for
+    T2I, the share of samples whose object is the one their caption names."""
+    classifier = object_classifier(family, cache_dir, device)
+    real = ObjectDataset(family, "val", samples.shape[1], len(samples)).images
+    ours, theirs = (metrics.compute_features(classifier, x, batch_size, progress=False) for x in (samples, real))
+    report = {"Object FID": metrics.frechet_distance(*metrics.feature_statistics(ours["features"]),
+                                                     *metrics.feature_statistics(theirs["features"]))}
+    found = ours["logits"].argmax(1)
+    if labels is not None:
+        report["Class accuracy"] = float((found == np.asarray(labels)).mean())
+    if captions is not None:
+        report["Caption object accuracy"] = float((found == [caption_object(c, family) for c in captions]).mean())
+    return report
 
 
 def recon_class_accuracy(classifier, images: np.ndarray, labels, batch_size: int):

@@ -95,3 +95,41 @@ def test_runs_are_cached_by_arguments_and_by_the_code_they_import(tmp_path):
     second = ["--out", str(tmp_path / "second"), "--seed", "1"]
     harness.train_runs([argv[:-1] + ["1"], second], "fake_train.py", jobs=2, root=tmp_path)
     assert count() == 4 and (tmp_path / "second" / "bench_run.json").is_file()  # only the new run
+
+
+def test_caption_object_reads_back_the_object_every_caption_names():
+    from data import CAPTION_STYLES, OBJECT_SETS, make_object_scene, object_caption
+    for family, objects in OBJECT_SETS.items():
+        for label, name in enumerate(objects):
+            scene = {**make_object_scene(np.random.default_rng(label), family), "object": name}
+            for style in CAPTION_STYLES:
+                assert harness.caption_object(object_caption(scene, style), family) == label
+
+
+class TopLeftPixelIsTheClass(torch.nn.Module):
+    """A stand-in for ObjectClassifier: the class is the top-left red value, the features the channel means."""
+    outputs = ("logits", "features")
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images):
+        logits = torch.nn.functional.one_hot(images[:, 0, 0, 0].long() % 36, 36).float()
+        return logits, images.float().mean((1, 2)) + torch.linspace(0, 1, 4)[None, :3] * images[:, 1, 1].float()
+
+
+def test_object_sample_report_scores_class_caption_and_distance(monkeypatch):
+    from data import ObjectDataset, object_caption
+    monkeypatch.setattr(harness, "object_classifier", lambda *a, **k: TopLeftPixelIsTheClass())
+    real = ObjectDataset("glyphs", "val", 32, 40)
+    same = harness.object_sample_report(real.images.copy(), "glyphs")
+    assert same == {"Object FID": pytest.approx(0.0, abs=1e-6)}  # the real images themselves
+    samples = real.images.copy()
+    labels = np.arange(40) % 36
+    samples[:, 0, 0, 0] = labels
+    samples[:10, 0, 0, 0] = (labels[:10] + 1) % 36  # 10 of 40 of another class
+    scenes = [{**s, "object": "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[c]} for s, c in zip(real.scenes, labels)]
+    report = harness.object_sample_report(samples, "glyphs", labels, [object_caption(s) for s in scenes])
+    assert report["Class accuracy"] == report["Caption object accuracy"] == 0.75
+    assert report["Object FID"] > 0

@@ -149,6 +149,25 @@ def test_one_object_sets_are_deterministic_and_the_caption_fixes_the_layout():
         assert not np.array_equal(a.images, ObjectDataset(family, "train", 32, 12).images)
 
 
+def test_one_object_caption_styles_and_class_pool_name_the_class():
+    """Tab. 4a's caption styles on a one-object set, and class-conditional sampling's held-out captions per class."""
+    from data import OBJECT_SETS, ObjectDataset, object_caption
+    full, short, name = (ObjectDataset("glyphs", "val", 32, 8, captions=c) for c in ("full", "short", "class"))
+    assert np.array_equal(full.images, short.images) and full.identity() != short.identity() != name.identity()
+    for scene, f, s, c in zip(full.scenes, full.captions, short.captions, name.captions):
+        assert f == object_caption(scene) and scene["place"] in f and scene["place"] not in s
+        assert s.startswith(f"A {scene['colour']} ") and scene["colour"] not in c and scene["object"] in c
+    for family in OBJECT_SETS:
+        classes = len(OBJECT_SETS[family])
+        pool = class_caption_pool(None, num_classes=classes, per_class=3, set=family)
+        assert sorted(pool) == list(range(classes)) and all(len(v) == 3 for v in pool.values())
+        for label, captions in pool.items():  # each caption names its class's object
+            name = OBJECT_SETS[family][label]
+            assert all(f" {name} " in c or f" {name}," in c for c in captions), (label, captions)
+    with pytest.raises(InputError, match="8 classes, not 9"):
+        class_caption_pool(None, num_classes=9, set="shape")
+
+
 def test_shuffled_captions_move_every_caption_the_same_way_each_time():
     train, val = make_datasets(set="glyphs", num_images=64)
     s_train, s_val = make_datasets(set="glyphs", num_images=64, shuffle_captions=True)

@@ -76,3 +76,24 @@ def test_push_to_hub_uploads_the_save_pretrained_folder(tmp_path, monkeypatch):
     assert {"config.json", "model.safetensors", "README.md"} <= set(uploaded["user/dit"])
     loaded = DiT.from_pretrained(tmp_path / "pushed")
     assert loaded.meta == {"tokenizer": "user/tok"} and loaded.cfg == dit.cfg
+
+
+def test_sample_takes_a_dit_repo_id(tmp_path, monkeypatch):
+    """`sample.py --dit user/dit` reads the DiT (and the meta naming its tokenizer) from the hub cache."""
+    import numpy as np
+    import huggingface_hub.constants
+    import sample
+    from config import DiTTrainConfig, to_dict
+    from dit import build_dit
+    cfg = tiny_config()
+    TexTok(cfg).save_pretrained(tmp_path / "tok")
+    meta = {"task": "t2i", "num_classes": 8, "tokenizer": str(tmp_path / "tok"), "tokenizer_config": to_dict(cfg),
+            "split": {"data": None, "val": None, "num_images": 64, "captions": "full"},
+            "train": to_dict(DiTTrainConfig(model="DiT-T", sampling_steps=2))}
+    build_dit("DiT-T", 0.1, cfg, "t2i", 8).save_pretrained(tmp_path / "dit", meta)
+    cache = hub_cache(tmp_path / "dit", tmp_path / "hub", "user/dit")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    npz = sample.main(["--dit", "user/dit", "--num-samples", "2", "--batch-size", "2", "--out", str(tmp_path / "out"),
+                       "--cache-dir", str(tmp_path / "cache")])
+    assert np.load(npz)["arr_0"].shape == (2, 32, 32, 3)

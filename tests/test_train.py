@@ -316,6 +316,28 @@ def test_sample_refuses_bad_values_and_missing_class_captions(tmp_path, monkeypa
         sample.conditions(dit, tok, SimpleNamespace(data=None, seed=0), 4)
 
 
+def test_sampling_reads_the_held_out_captions_of_the_dits_one_object_set():
+    """A DiT trained on --set glyphs samples with glyph captions: class i's caption names glyph i (its pool split),
+    T2I's come from the glyphs' validation split; and a tokenizer on an embedded set embeds that set's classes."""
+    import sample
+    from types import SimpleNamespace
+    from data import GLYPHS, ObjectDataset
+    split = {"data": None, "val": None, "num_images": 64, "captions": "full", "set": "glyphs"}
+    tok = SimpleNamespace(cfg=SimpleNamespace(conditioning="text", image_size=32))
+    args = SimpleNamespace(data=None, seed=0, prompts=None)
+    labels, captions = sample.conditions(SimpleNamespace(meta={"task": "class", "num_classes": 36, "split": split}),
+                                         tok, args, 40)
+    assert labels == [i % 36 for i in range(40)]
+    assert all(f" {GLYPHS[c]} " in text for c, text in zip(labels, captions)), captions
+    _, captions = sample.conditions(SimpleNamespace(meta={"task": "t2i", "split": split}), tok, args, 5)
+    assert set(captions) <= set(ObjectDataset("glyphs", "val", 32, 64).captions)
+    for preset, set_, classes in (("toy-mechanism", "shape", 8), ("toy-mechanism", "glyphs", 36), ("tiny", "shapes", 8)):
+        args = train.parse_args(["--stage", "tokenizer", "--preset", preset, "--set", set_])
+        assert train.run_configs(args)[0].num_classes == classes
+    args = train.parse_args(["--stage", "tokenizer", "--preset", "toy-mechanism", "--set", "shape", "--num-classes", "3"])
+    assert train.run_configs(args)[0].num_classes == 3
+
+
 def jsonl_folder(root, n=8, bad=None):
     """n tiny captioned PNGs in the README's layout; image `bad` (if given) is corrupt."""
     from PIL import Image
