@@ -34,8 +34,8 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
 from common import atomic_write, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
-from harness import (evaluate, last_step, load_optional, machine, mean_over_seeds, set_classifier,  # noqa: E402
-                     train_runs)
+from harness import (default_jobs, evaluate, last_step, load_optional, machine, mean_over_seeds,  # noqa: E402
+                     set_classifier, train_runs)
 import metrics  # noqa: E402
 
 # (table, row label, train.py flags, caption style); the default row (full caption, in-context, both, tiny) is
@@ -74,8 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--large-flags", default="--width 192 --heads 6 --mlp-dim 768 --enc-layers 3 --dec-layers 3",
                    help="train.py flags of Tab. 4e's larger model")
     p.add_argument("--rows", nargs="+", default=None, help="only these tables (4a 4c 4d 4e)")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (2 on 2 CPU cores, at --threads 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per training run")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: 4 on a GPU, else one per "
+                   "--threads CPU cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per training run on a CPU")
     args, extra = p.parse_known_args(argv)
     clash = sorted({a.split("=")[0] for a in extra if a.split("=")[0] in OWN_FLAGS})
     if clash:
@@ -151,7 +152,8 @@ def main(argv=None):
     argvs = [train_argv(args, extra, "default" if table == "default" else
                         f"{table}-{label.split(' (')[0].replace(' ', '-')}", flags, captions, epochs, seed)
              for seed, table, label, flags, captions in plan]
-    seconds = train_runs(argvs, jobs=args.jobs, threads=args.threads)
+    seconds = train_runs(argvs, jobs=args.jobs or default_jobs(device.type, args.threads),
+                         threads=args.threads if device.type == "cpu" else None)
     runs = []
     for (seed, table, label, flags, captions), argv_run, secs in zip(plan, argvs, seconds):
         run_dir = Path(argv_run[argv_run.index("--out") + 1])

@@ -113,6 +113,12 @@ def train_runs(argvs: list, script: str = "train.py", jobs: int = 1, threads: in
     return seconds
 
 
+def default_jobs(device: str, threads: int) -> int:
+    """Training runs at once: 4 on a GPU (one tiny run leaves most of it idle), else one per `threads` of the CPU
+    cores this process may use."""
+    return 4 if device == "cuda" else max(1, len(os.sched_getaffinity(0)) // threads)
+
+
 def tokenizer_argv(args, extra, variant: str, tokens: int, epochs: int, seed: int = 0) -> list:
     """train.py's command line for one tokenizer run of a benchmark (args: its set, data, val, out, preset, steps,
     batch_size, num_images, cache_dir); the variants differ only by --no-text (Baseline) or --shuffle-captions

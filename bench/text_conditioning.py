@@ -70,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default="cache", help="text-embedding cache (shared with train.py)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: --jobs runs at once on one GPU (subprocesses), evaluation on the GPU")
-    p.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: 1 on cpu, 4 on cuda)")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at once (default: 4 on cuda, else one per --threads CPU cores)")
     p.add_argument("--no-train", action="store_true",
                    help="evaluate only the runs already finished (same arguments and code); skip the others")
     p.add_argument("--eval-batch-size", type=int, default=64)
@@ -85,7 +85,7 @@ def parse_args(argv=None):
         p.error(f"{', '.join(clash)}: set by the benchmark itself (identically for every variant)")
     if min(args.tokens) < 1 or args.steps < 1 or args.grid_images < 2:
         p.error("--tokens and --steps must be positive and --grid-images at least 2")
-    args.jobs = args.jobs or (4 if args.device == "cuda" else 1)
+    args.jobs = args.jobs or harness.default_jobs(args.device, args.threads)
     return args, extra
 
 
