@@ -98,7 +98,8 @@ def train_argv(args, extra, name: str, flags: list, captions: str, epochs: int, 
 def bar_plot(path, rows: list) -> Path:
     """PSNR of every row as a horizontal bar, the default row in red."""
     font = ImageFont.load_default(size=13)
-    W, bar_h, left = 760, 24, 330
+    left = 16 + max(font.getlength(f"{r['table']}: {r['row']}") for r in rows)  # the longest label fits
+    W, bar_h = int(left) + 430, 24
     img = Image.new("RGB", (W, 40 + bar_h * len(rows)), "white")
     draw = ImageDraw.Draw(img)
     lo, hi = min(r["psnr"] for r in rows) - 0.5, max(r["psnr"] for r in rows) + 0.2
