@@ -138,6 +138,7 @@ def markdown_table(rows: list) -> str:
 
 def main(argv=None):
     args, extra = parse_args(argv)
+    torch.set_num_threads(args.threads)  # the evaluation's, and what the report's machine line names
     args.out = str(Path(args.out) / (Path(args.data).name if args.data else args.set))
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
