@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from common import atomic_write, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
 from harness import (default_jobs, evaluate, last_step, load_optional, machine, mean_over_seeds,  # noqa: E402
-                     set_classifier, train_runs)
+                     schedule_epochs, set_classifier, train_runs)
 import metrics  # noqa: E402
 
 # (table, row label, train.py flags, caption style); the default row (full caption, in-context, both, tiny) is
@@ -144,7 +144,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     command = "python bench/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
     train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images, set=args.set)
-    epochs = -(-args.steps // max(1, len(train_set) // args.batch_size))
+    epochs = schedule_epochs(args.steps, len(train_set), args.batch_size)
     lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
     classifier = set_classifier(args, device)

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import domain  # noqa: E402
 from common import atomic_write, load_json, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
-from harness import line_plot, machine, object_sample_report, tokenizer_argv, train_run  # noqa: E402
+from harness import (line_plot, machine, object_sample_report, schedule_epochs, tokenizer_argv,  # noqa: E402
+                     train_run)
 from metrics import read_npz_batch  # noqa: E402
 
 TASKS = {"class": "class-conditional", "t2i": "text-to-image"}
@@ -96,7 +97,7 @@ def main(argv=None):
     command = "python bench/generation.py " + " ".join(sys.argv[1:] if argv is None else argv)
     train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images, set=args.set)
     tok_args = argparse.Namespace(**{**vars(args), "steps": args.tokenizer_steps})  # text_conditioning's names
-    epochs = -(-args.tokenizer_steps // max(1, len(train_set) // args.batch_size))
+    epochs = schedule_epochs(args.tokenizer_steps, len(train_set), args.batch_size)
     rows = []
     for tokens in args.tokens:
         for variant in VARIANTS:

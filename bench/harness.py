@@ -119,6 +119,11 @@ def default_jobs(device: str, threads: int) -> int:
     return 4 if device == "cuda" else max(1, len(os.sched_getaffinity(0)) // threads)
 
 
+def schedule_epochs(steps: int, images: int, batch_size: int) -> int:
+    """The --epochs that make train.py's schedule end at (or just after) step `steps` over `images` training images."""
+    return -(-steps // max(1, images // batch_size))
+
+
 def tokenizer_argv(args, extra, variant: str, tokens: int, epochs: int, seed: int = 0) -> list:
     """train.py's command line for one tokenizer run of a benchmark (args: its set, data, val, out, preset, steps,
     batch_size, num_images, cache_dir); the variants differ only by --no-text (Baseline) or --shuffle-captions

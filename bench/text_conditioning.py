@@ -139,8 +139,7 @@ def main(argv=None):
 
     # The split exactly as train.py makes it (same call); each run is evaluated with its own config's conditions.
     train_set, val_set = make_datasets(args.data, args.val, num_images=args.num_images, set=args.set)
-    per_epoch = max(1, len(train_set) // args.batch_size)
-    epochs = -(-args.steps // per_epoch)  # the cosine schedule ends at (or just after) the last step
+    epochs = harness.schedule_epochs(args.steps, len(train_set), args.batch_size)
     print(f"{len(train_set)} training / {len(val_set)} held-out images; {args.steps} steps of {args.batch_size} "
           f"({epochs} epochs) per run on {harness.machine(device)}, {args.jobs} at a time")
     plan = [(n, seed, v) for n in args.tokens for seed in args.seeds for v in args.variants]
