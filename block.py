@@ -88,7 +88,7 @@ class ViT(nn.Module):
 
 
 class Conditioner(nn.Module):
-    """Turns a batch's condition (data.Cond) into tokens of the model's width: `T = Linear(text embeddings)` (§3.2)
+    """Turns a batch's condition (conditions.Cond) into tokens of the model's width: `T = Linear(text embeddings)` (§3.2)
     or a learnable class embedding (Tab. 4a), returned as (T, T_mask) with T_mask [B, N_t] (True = real token)."""
 
     def __init__(self, cfg):
@@ -98,7 +98,7 @@ class Conditioner(nn.Module):
                      else nn.Embedding(cfg.num_classes, cfg.width))
 
     def forward(self, cond):
-        """cond: a data.Cond with `text` [B, N_t, C] + `text_mask` [B, N_t] (text) or `label` [B] (class)."""
+        """cond: a conditions.Cond with `text` [B, N_t, C] + `text_mask` [B, N_t] (text) or `label` [B] (class)."""
         if self.kind == "text":
             if cond is None or cond.text is None:
                 raise ValueError("this TexTok is text-conditioned: pass text embeddings, Cond(text=[B, N_t, C], "

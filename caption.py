@@ -29,8 +29,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from common import InputError, MissingInput, atomic_write, run_main, setup_distributed
 from data import jsonl_line, load_image
+from distributed import setup_distributed
+from errors import InputError, MissingInput, run_main
+from files import atomic_write
+
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # App. D: the prompt fed to Gemini v1.5 Flash for ImageNet (the image follows it); 75 words by default (§4.1).

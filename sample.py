@@ -22,19 +22,23 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (InputError, atomic_write, autocast, load_json, pretrained_folder, read_lines, run_main,
-                    save_image_grid, setup_distributed, to_uint8)
+from conditions import Conditioned
 from config import DiTTrainConfig, from_dict
-from data import Conditions, class_caption_pool, make_datasets
+from data import class_caption_pool, make_datasets
 from diffusion import Diffusion, cfg_scale
+from distributed import autocast, setup_distributed
 from dit import DiT
+from errors import InputError, run_main
+from files import atomic_write, load_json, read_lines
+from hub import pretrained_folder
+from images import save_image_grid, to_uint8
 from textok import TexTok
 
 
 @torch.no_grad()
 def generate(dit: DiT, tokenizer: TexTok, diffusion: Diffusion, cond, noise, steps: int, w: float, schedule: str,
              power: float, precision: str = "auto", compiled=None):
-    """One batch of images [B, 3, H, W] in [-1, 1] from initial noise [B, N, d] and the batch's data.Cond.
+    """One batch of images [B, 3, H, W] in [-1, 1] from initial noise [B, N, d] and the batch's conditions.Cond.
 
     DiT samples normalised tokens with DDIM (guided by `w` on the MDT schedule; w = 1 runs no unconditional half),
     they are de-normalised to Z, and the detokenizer decodes Z once for the whole batch with the caption.
@@ -67,7 +71,7 @@ def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
         labels = [i % meta["num_classes"] for i in range(n)]
         if cfg.conditioning != "text":
             return labels, None
-        pool = class_caption_pool(data, meta["num_classes"], captions=split["captions"], set=split.get("set", "shapes"))
+        pool = class_caption_pool(data, meta["num_classes"], captions=split["captions"], family=split.get("set", "shapes"))
         for c in sorted(set(labels)):
             if not pool.get(c):
                 where = f"{data}/class_captions.jsonl" if data else "the embedded caption pool"
@@ -79,7 +83,7 @@ def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
             raise InputError(f"{args.prompts}: no prompts (one caption per line)")
     else:  # the validation split of the DiT's training data: held out from both stages
         captions = make_datasets(data, split["val"], cfg.image_size, split["num_images"], captions=split["captions"],
-                                 set=split.get("set", "shapes"))[1].captions
+                                 family=split.get("set", "shapes"))[1].captions
     return [0] * n, [captions[i % len(captions)] for i in range(n)]
 
 
@@ -146,7 +150,7 @@ def sample(args, rank, world, device):
     n = args.num_samples
     labels, captions = conditions(dit, tokenizer, args, n)
     text = cfg.text_encoder if captions is not None else None
-    make = lambda: Conditions(captions, labels, text, cfg.text_len, args.cache_dir, device)
+    make = lambda: Conditioned(None, captions, labels, text, cfg.text_len, args.cache_dir, device)
     conds = make() if rank == 0 else None
     if world > 1:
         dist.barrier()  # rank 0 filled the embedding cache once; the others read it

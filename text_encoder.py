@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import InputError, NpyRows, autocast, build_once, rank_share
 from config import OFFLINE_TEXT_ENCODER
+from distributed import autocast, rank_share
+from errors import InputError
+from rowstore import NpyRows, build_once
 
 
 def resolve(name: str) -> str:
@@ -89,12 +91,12 @@ def check_captions(captions) -> None:
 def cached_text_embeddings(name: str, max_length: int, captions: list[str], cache_dir, batch_size: int = 256,
                            device="cpu", progress: bool = False, rank: int = 0, world: int = 1):
     """Embeddings of `captions` on disk, read a row at a time: (emb float16 [M, L, C], mask bool [M, L]) as
-    `common.NpyRows`, computed once.
+    `rowstore.NpyRows`, computed once.
 
     The key is the encoder name, the length and the caption list itself, so another encoder or another caption set
     never reads a stale store. With `world` ranks (all must call it), each encodes a contiguous share of the batches
     and writes it chunk by chunk: memory does not grow with M, and the store is the same whatever the number of ranks.
-    The store is written in a temporary folder, renamed when every rank is done (`common.build_once`)."""
+    The store is written in a temporary folder, renamed when every rank is done (`rowstore.build_once`)."""
     h = hashlib.sha1(f"{name}\n{max_length}".encode())
     for c in captions:  # the sha1 of "\n".join([name, length, *captions]), without building that string
         h.update(b"\n" + c.encode())

@@ -2,9 +2,9 @@
 `encode(images, text) -> Z`, `decode(Z, text) -> images`, `save_pretrained(dir)` / `from_pretrained(dir or hub repo
 id)` / `push_to_hub(repo_id)` (huggingface_hub's ModelHubMixin; the folder holds config.json + model.safetensors).
 
-Images are float tensors in [-1, 1], NCHW. `cond` is the batch's condition, a `data.Cond`: the frozen encoder's
+Images are float tensors in [-1, 1], NCHW. `cond` is the batch's condition, a `conditions.Cond`: the frozen encoder's
 caption embeddings `text` [B, N_t, C] with their padding mask `text_mask` [B, N_t] (True = real token), computed
-once per caption and cached (data.Conditions), or the class `label` [B] (Tab. 4a). The Baseline needs none.
+once per caption and cached (conditions.Conditioned), or the class `label` [B] (Tab. 4a). The Baseline needs none.
 """
 from pathlib import Path
 
@@ -12,9 +12,11 @@ import torch
 import torch.nn as nn
 from huggingface_hub import ModelHubMixin
 
-from common import InputError, load_json, load_state, load_tensors, pretrained_folder, save_json, save_tensors
 from config import TexTokConfig, from_dict, to_dict
 from detokenizer import Detokenizer
+from errors import InputError
+from files import load_json, load_state, load_tensors, save_json, save_tensors
+from hub import pretrained_folder
 from tokenizer import Tokenizer, VectorQuantizer
 
 

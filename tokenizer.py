@@ -52,7 +52,7 @@ class Tokenizer(nn.Module):
             raise ValueError(f"expected {size}x{size} images for this config, got {tuple(images.shape[2:])}")
 
     def forward(self, images, cond=None) -> torch.Tensor:
-        """images: [B, 3, H, W]; cond: the batch's data.Cond (caption embeddings or labels). Returns Z [B, N, d]."""
+        """images: [B, 3, H, W]; cond: the batch's conditions.Cond (caption embeddings or labels). Returns Z [B, N, d]."""
         self.check_images(images)
         P = self.patch_embed(patchify(images, self.cfg.patch_size)) + self.pos_embed
         L = self.L.expand(P.shape[0], -1, -1)

@@ -25,19 +25,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from common import (InputError, Run, all_reduce_grads, autocast, build_once, global_mean, rank_share, run_main,
-                    save_image_grid, setup_distributed, to_uint8)
+from conditions import Cond, Conditioned, collate
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
                     get_preset, given_flags, to_dict)
-from data import (CAPTION_STYLES, OBJECT_SETS, SHAPES, Conditions, LatentSet, check_labels, collate, conditioned,
-                  make_datasets, step_loader)
+from data import check_labels, make_datasets, step_loader
 from diffusion import Diffusion
-from dit import build_dit
 from discriminator import LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty
+from distributed import all_reduce_grads, autocast, global_mean, rank_share, setup_distributed
+from dit import build_dit
+from embedded_sets import CAPTION_STYLES, OBJECT_SETS, SHAPES
+from errors import InputError, run_main
+from images import save_image_grid, to_uint8
 from metrics import load_lpips, psnr
+from rowstore import build_once
+from run import Run
 from textok import TexTok
 
 
@@ -133,6 +138,60 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - decay)
 
 
+# ----------------------------------------------------------------------------- what both stages' steps share
+def schedule(num_items: int, batch_size: int, epochs: int, max_steps, grad_accum: int, world: int):
+    """(total, stop, micro): the schedule's length in steps, where --max-steps stops it, and the per-rank micro-batch
+    of one accumulation step; a batch that does not split over ranks x accumulation steps is refused."""
+    total = max(1, num_items // batch_size) * epochs
+    micro = batch_size // (world * grad_accum)
+    if micro * world * grad_accum != batch_size:
+        raise InputError(f"--batch-size {batch_size} is not divisible by {world} ranks x {grad_accum} accumulation "
+                         "steps")
+    return total, (min(total, max_steps) if max_steps else total), micro
+
+
+def make_model_and_ema(build, device):
+    """(model, its EMA copy): two `build()`s, the EMA frozen in eval mode with the model's initial weights."""
+    model = build().to(device)
+    ema = build().to(device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    return model, ema
+
+
+def wrap(model, device, world: int, compile_):
+    """DDP across ranks (when there are several), then torch.compile (`compile_` None: on CUDA only)."""
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    return torch.compile(net) if (device.type == "cuda" if compile_ is None else compile_) else net
+
+
+def split_batch(batch: dict, micro: int, grad_accum: int, world: int) -> list:
+    """[(micro-batch, sync)] for the `grad_accum` accumulation steps of `batch`: sync is True where DDP should
+    all-reduce (the last micro-batch, or always with one rank)."""
+    part = lambda v, s: v.part(s) if isinstance(v, Cond) else v[s]
+    return [({k: part(v, slice(i * micro, (i + 1) * micro)) for k, v in batch.items()},
+             world == 1 or i == grad_accum - 1) for i in range(grad_accum)]
+
+
+def accumulate(micro_batches: list, loss_fn, net=None):
+    """Backward of loss / K for each of the K `micro_batches` [(batch, sync)], DDP's all-reduce only where sync
+    (`net.no_sync()` elsewhere; `net` None: not DDP-wrapped). `loss_fn(micro-batch) -> (loss, {term: tensor},
+    output)`. Returns (each term's mean over the micro-batches, as a float; [outputs])."""
+    K, terms, outputs = len(micro_batches), {}, []
+    for mb, sync in micro_batches:
+        with nullcontext() if sync or net is None else net.no_sync():
+            loss, parts, output = loss_fn(mb)
+            (loss / K).backward()
+        outputs.append(output)
+        for k, v in parts.items():
+            terms[k] = terms.get(k, 0.0) + v.item() / K
+    return terms, outputs
+
+
+def step_seed(seed: int, step: int, rank: int, world: int) -> int:
+    """The seed of every random draw of `step` on `rank`: resume at any step draws what the uninterrupted run drew."""
+    return seed * 1_000_003 + step * world + rank
+
+
 # ------------------------------------------------------------------------------------ stage-1 step (App. C losses)
 # One tokenizer step = generator_step (ℓ2 + perceptual + GAN (+ VQ) loss, backward, Adam) then, from disc_start on,
 # discriminator_step (non-saturating loss + R1 + LeCAM, backward, Adam). train.py and the benches call these two.
@@ -140,12 +199,11 @@ def generator_step(net, model, opt, disc, lpips_fn, tc: TokenizerTrainConfig, mi
                    gan_on: bool, check=None):
     """Updates the tokenizer and detokenizer once on App. C's generator loss, accumulated over `micro_batches`
     [(batch, sync)]; returns (loss terms, the detached reconstructions for the discriminator step)."""
-    device, K = micro_batches[0][0]["image"].device, len(micro_batches)
-    terms, fakes = {}, []
     if disc is not None:
         disc.requires_grad_(False)  # the GAN loss reaches the tokenizer through a frozen disc
-    for mb, sync in micro_batches:
-        with nullcontext() if sync else net.no_sync(), autocast(device, precision):
+
+    def loss_fn(mb):
+        with autocast(mb["image"].device, precision):
             recon, _, vq_loss = net(mb["image"], mb["cond"])
             recon = recon.float()
             parts = {"l2": F.mse_loss(recon, mb["image"]), "vq": vq_loss.float()}   # ℓ2 reconstruction (+ VQ, App. A)
@@ -155,10 +213,8 @@ def generator_step(net, model, opt, disc, lpips_fn, tc: TokenizerTrainConfig, mi
                 parts["gan"] = generator_loss(disc(recon))                         # non-saturating GAN loss
             loss = (tc.recon_weight * parts["l2"] + parts["vq"] + tc.perceptual_weight * parts.get("perceptual", 0)
                     + tc.gan_weight * parts.get("gan", 0))
-            (loss / K).backward()
-        fakes.append(recon.detach())
-        for k, v in parts.items():
-            terms[k] = terms.get(k, 0.0) + v.item() / K
+        return loss, parts, recon.detach()
+    terms, fakes = accumulate(micro_batches, loss_fn, net)
     if check is not None:
         check(terms)  # a non-finite loss stops here, before it reaches the weights
     terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
@@ -172,119 +228,32 @@ def discriminator_step(disc, d_opt, lecam, tc: TokenizerTrainConfig, micro_batch
     """Updates the discriminator once on App. C's discriminator loss: non-saturating loss + r1_cost x R1 (every
     r1_every-th disc step `d_step`) + lecam_weight x LeCAM, over `micro_batches` and the generator's `fakes`; then
     moves LeCAM's EMAs. Returns the loss terms."""
-    device, K = fakes[0].device, len(micro_batches)
-    terms, mean_real, mean_fake = {}, 0.0, 0.0
     disc.requires_grad_(True)
-    for (mb, _), fake in zip(micro_batches, fakes):
-        with autocast(device, precision):
+
+    def loss_fn(mb):
+        with autocast(mb["image"].device, precision):
             logits_real, r1 = r1_penalty(disc, mb["image"], every=tc.r1_every, step=d_step)  # R1 on real images
-            logits_fake = disc(fake)
+            logits_fake = disc(mb["fake"])
         # LeCAM against the EMAs *before* this step's update, as MAGVIT / MaskGIT-style trainers (TiTok's
         # losses.py) do: the EMAs can then move once per step by the mean over all micro-batches and ranks. (The
         # LeCAM authors' code, google/lecam-gan, updates first: a difference of (1 - lecam_decay) of one step's mean.)
         parts = {"d_loss": discriminator_loss(logits_real, logits_fake), "r1": r1,
                  "lecam": lecam.penalty(logits_real, logits_fake)}
         d_loss = parts["d_loss"] + tc.r1_cost * r1 + tc.lecam_weight * parts["lecam"]
-        (d_loss / K).backward()
-        mean_real = mean_real + logits_real.detach().float().mean() / K
-        mean_fake = mean_fake + logits_fake.detach().float().mean() / K
-        for k, v in parts.items():
-            terms[k] = terms.get(k, 0.0) + v.item() / K
+        return d_loss, parts, (logits_real.detach().float().mean(), logits_fake.detach().float().mean())
+    paired = [({**mb, "fake": fake}, sync) for (mb, sync), fake in zip(micro_batches, fakes)]
+    terms, means = accumulate(paired, loss_fn)  # disc is not DDP-wrapped (R1's double backward)
     if check is not None:
         check(terms)
+    K = len(micro_batches)
+    mean_real, mean_fake = sum(m[0] / K for m in means), sum(m[1] / K for m in means)
     lecam.update(global_mean(mean_real, world), global_mean(mean_fake, world))  # LeCAM's EMAs: once per step
-    all_reduce_grads(disc, world)  # disc is not DDP-wrapped (R1's double backward)
+    all_reduce_grads(disc, world)
     for group in d_opt.param_groups:  # disc follows the tokenizer's warm-up + cosine schedule
         group["lr"] = lr
     d_opt.step()
     d_opt.zero_grad(set_to_none=True)
     return terms
-
-
-def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, world: int = 1, classes=None):
-    """(train, val) data sets with the conditions `cfg` reads (caption embeddings, labels), after checking that every
-    image of a --data folder decodes. All ranks call it: they share the scan and the embedding store's encoding.
-    `classes` (count, who reads the labels): every image needs a label below the count, checked first (stage 1
-    validates with labels too)."""
-    train, val = make_datasets(args.data, args.val, cfg.image_size, args.num_images, captions=args.captions,
-                               set=args.set, shuffle_captions=args.shuffle_captions)
-    for ds in ((train, val) if args.stage == "tokenizer" else (train,)) if classes else ():
-        check_labels(ds, *classes)
-    for ds in (train, val) if args.data else ():
-        ds.scan(rank=rank, world=world)
-    return tuple(conditioned(ds, cfg, args.cache_dir, device, args.text_cache, args.precision, rank, world)
-                 for ds in (train, val))
-
-
-def loader_for(args, dataset, rank, world, seed):
-    """A factory of this rank's loader over steps start..stop (`data.StepBatches`), for `Run.steps`."""
-    return lambda start, stop, batch: step_loader(dataset, batch, rank, world, seed, start, stop, args.workers)
-
-
-# --------------------------------------------------------------------------------------------------- stage 1
-def train_tokenizer(args, rank, world, device):
-    cfg, tc, note = run_configs(args)
-    classes = (cfg.num_classes, "--conditioning class") if cfg.conditioning == "class" else None
-    train_set, val_set = datasets_for(args, cfg, device, rank, world, classes)
-    run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
-                  "captions": args.captions if args.data is None else "captions.jsonl",
-                  "set": args.set, "shuffle_captions": args.shuffle_captions,
-                  "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),
-                  "perceptual_loss": "on (LPIPS-VGG)" if tc.perceptual_weight > 0 else "OFF (perceptual_weight 0)"}
-    run = Run(args, rank, world, device, run_config, len(train_set), tc.batch_size, tc.epochs,
-              lambda saved, path: check_config(saved, run_config, path))
-
-    torch.manual_seed(tc.seed)  # after data set-up, so the initial weights never depend on a cache hit
-    model = TexTok(cfg).to(device)
-    ema = TexTok(cfg).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    disc = StyleGANDiscriminator(cfg.image_size, tc.disc_channels, tc.disc_multipliers).to(device)
-    lecam = LeCAM(tc.lecam_decay).to(device)
-    # Fused Adam on CUDA and CPU alike: one kernel per step, not a Python loop over tensors (4x faster on CPU here).
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
-    d_opt = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, run.total))
-    objects = {"model": model, "ema": ema, "disc": disc, "lecam": lecam, "opt": opt, "d_opt": d_opt, "sched": sched}
-    lpips_fn = load_lpips("vgg", device, hint=", or switch the perceptual loss off with --perceptual-weight 0 "
-                          "(recorded in the run config)") if tc.perceptual_weight > 0 else None  # App. C: LPIPS-VGG
-    net = run.wrap(model)
-    if rank == 0:
-        print(f"TexTok {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, discriminator "
-              f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M; {note}; perceptual loss "
-              f"{run_config['perceptual_loss']}; {run.total} steps on {device} x {world}")
-    val_batch = collate([val_set[i] for i in range(min(len(val_set), 64))])
-    val_batch["cond"] = val_set.conds.with_text(val_batch["cond"], val_batch["index"])  # --text-cache off
-    val_batch = {k: v.to(device) for k, v in val_batch.items()}
-    for step, batch in run.steps(loader_for(args, train_set, rank, world, tc.seed), objects, tc.seed):
-        # The discriminator joins at disc_start (App. C: 80k steps); before it the loss is ℓ2 + perceptual (+ VQ).
-        gan_on = step >= tc.disc_start
-        lr = sched.get_last_lr()[0]  # this step's rate (linear warm-up, then cosine), disc's too
-        micro_batches = list(run.micro_batches(batch))  # --grad-accum micro-batches; DDP syncs on the last
-        check = partial(run.check_finite, step)  # a non-finite loss stops before it reaches the weights
-        # 1. Tokenizer + detokenizer: recon_weight x ℓ2 + perceptual_weight x LPIPS + gan_weight x non-saturating
-        #    GAN loss through the frozen disc (+ VQ), backward, grad clip, Adam.
-        terms, fakes = generator_step(net, model, opt, disc, lpips_fn, tc, micro_batches, args.precision, gan_on,
-                                      check)
-        sched.step()
-        # 2. EMA of the weights (App. C: decay 0.999): the model evaluated below and saved at the end.
-        ema_update(ema, model, tc.ema_decay)
-        # 3. Discriminator, from disc_start on: non-saturating loss + R1 (cost 10, on every r1_every-th disc step,
-        #    counted from disc_start) + LeCAM (weight 1e-4) on the reconstructions of step 1; then LeCAM's EMAs.
-        if gan_on:
-            terms |= discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, args.precision,
-                                        step - tc.disc_start, lr, world, check)
-        # 4. Log, and every --eval-every steps the EMA model's validation PSNR (uint8) and a reconstruction grid.
-        done = step + 1
-        run.log(done, {**terms, "lr": lr}, tc.batch_size)
-        if done % args.eval_every == 0 or done == run.stop:
-            val_psnr = evaluate_tokenizer(ema, val_batch, run.out / f"recon-{done:07d}.png", rank, device,
-                                          args.precision)
-            run.write_log({"step": done, "val_psnr_uint8": val_psnr})
-            run.bar.write(f"step {done}: validation PSNR {val_psnr:.2f} dB (EMA, uint8)") if rank == 0 else None
-    if rank == 0:
-        ema.save_pretrained(run.out / "tokenizer")
-        print(f"done: EMA tokenizer in {run.out / 'tokenizer'}, log {run.out / 'log.jsonl'}")
-    return run.out
 
 
 @torch.no_grad()
@@ -300,12 +269,103 @@ def evaluate_tokenizer(model, batch, grid_path, rank, device, precision) -> floa
     return round(value, 4)
 
 
+def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, world: int = 1, classes=None):
+    """(train, val) `Conditioned` data sets with the conditions `cfg` reads (caption embeddings, labels), after
+    checking that every image of a --data folder decodes. All ranks call it: they share the scan and the embedding
+    store's encoding. `classes` (count, who reads the labels): every training image (and in stage 1 every validation
+    image) needs a label below the count, checked first."""
+    train, val = make_datasets(args.data, args.val, cfg.image_size, args.num_images, captions=args.captions,
+                               family=args.set, shuffle_captions=args.shuffle_captions)
+    if classes:
+        check_labels(train, *classes)
+        if args.stage == "tokenizer":
+            check_labels(val, *classes)
+    if args.data:
+        train.scan(rank=rank, world=world)
+        val.scan(rank=rank, world=world)
+    return tuple(Conditioned.for_model(ds, cfg, args.cache_dir, device, args.text_cache, args.precision, rank, world)
+                 for ds in (train, val))
+
+
+def make_run(args, run_config: dict, stop: int, rank: int, world: int, device) -> Run:
+    """This stage's run folder (--out, default runs/<stage>), refusing one held by another run."""
+    return Run(args.out or f"runs/{args.stage}", args.stage, "tokenizer" if args.stage == "tokenizer" else "dit",
+               run_config, lambda saved, path: check_config(saved, run_config, path), stop, resume=args.resume,
+               overwrite=args.overwrite, log_every=args.log_every, ckpt_every=args.ckpt_every, rank=rank, world=world,
+               device=device)
+
+
+# --------------------------------------------------------------------------------------------------- stage 1
+def train_tokenizer(args, rank, world, device):
+    cfg, tc, note = run_configs(args)
+    classes = (cfg.num_classes, "--conditioning class") if cfg.conditioning == "class" else None
+    train_set, val_set = datasets_for(args, cfg, device, rank, world, classes)
+    run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
+                  "captions": args.captions if args.data is None else "captions.jsonl",
+                  "set": args.set, "shuffle_captions": args.shuffle_captions,
+                  "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),
+                  "perceptual_loss": "on (LPIPS-VGG)" if tc.perceptual_weight > 0 else "OFF (perceptual_weight 0)"}
+    total, stop, micro = schedule(len(train_set), tc.batch_size, tc.epochs, args.max_steps, args.grad_accum, world)
+    with make_run(args, run_config, stop, rank, world, device) as run:
+        torch.manual_seed(tc.seed)  # after data set-up, so the initial weights never depend on a cache hit
+        model, ema = make_model_and_ema(lambda: TexTok(cfg), device)
+        disc = StyleGANDiscriminator(cfg.image_size, tc.disc_channels, tc.disc_multipliers).to(device)
+        lecam = LeCAM(tc.lecam_decay).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)  # one kernel
+        d_opt = torch.optim.Adam(disc.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.warmup_steps, total))
+        objects = {"model": model, "ema": ema, "disc": disc, "lecam": lecam, "opt": opt, "d_opt": d_opt,
+                   "sched": sched}
+        lpips_fn = load_lpips("vgg", device, hint=", or switch the perceptual loss off with --perceptual-weight 0 "
+                              "(recorded in the run config)") if tc.perceptual_weight > 0 else None  # App. C: LPIPS-VGG
+        net = wrap(model, device, world, args.compile)
+        if rank == 0:
+            print(f"TexTok {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, discriminator "
+                  f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M; {note}; perceptual loss "
+                  f"{run_config['perceptual_loss']}; {total} steps on {device} x {world}")
+        val_batch = to_device(val_set.complete(collate([val_set[i] for i in range(min(len(val_set), 64))])), device)
+        start = run.begin(objects)  # --resume: the objects restored from OUT/latest
+        loader = step_loader(train_set, micro * args.grad_accum, rank, world, tc.seed, start, stop, args.workers)
+        for step, batch in enumerate(run.batches(loader), start):
+            torch.manual_seed(step_seed(tc.seed, step, rank, world))
+            micro_batches = split_batch(to_device(batch, device), micro, args.grad_accum, world)  # DDP: last syncs
+            gan_on = step >= tc.disc_start  # App. C: the discriminator joins at 80k steps; before, ℓ2 + perceptual
+            lr = sched.get_last_lr()[0]  # this step's rate (linear warm-up, then cosine), disc's too
+            check = partial(run.check_finite, step)  # a non-finite loss stops before it reaches the weights
+            # 1. Tokenizer + detokenizer: recon_weight x ℓ2 + perceptual_weight x LPIPS + gan_weight x non-saturating
+            #    GAN loss through the frozen disc (+ VQ), backward, grad clip, Adam.
+            terms, fakes = generator_step(net, model, opt, disc, lpips_fn, tc, micro_batches, args.precision, gan_on,
+                                          check)
+            sched.step()
+            # 2. EMA of the weights (App. C: decay 0.999): the model evaluated below and saved at the end.
+            ema_update(ema, model, tc.ema_decay)
+            # 3. Discriminator, from disc_start on: non-saturating loss + R1 (cost 10, on every r1_every-th disc step,
+            #    counted from disc_start) + LeCAM (weight 1e-4) on the reconstructions of step 1; then LeCAM's EMAs.
+            if gan_on:
+                terms |= discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, args.precision,
+                                            step - tc.disc_start, lr, world, check)
+            # 4. Log; every --eval-every steps the EMA model's validation PSNR (uint8) and a reconstruction grid.
+            done = step + 1
+            run.log(done, {**terms, "lr": lr}, tc.batch_size)
+            if done % args.eval_every == 0 or done == stop:
+                val_psnr = evaluate_tokenizer(ema, val_batch, run.out / f"recon-{done:07d}.png", rank, device,
+                                              args.precision)
+                run.write_log({"step": done, "val_psnr_uint8": val_psnr})
+                run.bar.write(f"step {done}: validation PSNR {val_psnr:.2f} dB (EMA, uint8)") if rank == 0 else None
+            # 5. Checkpoint every --ckpt-every steps and at the last (rank 0).
+            run.checkpoint(done, objects)
+    if rank == 0:
+        ema.save_pretrained(run.out / "tokenizer")
+        print(f"done: EMA tokenizer in {run.out / 'tokenizer'}, log {run.out / 'log.jsonl'}")
+    return run.out
+
+
 # --------------------------------------------------------------------------------------------------- stage 2
 @torch.no_grad()
 def encode_latents(tokenizer: TexTok, dataset, device, precision, cache: Path, batch_size: int = 64, rank: int = 0,
                    world: int = 1, workers: int = 0) -> torch.Tensor:
-    """Encodes the whole data set (a `WithCond`) once with the frozen (EMA) tokenizer: Z [M, N, d] float32, cached in
-    the folder `cache` (Z.npy). Every rank (all must call it) encodes a contiguous share of the batches through a
+    """Encodes the whole data set (a `Conditioned`) once with the frozen (EMA) tokenizer: Z [M, N, d] float32, cached
+    in the folder `cache` (Z.npy). Every rank (all must call it) encodes a contiguous share of the batches through a
     DataLoader with `workers` and writes it into the one file; the batches are one rank's, so Z does not depend on
     the number of ranks."""
     M, cfg = len(dataset), tokenizer.cfg
@@ -317,9 +377,9 @@ def encode_latents(tokenizer: TexTok, dataset, device, precision, cache: Path, b
                             pin_memory=device.type == "cuda")
         at = share.start
         for batch in tqdm(loader, desc=f"encoding latents ({world} rank(s))", disable=rank != 0):
-            cond = dataset.conds.with_text(batch["cond"], batch["index"]).to(device)  # --text-cache off: encoded here
+            batch = dataset.complete(batch)  # --text-cache off: the captions encoded here
             with autocast(device, precision):
-                Z = tokenizer.encode(batch["image"].to(device), cond).float().cpu()
+                Z = tokenizer.encode(batch["image"].to(device), batch["cond"].to(device)).float().cpu()
             files["Z"].write(at, Z.numpy())
             at += len(Z)
     folder = build_once(cache, {"Z": ((M, cfg.num_tokens, cfg.token_dim), np.float32)}, fill, rank, world,
@@ -327,78 +387,98 @@ def encode_latents(tokenizer: TexTok, dataset, device, precision, cache: Path, b
     return torch.from_numpy(np.load(folder / "Z.npy"))
 
 
-def train_dit(args, rank, world, device):
-    tok_path = Path(args.tokenizer or "runs/tokenizer/tokenizer")
-    if not tok_path.is_dir():
-        raise InputError(f"{tok_path}: no TexTok folder; run `python train.py --stage tokenizer` first or pass "
+def load_frozen_tokenizer(args, device):
+    """The frozen (EMA) TexTok of --tokenizer and its folder; a class-conditioned one cannot serve DiT-T2I."""
+    path = Path(args.tokenizer or "runs/tokenizer/tokenizer")
+    if not path.is_dir():
+        raise InputError(f"{path}: no TexTok folder; run `python train.py --stage tokenizer` first or pass "
                          "--tokenizer DIR")
-    tokenizer = TexTok.from_pretrained(tok_path).to(device).eval().requires_grad_(False)
+    tokenizer = TexTok.from_pretrained(path).to(device).eval().requires_grad_(False)
+    if args.task == "t2i" and tokenizer.cfg.conditioning == "class":  # Table 3 pairs DiT-T2I with TexTok or Baseline
+        raise InputError(f"{path}: a class-conditioned TexTok cannot decode text-to-image samples (it needs "
+                         "labels); use a text-conditioned TexTok or the Baseline (conditioning none)")
+    return tokenizer, path
+
+
+def stage2_latents(args, tokenizer, tok_path, train_set, device, rank, world):
+    """Stage 2's training set: the tokens Z of every training image (cached, keyed by the tokenizer's weights and
+    the data's identity: never stale, never shared by two data sets), normalised per channel, with each image's
+    condition (DiT-T2I: the same caption embeddings the tokenizer read); and Z's (mean, std)."""
+    with open(tok_path / "model.safetensors", "rb") as f:
+        weights = hashlib.file_digest(f, "sha1").hexdigest()[:16]
+    cache = Path(args.cache_dir) / "latents" / f"{weights}-{train_set.items.identity()}"
+    Z = encode_latents(tokenizer, train_set, device, args.precision, cache, rank=rank, world=world,
+                       workers=args.workers)
+    mean, std = Z.mean(dim=(0, 1)), Z.std(dim=(0, 1)).clamp_min(1e-6)  # per-channel latent normalisation
+    Z.sub_(mean).div_(std)  # in place: one copy of Z in memory
+    cfg = tokenizer.cfg
+    text = cfg.text_encoder if args.task == "t2i" else None
+    latents = Conditioned(Z, train_set.captions, train_set.labels, text, cfg.text_len, args.cache_dir, device,
+                          args.text_cache, args.precision, rank, world)
+    return latents, mean, std
+
+
+def train_dit(args, rank, world, device):
+    tokenizer, tok_path = load_frozen_tokenizer(args, device)
     cfg = tokenizer.cfg
     _, dc, note = run_configs(args)
-    if args.task == "t2i" and cfg.conditioning == "class":  # Table 3 pairs DiT-T2I with TexTok or the Baseline
-        raise InputError(f"{tok_path}: a class-conditioned TexTok cannot decode text-to-image samples (it needs "
-                         "labels); use a text-conditioned TexTok or the Baseline (conditioning none)")
     num_classes = cfg.num_classes if args.num_classes is None else args.num_classes  # never max(label) + 1
     if cfg.conditioning == "class" and num_classes > cfg.num_classes:
         raise InputError(f"--num-classes {num_classes}: the class-conditioned TexTok {tok_path} embeds only "
                          f"{cfg.num_classes} classes")
     classes = (num_classes, "a class-conditional DiT") if args.task == "class" else None
     train_set, _ = datasets_for(args, cfg, device, rank, world, classes)
-    labels = train_set.labels
     split = {"data": args.data, "val": args.val, "num_images": args.num_images, "captions": args.captions,
              "set": args.set, "shuffle_captions": args.shuffle_captions}
     run_config = {"stage": "dit", "preset": args.preset, "note": note, "task": args.task, "split": split,
                   "tokenizer": str(tok_path.resolve()), "num_classes": num_classes, "tokenizer_config": to_dict(cfg),
                   "train": to_dict(dc)}
-    run = Run(args, rank, world, device, run_config, len(train_set), dc.batch_size, dc.epochs,
-              lambda saved, path: check_config(saved, run_config, path))
+    total, stop, micro = schedule(len(train_set), dc.batch_size, dc.epochs, args.max_steps, args.grad_accum, world)
+    with make_run(args, run_config, stop, rank, world, device) as run:
+        latents, mean, std = stage2_latents(args, tokenizer, tok_path, train_set, device, rank, world)
+        torch.manual_seed(dc.seed)
+        model, ema = make_model_and_ema(lambda: build_dit(dc.model, dc.class_dropout, cfg, args.task, num_classes,
+                                                          mean, std), device)
+        diffusion = Diffusion(dc.diffusion_steps, dc.beta_start, dc.beta_end)
+        opt = torch.optim.AdamW(model.parameters(), lr=dc.lr, betas=(dc.beta1, dc.beta2),
+                                weight_decay=dc.weight_decay, fused=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(dc.warmup_steps, total))
+        objects = {"model": model, "ema": ema, "opt": opt, "sched": sched}
+        net = wrap(model, device, world, args.compile)
+        if rank == 0:
+            print(f"{dc.model} ({args.task}) {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params over "
+                  f"{cfg.num_tokens}x{cfg.token_dim} tokens; {total} steps on {device} x {world}")
 
-    # Keyed by the tokenizer's weights and the data's identity: never stale, never shared by two data sets.
-    with open(tok_path / "model.safetensors", "rb") as f:
-        weights = hashlib.file_digest(f, "sha1").hexdigest()[:16]
-    cache = Path(args.cache_dir) / "latents" / f"{weights}-{train_set.dataset.identity()}"
-    Z = encode_latents(tokenizer, train_set, device, args.precision, cache, rank=rank, world=world,
-                       workers=args.workers)
-    mean, std = Z.mean(dim=(0, 1)), Z.std(dim=(0, 1)).clamp_min(1e-6)  # per-channel latent normalisation
-    Z.sub_(mean).div_(std)  # in place: one copy of Z in memory
-    text = cfg.text_encoder if args.task == "t2i" else None  # the same embeddings the tokenizer read
-    latents = LatentSet(Z, Conditions(train_set.captions, labels, text, cfg.text_len, args.cache_dir, device,
-                                      args.text_cache, args.precision, rank, world))
-
-    torch.manual_seed(dc.seed)
-    model = build_dit(dc.model, dc.class_dropout, cfg, args.task, num_classes).to(device)
-    model.latent_mean.copy_(mean)
-    model.latent_std.copy_(std)
-    ema = build_dit(dc.model, dc.class_dropout, cfg, args.task, num_classes).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    diffusion = Diffusion(dc.diffusion_steps, dc.beta_start, dc.beta_end)
-    opt = torch.optim.AdamW(model.parameters(), lr=dc.lr, betas=(dc.beta1, dc.beta2), weight_decay=dc.weight_decay,
-                            fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(dc.warmup_steps, run.total))
-    objects = {"model": model, "ema": ema, "opt": opt, "sched": sched}
-    net = run.wrap(model)
-    if rank == 0:
-        print(f"{dc.model} ({args.task}) {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params over "
-              f"{cfg.num_tokens}x{cfg.token_dim} tokens; {run.total} steps on {device} x {world}")
-    for step, batch in run.steps(loader_for(args, latents, rank, world, dc.seed), objects, dc.seed):
-        loss_sum = 0.0
-        for mb, sync in run.micro_batches(batch):
-            with nullcontext() if sync else net.no_sync(), autocast(device, args.precision):
-                loss = diffusion.training_loss(net, mb["Z"], {"cond": mb["cond"]}).float()  # v-prediction MSE
-                (loss / args.grad_accum).backward()
-            loss_sum += loss.item() / args.grad_accum
-        run.check_finite(step, {"loss": loss_sum})
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), dc.grad_clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        ema_update(ema, model, dc.ema_decay)
-        run.log(step + 1, {"loss": loss_sum, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}, dc.batch_size,
-                "latents_per_s")
+        def v_loss(mb):
+            with autocast(device, args.precision):
+                loss = diffusion.training_loss(net, mb["Z"], {"cond": mb["cond"]}).float()
+            return loss, {"loss": loss}, None
+        start = run.begin(objects)  # --resume: the objects restored from OUT/latest
+        loader = step_loader(latents, micro * args.grad_accum, rank, world, dc.seed, start, stop, args.workers)
+        for step, batch in enumerate(run.batches(loader), start):
+            torch.manual_seed(step_seed(dc.seed, step, rank, world))
+            micro_batches = split_batch(to_device(batch, device), micro, args.grad_accum, world)  # DDP: last syncs
+            # 1. v-prediction MSE (App. C) at random timesteps, backward over the micro-batches, grad clip, AdamW.
+            terms, _ = accumulate(micro_batches, v_loss, net)
+            run.check_finite(step, terms)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), dc.grad_clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            # 2. EMA of the weights (App. C: decay 0.9999), the model sample.py uses.
+            ema_update(ema, model, dc.ema_decay)
+            # 3. Log, and checkpoint every --ckpt-every steps and at the last (rank 0).
+            run.log(step + 1, {**terms, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}, dc.batch_size,
+                    "latents_per_s")
+            run.checkpoint(step + 1, objects)
     if rank == 0:
         ema.save_pretrained(run.out / "dit", {k: v for k, v in run_config.items() if k != "stage"})
         print(f"done: EMA DiT in {run.out / 'dit'}; sample with `python sample.py --dit {run.out / 'dit'}`")
     return run.out
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def main(argv=None):
@@ -409,11 +489,9 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     try:
         return (train_tokenizer if args.stage == "tokenizer" else train_dit)(args, rank, world, device)
-    except KeyboardInterrupt:  # Ctrl-C: one line saying what to resume from, not a traceback
-        run = getattr(args, "run", None)
+    except KeyboardInterrupt:  # Ctrl-C before the run folder was opened (after: `Run` says where it stopped)
         if rank == 0:
-            print(run.interrupted() if run else "interrupted before training started (nothing written)",
-                  file=sys.stderr)
+            print("interrupted before training started (nothing written)", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         if world > 1:

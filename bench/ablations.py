@@ -31,12 +31,16 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
-from common import atomic_write, run_main, save_json  # noqa: E402
-from data import make_datasets  # noqa: E402
 from harness import (default_jobs, evaluate, last_step, load_optional, machine, mean_over_seeds,  # noqa: E402
                      schedule_epochs, set_classifier, train_runs)
+
 import metrics  # noqa: E402
+from data import make_datasets  # noqa: E402
+from errors import run_main  # noqa: E402
+from files import atomic_write, save_json  # noqa: E402
+
 
 # (table, row label, train.py flags, caption style); the default row (full caption, in-context, both, tiny) is
 # trained once and shown in every group.
@@ -143,7 +147,7 @@ def main(argv=None):
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     command = "python bench/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images, set=args.set)
+    train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images, family=args.set)
     epochs = schedule_epochs(args.steps, len(train_set), args.batch_size)
     lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")

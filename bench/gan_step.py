@@ -26,11 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import run_main  # noqa: E402
+from harness import best_seconds  # noqa: E402
+
 from config import PRESETS, get_preset  # noqa: E402
 from discriminator import LeCAM, ResBlock, StyleGANDiscriminator  # noqa: E402
-from harness import best_seconds  # noqa: E402
+from errors import run_main  # noqa: E402
 from textok import TexTok  # noqa: E402
 from train import discriminator_step, generator_step  # noqa: E402
 

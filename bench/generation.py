@@ -22,13 +22,16 @@ from pathlib import Path
 
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
+from harness import line_plot, machine, object_sample_report, schedule_epochs, tokenizer_argv, train_run  # noqa: E402
+
 import domain  # noqa: E402
-from common import atomic_write, load_json, run_main, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
-from harness import (line_plot, machine, object_sample_report, schedule_epochs, tokenizer_argv,  # noqa: E402
-                     train_run)
+from errors import run_main  # noqa: E402
+from files import atomic_write, load_json, save_json  # noqa: E402
 from metrics import read_npz_batch  # noqa: E402
+
 
 TASKS = {"class": "class-conditional", "t2i": "text-to-image"}
 VARIANTS = {"baseline": "Baseline-{n} (w/o text)", "textok": "TexTok-{n} (w/ text)"}
@@ -95,7 +98,7 @@ def main(argv=None):
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     command = "python bench/generation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images, set=args.set)
+    train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images, family=args.set)
     tok_args = argparse.Namespace(**{**vars(args), "steps": args.tokenizer_steps})  # text_conditioning's names
     epochs = schedule_epochs(args.tokenizer_steps, len(train_set), args.batch_size)
     rows = []

@@ -21,12 +21,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 import domain  # noqa: E402
 import metrics  # noqa: E402
-from common import atomic_write, load_json, save_json, to_uint8  # noqa: E402
-from data import OBJECT_SETS, ObjectDataset, collate, conditioned, make_datasets  # noqa: E402
+from conditions import Conditioned, collate  # noqa: E402
+from data import make_datasets  # noqa: E402
+from embedded_sets import OBJECT_SETS, ObjectDataset  # noqa: E402
+from files import atomic_write, load_json, save_json  # noqa: E402
+from images import to_uint8  # noqa: E402
 from textok import TexTok  # noqa: E402
 
 
@@ -220,7 +224,7 @@ def object_classifier(family: str, cache_dir="cache", device="cpu", num_images: 
                       batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> ObjectClassifier:
     """A classifier of the object in `family`'s images, trained once on its "pool" split (never a run's train or
     validation images; half of each batch blurred) and cached under cache_dir/bench/."""
-    from common import load_state, load_tensors, save_tensors
+    from files import load_state, load_tensors, save_tensors
     key = hashlib.sha1(f"{family}|{num_images}|{steps}|{batch_size}|{lr}|{seed}".encode()).hexdigest()[:12]
     path = Path(cache_dir) / "bench" / f"object-classifier-{family}-{key}.safetensors"
     model = ObjectClassifier(len(OBJECT_SETS[family]))
@@ -305,8 +309,8 @@ def evaluate(run_dir: Path, args, device, batch_size: int, lpips_model, inceptio
     model = TexTok.from_pretrained(run_dir / "tokenizer", map_location=device).eval()
     config = load_json(run_dir / "config.json")
     val = make_datasets(args.data, args.val, model.cfg.image_size, args.num_images, captions=captions,
-                        set=config.get("set", "shapes"), shuffle_captions=config.get("shuffle_captions", False))[1]
-    real, rec, swap = reconstruct(model, conditioned(val, model.cfg, args.cache_dir, device), device, batch_size)
+                        family=config.get("set", "shapes"), shuffle_captions=config.get("shuffle_captions", False))[1]
+    real, rec, swap = reconstruct(model, Conditioned.for_model(val, model.cfg, args.cache_dir, device), device, batch_size)
     row = {"psnr": metrics.psnr(real, rec), "ssim": metrics.ssim(real, rec), "lpips": None, "rfid": None,
            "object_psnr": region_psnr(real, rec, val.masks) if getattr(val, "masks", None) is not None else None,
            "psnr_swapped": metrics.psnr(real, swap) if swap is not None else None,

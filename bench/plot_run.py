@@ -11,8 +11,11 @@ import json
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import InputError, atomic_write, run_main  # noqa: E402
+from errors import InputError, run_main  # noqa: E402
+from files import atomic_write  # noqa: E402
+
 
 LOSSES = ("l2", "vq", "perceptual", "gan", "d_loss", "r1", "lecam", "loss")  # train.py's loss terms, both stages
 THROUGHPUT = ("img_per_s", "latents_per_s")

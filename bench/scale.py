@@ -10,7 +10,7 @@ Each rank is its own process (torchrun's environment, gloo) with one thread, as 
 peak resident memory (VmHWM) of the whole process while it builds the store, against a baseline process that imports,
 loads the encoder and encodes 20 batches (the allocator's steady state), beside the caption list's own size (the
 input, in RAM as in training) and the whole array the old cache held in RAM; then how much the resident memory grows
-while the rank reads its share back row by row through data.Conditions (the training read path). Targets: peak RSS
+while the rank reads its share back row by row through conditions.Conditioned (the training read path). Targets: peak RSS
 less the baseline flat in M, 2 ranks <= 0.6x the wall of 1 rank (the CPU seconds per rank show the split where the
 machine is loaded), sampled rows equal to a direct encoding. Then: stage-2 latents Z from 2 ranks against 1 rank's,
 and the per-step cost of --text-cache off against the store on the tiny preset. Prints markdown tables.
@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from config import OFFLINE_TEXT_ENCODER, get_preset  # noqa: E402
-from data import BACKGROUNDS, COLORS, SHAPES, SIZES  # noqa: E402
+from embedded_sets import BACKGROUNDS, COLORS, SHAPES, SIZES  # noqa: E402
+
 
 MiB = 2 ** 20
 
@@ -82,8 +84,8 @@ def reset_peak() -> None:
 
 # ------------------------------------------------------------------------------------------------ rank processes
 def worker_store(args) -> dict:
-    from common import setup_distributed
-    from data import Conditions
+    from conditions import Conditioned
+    from distributed import setup_distributed
     from text_encoder import TextEncoder, cached_text_embeddings
     rank, world, _ = setup_distributed(3600)
     start = memory()["VmRSS"]
@@ -96,7 +98,7 @@ def worker_store(args) -> dict:
     build = memory()
     reset_peak()
     read_start = memory()["VmRSS"]
-    conds = Conditions(captions, [0] * args.M, OFFLINE_TEXT_ENCODER, args.text_len, args.out, rank=rank, world=world)
+    conds = Conditioned(None, captions, [0] * args.M, OFFLINE_TEXT_ENCODER, args.text_len, args.out, rank=rank, world=world)
     share = range(args.M * rank // world, args.M * (rank + 1) // world)
     t0 = time.perf_counter()
     for i in share:  # the training read path: one row per item
@@ -119,7 +121,7 @@ def worker_store(args) -> dict:
 
 def worker_baseline(args) -> dict:
     """Imports, the encoder and 20 batches (the allocator's steady state): what every rank holds whatever M."""
-    from data import Conditions  # noqa: F401  (the imports a store rank makes)
+    from conditions import Conditioned  # noqa: F401  (the imports a store rank makes)
     from text_encoder import TextEncoder
     enc = TextEncoder(OFFLINE_TEXT_ENCODER, args.text_len)
     captions = synthetic_captions(20 * args.batch_size)
@@ -130,13 +132,14 @@ def worker_baseline(args) -> dict:
 
 def worker_latents(args) -> dict:
     import train
-    from common import setup_distributed
-    from data import ShapesDataset, conditioned
+    from conditions import Conditioned
+    from distributed import setup_distributed
+    from embedded_sets import ShapesDataset
     from textok import TexTok
     rank, world, device = setup_distributed(3600)
     cfg = get_preset("tiny").model
     tok = TexTok.from_pretrained(Path(args.out) / "tokenizer").eval()
-    data = conditioned(ShapesDataset("train", cfg.image_size, args.M), cfg, args.out, rank=rank, world=world)
+    data = Conditioned.for_model(ShapesDataset("train", cfg.image_size, args.M), cfg, args.out, rank=rank, world=world)
     t0 = time.perf_counter()
     train.encode_latents(tok, data, device, "fp32", Path(args.out) / f"Z-{world}", 16, rank, world, workers=1)
     return dict(rank=rank, seconds=time.perf_counter() - t0)
@@ -220,12 +223,14 @@ def latents_table(args, work: Path) -> list:
 def step_cost_table(work: Path, repeats: int = 20) -> list:
     """--text-cache off against the store on the tiny preset: the condition of one batch, and one generator step."""
     import torch.nn.functional as F
-    from data import ShapesDataset, conditioned
+
+    from conditions import Conditioned
+    from embedded_sets import ShapesDataset
     from textok import TexTok
     preset = get_preset("tiny")
     cfg, B = preset.model, preset.train.batch_size
     ds = ShapesDataset("train", cfg.image_size, 1024)
-    stored, fly = conditioned(ds, cfg, work), conditioned(ds, cfg, work, text_cache="off")
+    stored, fly = Conditioned.for_model(ds, cfg, work), Conditioned.for_model(ds, cfg, work, text_cache="off")
     model = TexTok(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     rng = np.random.default_rng(0)
@@ -243,12 +248,12 @@ def step_cost_table(work: Path, repeats: int = 20) -> list:
     images = torch.stack([ds[i]["image"] for i in range(B)])
 
     def step(idx):
-        loss = F.mse_loss(model(images, stored.conds.batch(idx))[0], images)
+        loss = F.mse_loss(model(images, stored.batch(idx))[0], images)
         loss.backward()
         opt.step()
         opt.zero_grad()
-    fly.conds.batch([0])  # loads the encoder
-    read, encode, full = timed(stored.conds.batch, fly.conds.batch, step)
+    fly.batch([0])  # loads the encoder
+    read, encode, full = timed(stored.batch, fly.batch, step)
     return [f"Per step, tiny preset (batch {B}, {cfg.text_len} MiniLM tokens, {torch.get_num_threads()} threads), "
             f"median of {repeats}:", "",
             "| condition of one batch | ms | generator step (l2, Adam) incl. the store read | ms | off / on per step |",

@@ -31,17 +31,23 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import atomic_write, autocast, run_main, save_json  # noqa: E402
-from config import MODEL_PRESETS, OFFLINE_TEXT_ENCODER, TexTokConfig, TokenizerTrainConfig  # noqa: E402
-from data import Cond, ShapesDataset  # noqa: E402
-from diffusion import Diffusion  # noqa: E402
-from dit import DiT_models  # noqa: E402
 from harness import best_seconds, machine  # noqa: E402
+
+from conditions import Cond  # noqa: E402
+from config import MODEL_PRESETS, OFFLINE_TEXT_ENCODER, TexTokConfig, TokenizerTrainConfig  # noqa: E402
+from diffusion import Diffusion  # noqa: E402
+from distributed import autocast  # noqa: E402
+from dit import DIT_SIZES, DiT, DiTConfig  # noqa: E402
+from embedded_sets import ShapesDataset  # noqa: E402
+from errors import run_main  # noqa: E402
+from files import atomic_write, save_json  # noqa: E402
 from text_encoder import TextEncoder  # noqa: E402
 from textok import TexTok  # noqa: E402
 from tokenizer import patchify, unpatchify  # noqa: E402
 from train import generator_step  # noqa: E402
+
 
 # Flag defaults: a CPU run of a few minutes, or the paper's sizes (Table 5 / Fig. 4: TexTok-Base, DiT-XL,
 # DDIM 250 steps, batch 32; N from Table 1).
@@ -61,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--model-size", choices=sorted(MODEL_PRESETS), help="TexTok size (Tab. 4e)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="TexTok patch size; default: a 32x32 patch grid (App. C: 8 at 256 px, 16 at 512 px)")
-    p.add_argument("--dit", choices=sorted(DiT_models), help="generator size, the same for both systems")
+    p.add_argument("--dit", choices=sorted(DIT_SIZES), help="generator size, the same for both systems")
     p.add_argument("--sampling-steps", type=int, help="DDIM steps (App. C: 250)")
     p.add_argument("--batch-size", type=int, help="inference batch (Table 5: 32)")
     p.add_argument("--text-encoder", default=OFFLINE_TEXT_ENCODER,
@@ -136,7 +142,7 @@ def inference_rows(args, size: int, encoder: TextEncoder, device, bar) -> list:
             tok_s = best_seconds(lambda: model.encode(images, Cond(text, mask)), args.repeats, device) / B
             detok_s = best_seconds(lambda: model.decode(Z, Cond(text, mask)), args.repeats, device) / B
             detok_flops = count_flops(lambda: model.decode(Z, Cond(text, mask))) / B
-            dit = DiT_models[args.dit](num_tokens=N, in_channels=model.cfg.token_dim).to(device).eval()
+            dit = DiT(DiTConfig(num_tokens=N, in_channels=model.cfg.token_dim, **DIT_SIZES[args.dit])).to(device).eval()
             dit_s, dit_flops = sampling(dit, (B, N, model.cfg.token_dim))
             rows.append(dict(size=size, system=f"TexTok-{N} + {args.dit}", tokens=N, text=text_s, tokenize=tok_s,
                              detokenize=detok_s, dit=dit_s, tokenization=text_s + tok_s + detok_s,
@@ -150,7 +156,7 @@ def inference_rows(args, size: int, encoder: TextEncoder, device, bar) -> list:
         # 512 px). Its output layer predicts 16 values per token where DiT's also learns the variance (32): negligible.
         bar.set_postfix_str(f"{size} px, SD-VAE + {args.dit}/2")
         n2 = (size // 16) ** 2
-        dit = DiT_models[args.dit](num_tokens=n2, in_channels=16).to(device).eval()
+        dit = DiT(DiTConfig(num_tokens=n2, in_channels=16, **DIT_SIZES[args.dit])).to(device).eval()
         base_s, base_flops = sampling(dit, (B, n2, 16))
         rows.append(dict(size=size, system=f"SD-VAE + {args.dit}/2 (DiT only)", tokens=n2, text=None, tokenize=None,
                          detokenize=None, dit=base_s, tokenization=None, generation=base_s,

@@ -32,11 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
 import harness  # noqa: E402
+
 import metrics  # noqa: E402
-from common import atomic_write, run_main, save_image_grid, save_json  # noqa: E402
 from data import make_datasets  # noqa: E402
+from errors import run_main  # noqa: E402
+from files import atomic_write, save_json  # noqa: E402
+from images import save_image_grid  # noqa: E402
+
 
 VARIANTS = {"baseline": "Baseline-{n} (w/o text)", "textok": "TexTok-{n} (w/ text)",
             "shuffled": "TexTok-{n}, shuffled captions"}
@@ -138,7 +143,7 @@ def main(argv=None):
     command = "python bench/text_conditioning.py " + " ".join(sys.argv[1:] if argv is None else argv)
 
     # The split exactly as train.py makes it (same call); each run is evaluated with its own config's conditions.
-    train_set, val_set = make_datasets(args.data, args.val, num_images=args.num_images, set=args.set)
+    train_set, val_set = make_datasets(args.data, args.val, num_images=args.num_images, family=args.set)
     epochs = harness.schedule_epochs(args.steps, len(train_set), args.batch_size)
     print(f"{len(train_set)} training / {len(val_set)} held-out images; {args.steps} steps of {args.batch_size} "
           f"({epochs} epochs) per run on {harness.machine(device)}, {args.jobs} at a time")

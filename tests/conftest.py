@@ -1,8 +1,11 @@
 """Shared fixtures: tiny configs and a cached batch of embedded images with real MiniLM text embeddings."""
 import pytest
 import torch
+
+from conditions import Conditioned, collate
 from config import OFFLINE_TEXT_ENCODER, TexTokConfig
-from data import ShapesDataset, collate, conditioned
+from embedded_sets import ShapesDataset
+
 
 torch.set_num_threads(1)  # tiny tensors: one thread is as fast and immune to oversubscription
 
@@ -23,5 +26,5 @@ def text_cache(tmp_path_factory):
 def batch(text_cache):
     """8 embedded 32 px images with their condition: labels and the captions' real all-MiniLM-L6-v2 embeddings
     (32 tokens), as {"image", "index", "cond"}."""
-    ds = conditioned(ShapesDataset("train", 32, 8), tiny_config(), text_cache)
+    ds = Conditioned.for_model(ShapesDataset("train", 32, 8), tiny_config(), text_cache)
     return collate([ds[i] for i in range(8)])

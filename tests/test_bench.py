@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import harness  # noqa: E402
 from harness import mean_over_seeds, recon_class_accuracy  # noqa: E402
@@ -98,7 +99,7 @@ def test_runs_are_cached_by_arguments_and_by_the_code_they_import(tmp_path):
 
 
 def test_caption_object_reads_back_the_object_every_caption_names():
-    from data import CAPTION_STYLES, OBJECT_SETS, make_object_scene, object_caption
+    from embedded_sets import CAPTION_STYLES, OBJECT_SETS, make_object_scene, object_caption
     for family, objects in OBJECT_SETS.items():
         for label, name in enumerate(objects):
             scene = {**make_object_scene(np.random.default_rng(label), family), "object": name}
@@ -120,7 +121,7 @@ class TopLeftPixelIsTheClass(torch.nn.Module):
 
 
 def test_object_sample_report_scores_class_caption_and_distance(monkeypatch):
-    from data import ObjectDataset, object_caption
+    from embedded_sets import ObjectDataset, object_caption
     monkeypatch.setattr(harness, "object_classifier", lambda *a, **k: TopLeftPixelIsTheClass())
     real = ObjectDataset("glyphs", "val", 32, 40)
     same = harness.object_sample_report(real.images.copy(), "glyphs")

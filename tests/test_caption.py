@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 import caption
-from common import InputError, MissingInput
 from data import JsonlDataset
+from errors import InputError, MissingInput
+
 
 WORDS = "a the of in on with and red green blue dog cat tree sky grass water small large photo".split()
 

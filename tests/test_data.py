@@ -6,11 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from config import OFFLINE_TEXT_ENCODER
-from common import InputError
-from data import (SHAPES, JsonlDataset, ShapesDataset, class_caption_pool, make_datasets, render, split_indices)
-from text_encoder import TextEncoder, cached_text_embeddings
 import text_encoder
+from config import OFFLINE_TEXT_ENCODER
+from data import JsonlDataset, class_caption_pool, make_datasets, split_indices
+from embedded_sets import SHAPES, ShapesDataset, render
+from errors import InputError
+from text_encoder import TextEncoder, cached_text_embeddings
 
 
 def test_shapes_dataset_is_deterministic_and_captioned():
@@ -136,7 +137,7 @@ def test_class_caption_pool_errors_name_the_line(tmp_path):
 
 
 def test_one_object_sets_are_deterministic_and_the_caption_fixes_the_layout():
-    from data import OBJECT_SETS, ObjectDataset
+    from embedded_sets import OBJECT_SETS, ObjectDataset
     for family in OBJECT_SETS:
         a, b = ObjectDataset(family, "val", 32, 12), ObjectDataset(family, "val", 32, 12)
         assert np.array_equal(a.images, b.images) and a.captions == b.captions and a.labels == b.labels
@@ -151,7 +152,7 @@ def test_one_object_sets_are_deterministic_and_the_caption_fixes_the_layout():
 
 def test_one_object_caption_styles_and_class_pool_name_the_class():
     """Tab. 4a's caption styles on a one-object set, and class-conditional sampling's held-out captions per class."""
-    from data import OBJECT_SETS, ObjectDataset, object_caption
+    from embedded_sets import OBJECT_SETS, ObjectDataset, object_caption
     full, short, name = (ObjectDataset("glyphs", "val", 32, 8, captions=c) for c in ("full", "short", "class"))
     assert np.array_equal(full.images, short.images) and full.identity() != short.identity() != name.identity()
     for scene, f, s, c in zip(full.scenes, full.captions, short.captions, name.captions):
@@ -159,19 +160,19 @@ def test_one_object_caption_styles_and_class_pool_name_the_class():
         assert s.startswith(f"A {scene['colour']} ") and scene["colour"] not in c and scene["object"] in c
     for family in OBJECT_SETS:
         classes = len(OBJECT_SETS[family])
-        pool = class_caption_pool(None, num_classes=classes, per_class=3, set=family)
+        pool = class_caption_pool(None, num_classes=classes, per_class=3, family=family)
         assert sorted(pool) == list(range(classes)) and all(len(v) == 3 for v in pool.values())
         for label, captions in pool.items():  # each caption names its class's object
             name = OBJECT_SETS[family][label]
             assert all(f" {name} " in c or f" {name}," in c for c in captions), (label, captions)
     with pytest.raises(InputError, match="8 classes, not 9"):
-        class_caption_pool(None, num_classes=9, set="shape")
+        class_caption_pool(None, num_classes=9, family="shape")
 
 
 def test_shuffled_captions_move_every_caption_the_same_way_each_time():
-    train, val = make_datasets(set="glyphs", num_images=64)
-    s_train, s_val = make_datasets(set="glyphs", num_images=64, shuffle_captions=True)
-    again = make_datasets(set="glyphs", num_images=64, shuffle_captions=True)[0]
+    train, val = make_datasets(family="glyphs", num_images=64)
+    s_train, s_val = make_datasets(family="glyphs", num_images=64, shuffle_captions=True)
+    again = make_datasets(family="glyphs", num_images=64, shuffle_captions=True)[0]
     for plain, shuffled in ((train, s_train), (val, s_val)):
         assert sorted(shuffled.captions) == sorted(plain.captions)  # the same text, other images
         assert all(shuffled.captions[i] != plain.captions[i] or plain.captions.count(plain.captions[i]) > 1

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from data import Cond
+from conditions import Cond
 from diffusion import Diffusion, cfg_scale
-from dit import DiT
+from dit import DiT, DiTConfig
 
 
 def _oracle(diffusion, x0):
@@ -160,7 +160,7 @@ def test_ddim_and_guidance_loop_builds_no_cpu_tensor_per_step():
 def test_dit_t2i_guided_ddim_loop_needs_no_host_sync():
     # The same check through DiT-T2I with classifier-free guidance on the MDT schedule: on the meta device a host
     # read of the text mask (a sync per step on CUDA) raises, and no CPU tensor is made per step.
-    dit = DiT(num_tokens=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, text_dim=8).eval().to("meta")
+    dit = DiT(DiTConfig(num_tokens=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, text_dim=8)).eval().to("meta")
     text = torch.empty(2, 5, 8, device="meta")
     cond = Cond(text, torch.ones(2, 5, dtype=torch.bool, device="meta"))
     diffusion = Diffusion()

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-import data
-from common import InputError, NpyRows
+import conditions
+from conditions import Cond
 from diffusion import Diffusion
-from data import Cond
-from dit import DiT, DiT_models
+from dit import DIT_SIZES, DiT, DiTConfig
+from errors import InputError
+from rowstore import NpyRows
+
 
 N, CHANNELS, CLASSES, TEXT_DIM = 8, 8, 10, 16
 
@@ -18,8 +20,8 @@ def _num_params(module):
 
 
 def _tiny(text_dim=None, **kwargs):
-    return DiT(num_tokens=N, in_channels=CHANNELS, hidden_size=64, depth=2, num_heads=4, num_classes=CLASSES,
-               text_dim=text_dim, **kwargs)
+    return DiT(DiTConfig(num_tokens=N, in_channels=CHANNELS, hidden_size=64, depth=2, num_heads=4, num_classes=CLASSES,
+                         text_dim=text_dim, **kwargs))
 
 
 def _randomised(model):
@@ -39,7 +41,7 @@ def _text(B=3, N_t=5):
 
 def test_dit_sizes_match_the_dit_paper():
     with torch.device("meta"):
-        sizes = {name: _num_params(DiT_models[name](num_tokens=32)) for name in ("DiT-S", "DiT-B", "DiT-L", "DiT-XL")}
+        sizes = {name: _num_params(DiT(DiTConfig(num_tokens=32, **DIT_SIZES[name]))) for name in ("DiT-S", "DiT-B", "DiT-L", "DiT-XL")}
     # DiT Table 1 (§4.4 / Tab. 2 of TexTok: DiT-XL 675M); over 32 tokens x 8 channels, 1000 classes, patch size 1.
     for name, paper in {"DiT-S": 33e6, "DiT-B": 130e6, "DiT-L": 458e6, "DiT-XL": 675e6}.items():
         assert abs(sizes[name] - paper) / paper < 0.01, (name, sizes[name])
@@ -77,18 +79,18 @@ def test_bad_shapes_raise():
 
 
 def test_a_caption_without_text_tokens_is_refused_where_conditions_are_built(tmp_path, monkeypatch):
-    # DiT reads no mask on the host (a sync per DDIM step): data.Conditions checks every row has a real token.
+    # DiT reads no mask on the host (a sync per DDIM step): conditions.Conditioned checks every row has a real token.
     mask = np.array([[True, True, False], [False, False, False]])
 
     def store(*args, **kwargs):  # the on-disk store's two files
         np.save(tmp_path / "emb.npy", np.zeros((2, 3, 4), np.float16))
         np.save(tmp_path / "mask.npy", mask)
         return NpyRows(tmp_path / "emb.npy"), NpyRows(tmp_path / "mask.npy")
-    monkeypatch.setattr(data, "cached_text_embeddings", store)
+    monkeypatch.setattr(conditions, "cached_text_embeddings", store)
     with pytest.raises(InputError, match=r"caption 1 has no text token in its mask \('b'\)"):
-        data.Conditions(["a", "b"], [0, 0], "encoder", 3, tmp_path)
+        conditions.Conditioned(None, ["a", "b"], [0, 0], "encoder", 3, tmp_path)
     mask[1, 0] = True
-    assert data.Conditions(["a", "b"], [0, 0], "encoder", 3, tmp_path)[1].text_mask.tolist() == [True, False, False]
+    assert conditions.Conditioned(None, ["a", "b"], [0, 0], "encoder", 3, tmp_path).cond(1).text_mask.tolist() == [True, False, False]
 
 
 def test_cross_attention_ignores_padded_text():

@@ -9,8 +9,9 @@ import torch
 
 import domain
 import metrics
-from common import InputError
-from data import COLORS, SHAPES, caption, make_scene
+from embedded_sets import COLORS, SHAPES, caption, make_scene
+from errors import InputError
+
 
 TINY = domain.DomainSettings(num_images=1024, steps=80, batch_size=32)  # seconds: features, not accuracy
 

@@ -2,14 +2,15 @@
 not there is one InputError naming it and how to download it, and push_to_hub uploads the save_pretrained folder."""
 import shutil
 
+import huggingface_hub.hub_mixin
 import pytest
 import torch
-
-import huggingface_hub.hub_mixin
-from common import MissingInput
 from conftest import tiny_config
-from dit import DiT
+
+from dit import DiT, DiTConfig
+from errors import MissingInput
 from textok import TexTok
+
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -24,7 +25,7 @@ def hub_cache(folder, cache, repo_id):
 
 
 def tiny_dit():
-    return DiT(num_tokens=8, in_channels=8, hidden_size=64, depth=1, num_heads=4, num_classes=8).eval()
+    return DiT(DiTConfig(num_tokens=8, in_channels=8, hidden_size=64, depth=1, num_heads=4, num_classes=8)).eval()
 
 
 @pytest.mark.parametrize("make", [lambda: TexTok(tiny_config()).eval(), tiny_dit], ids=["textok", "dit"])
@@ -80,8 +81,9 @@ def test_push_to_hub_uploads_the_save_pretrained_folder(tmp_path, monkeypatch):
 
 def test_sample_takes_a_dit_repo_id(tmp_path, monkeypatch):
     """`sample.py --dit user/dit` reads the DiT (and the meta naming its tokenizer) from the hub cache."""
-    import numpy as np
     import huggingface_hub.constants
+    import numpy as np
+
     import sample
     from config import DiTTrainConfig, to_dict
     from dit import build_dit

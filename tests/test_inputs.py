@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import tiny_config
 
 import metrics
 import sample
 import train
-from common import InputError, load_json, run_main
 from config import DiTTrainConfig, to_dict
-from conftest import tiny_config
 from data import JsonlDataset, class_caption_pool, load_image
 from dit import build_dit
+from errors import InputError, run_main
+from files import load_json
 from textok import TexTok
+
 
 ROOT = Path(__file__).resolve().parents[1]
 

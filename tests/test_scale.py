@@ -7,20 +7,25 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import distributed
+import rowstore
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-import common
-import train
-from common import InputError, NpyRows, build_once
-from config import OFFLINE_TEXT_ENCODER
 from conftest import tiny_config
-from data import Conditions, ShapesDataset, StepBatches, conditioned, step_loader
 from test_train import ROOT, free_port
+
+import train
+from conditions import Conditioned, collate
+from config import OFFLINE_TEXT_ENCODER
+from data import StepBatches, step_loader
+from embedded_sets import ShapesDataset
+from errors import InputError
+from rowstore import NpyRows, build_once
 from text_encoder import cached_text_embeddings
 from textok import TexTok
+
 
 CAPTIONS = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in ("circle", "star", "ring", "cross")
             for p in ("top", "bottom")]  # 24 captions: 3 batches of 8, shared 1 + 2 by two ranks
@@ -30,16 +35,19 @@ CAPTIONS = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in (
 RANK_CODE = """
 import sys
 from pathlib import Path
-from common import InputError, setup_distributed
+from distributed import setup_distributed
+from errors import InputError
 from conftest import tiny_config
-from data import JsonlDataset, ShapesDataset, conditioned
+from conditions import Conditioned
+from data import JsonlDataset
+from embedded_sets import ShapesDataset
 from text_encoder import cached_text_embeddings
 from textok import TexTok
 import train
 out, captions = sys.argv[1], sys.argv[2:]
 rank, world, device = setup_distributed(60)
 cached_text_embeddings("{enc}", 8, captions, out + "/text", batch_size=8, rank=rank, world=world)
-data = conditioned(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), out)
+data = Conditioned.for_model(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), out)
 tok = TexTok.from_pretrained(out + "/tok").eval()
 train.encode_latents(tok, data, device, "fp32", Path(out) / "Z", batch_size=4, rank=rank, world=world, workers=1)
 try:
@@ -70,7 +78,7 @@ def test_two_gloo_ranks_build_what_one_rank_builds(tmp_path):
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     # Meanwhile, one rank here.
     emb, mask = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 8, CAPTIONS, one / "text", batch_size=8)
-    data = conditioned(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), one)
+    data = Conditioned.for_model(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), one)
     tok = TexTok.from_pretrained(two / "tok").eval()
     Z = train.encode_latents(tok, data, torch.device("cpu"), "fp32", one / "Z", batch_size=4)
     for p in procs:
@@ -83,7 +91,7 @@ def test_two_gloo_ranks_build_what_one_rank_builds(tmp_path):
     Z2 = torch.from_numpy(np.load(two / "Z" / "Z.npy"))
     assert Z.shape == (10, 8, tiny_config().token_dim) and torch.equal(Z, Z2)
     with torch.no_grad():  # the first batch, encoded directly as before the store (one batch in the main process)
-        batch = data.conds.batch(range(4))
+        batch = data.batch(range(4))
         direct = tok.encode(torch.stack([data[i]["image"] for i in range(4)]), batch)
     assert torch.equal(Z[:4], direct)
 
@@ -101,7 +109,7 @@ def test_a_failed_build_leaves_no_complete_looking_store(tmp_path, monkeypatch):
     folder = build_once(tmp_path / "store", arrays, lambda files: files["x"].write(0, np.arange(12).reshape(6, 2)))
     assert np.array_equal(NpyRows(folder / "x.npy").read(0, 6), np.arange(12).reshape(6, 2))
     assert [p.name for p in tmp_path.iterdir()] == ["store"]  # the killed build's files are gone
-    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: SimpleNamespace(free=10))
+    monkeypatch.setattr(rowstore.shutil, "disk_usage", lambda path: SimpleNamespace(free=10))
     with pytest.raises(InputError, match=r"store2 need 0\.0 GB and 0\.0 GB are free; free space"):
         build_once(tmp_path / "store2", arrays, lambda files: None, what="store2")
 
@@ -110,14 +118,14 @@ def test_text_cache_off_equals_the_store(tmp_path):
     """--text-cache off: the loader's batches carry embeddings encoded on the fly equal to the store's (both rounded
     through fp16), for the same steps."""
     ds = ShapesDataset("train", 32, 12)
-    stored = conditioned(ds, tiny_config(), tmp_path)
-    fly = conditioned(ds, tiny_config(), tmp_path / "unused", text_cache="off")
+    stored = Conditioned.for_model(ds, tiny_config(), tmp_path)
+    fly = Conditioned.for_model(ds, tiny_config(), tmp_path / "unused", text_cache="off")
     assert fly[0]["cond"].text is None and not (tmp_path / "unused").exists()
     a, b = (next(iter(step_loader(d, 4, 0, 1, 0, 1, 2, 0))) for d in (stored, fly))
     assert torch.equal(a["index"], b["index"]) and torch.equal(a["cond"].text_mask, b["cond"].text_mask)
     torch.testing.assert_close(b["cond"].text, a["cond"].text, atol=0, rtol=2 ** -10)  # one fp16 rounding step
     assert torch.equal(b["cond"].text, b["cond"].text.half().float())
-    assert torch.equal(fly.conds.batch([5, 2]).text, fly.conds.with_text(fly.conds.batch([5, 2]), [5, 2]).text)
+    assert torch.equal(fly.batch([5, 2]).text, fly.complete(collate([fly[5], fly[2]]))["cond"].text)
 
 
 def test_step_batches_draw_one_permutation_per_epoch(monkeypatch):
@@ -144,12 +152,12 @@ def test_run_configs_read_the_encoder_width_from_its_config_alone(tmp_path):
 
 def test_dist_timeout_reaches_the_process_group(monkeypatch):
     seen = {}
-    monkeypatch.setattr(common.dist, "init_process_group", lambda backend, **k: seen.update(k))
-    monkeypatch.setattr(common.dist, "get_rank", lambda: 0)
-    monkeypatch.setattr(common.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **k: seen.update(k))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 1)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert common.setup_distributed(90)[:2] == (0, 1)
+    assert distributed.setup_distributed(90)[:2] == (0, 1)
     assert seen["timeout"] == datetime.timedelta(seconds=90)
     assert train.parse_args(["--stage", "dit"]).dist_timeout == 7200
 

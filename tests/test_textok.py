@@ -2,11 +2,12 @@
 save/load, and clear errors for bad input."""
 import pytest
 import torch
-
-from config import MODEL_PRESETS, TexTokConfig
-from data import Cond
 from conftest import tiny_config
+
+from conditions import Cond
+from config import MODEL_PRESETS, TexTokConfig
 from textok import TexTok
+
 
 SWITCHES = [dict(conditioning=c, cond_arch=a, cond_location=l)
             for c in ("text", "class", "none") for a in ("in-context", "cross-attention")

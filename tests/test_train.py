@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import train
-from common import InputError, load_tensors
+from errors import InputError
+from files import load_tensors
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,15 +133,15 @@ def test_folder_with_a_runs_files_but_no_latest_is_refused(tmp_path, text_cache,
 
 def test_disk_full_while_checkpointing_is_one_line(tmp_path, text_cache, monkeypatch):
     """The second checkpoint's write fails: the error names it and the last good one; no temporary folder stays."""
-    import common
-    calls, real = [], common.save_file
+    import files
+    calls, real = [], files.save_file
 
     def save_file(tensors, path):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(tensors, path)
-    monkeypatch.setattr(common, "save_file", save_file)
+    monkeypatch.setattr(files, "save_file", save_file)
     out = tmp_path / "run"
     with pytest.raises(InputError) as err:
         train.main(base_args(out, text_cache, "--max-steps", "4", "--ckpt-every", "2"))
@@ -250,15 +252,16 @@ def test_grad_accumulation_matches_full_batch(tmp_path, text_cache):
 
 def test_embedded_images_render_once(monkeypatch):
     """ShapesDataset renders each scene on first use only, and the kept image is the rendered one."""
-    import data
-    renders, real = [], data.render
-    monkeypatch.setattr(data, "render", lambda scene, size: renders.append(scene) or real(scene, size))
-    ds = data.ShapesDataset("train", 32, 4)
+    import embedded_sets
+    from images import to_tensor
+    renders, real = [], embedded_sets.render
+    monkeypatch.setattr(embedded_sets, "render", lambda scene, size: renders.append(scene) or real(scene, size))
+    ds = embedded_sets.ShapesDataset("train", 32, 4)
     first = [ds[i]["image"] for i in (0, 1, 2, 3)]
     again = [ds[i]["image"] for i in (3, 2, 1, 0, 0)]
     assert len(renders) == 4
     for i in range(4):
-        expected = data.to_tensor(real(ds.scenes[i], 32))
+        expected = to_tensor(real(ds.scenes[i], 32))
         assert torch.equal(first[i], expected) and torch.equal(again[3 - i], expected)
 
 
@@ -280,6 +283,7 @@ def test_stage2_and_sampling_end_to_end(tmp_path, text_cache, task):
     """Tiny tokenizer -> latent cache -> DiT (a few steps) -> sample.py writes an ADM .npz and a PNG grid. Whatever
     the sampling seed, the captions are held out: T2I reads the validation split, class sampling the caption pool."""
     import numpy as np
+
     import sample
     tok = tmp_path / "tok"
     train.main(base_args(tok, text_cache, "--max-steps", "2"))
@@ -294,15 +298,17 @@ def test_stage2_and_sampling_end_to_end(tmp_path, text_cache, task):
     assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8
     assert (tmp_path / "samples" / "samples.png").is_file()
     captions = (tmp_path / "samples" / "captions.txt").read_text().splitlines()
-    from data import ShapesDataset, class_caption_pool
+    from data import class_caption_pool
+    from embedded_sets import ShapesDataset
     held_out = ShapesDataset("val", 32, 64).captions if task == "t2i" else sum(class_caption_pool().values(), [])
     assert len(captions) == 5 and set(captions) <= set(held_out)
     assert not set(captions) & set(ShapesDataset("train", 32, 32).captions)
 
 
 def test_sample_refuses_bad_values_and_missing_class_captions(tmp_path, monkeypatch):
-    import sample
     from types import SimpleNamespace
+
+    import sample
     args = SimpleNamespace(num_samples=4, batch_size=2, steps=0, cfg_scale=None, cfg_power=None)
     with pytest.raises(InputError, match="--steps 0: DDIM needs 1 to 1000 steps"):
         sample.check_args(args, 1000)
@@ -319,9 +325,10 @@ def test_sample_refuses_bad_values_and_missing_class_captions(tmp_path, monkeypa
 def test_sampling_reads_the_held_out_captions_of_the_dits_one_object_set():
     """A DiT trained on --set glyphs samples with glyph captions: class i's caption names glyph i (its pool split),
     T2I's come from the glyphs' validation split; and a tokenizer on an embedded set embeds that set's classes."""
-    import sample
     from types import SimpleNamespace
-    from data import GLYPHS, ObjectDataset
+
+    import sample
+    from embedded_sets import GLYPHS, ObjectDataset
     split = {"data": None, "val": None, "num_images": 64, "captions": "full", "set": "glyphs"}
     tok = SimpleNamespace(cfg=SimpleNamespace(conditioning="text", image_size=32))
     args = SimpleNamespace(data=None, seed=0, prompts=None)
@@ -340,8 +347,8 @@ def test_sampling_reads_the_held_out_captions_of_the_dits_one_object_set():
 
 def jsonl_folder(root, n=8, bad=None):
     """n tiny captioned PNGs in the README's layout; image `bad` (if given) is corrupt."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
     (root / "img").mkdir(parents=True)
     for i in range(n):
         Image.fromarray(np.full((32, 32, 3), 15 * i, np.uint8)).save(root / "img" / f"{i}.png")

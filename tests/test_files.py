@@ -1,4 +1,4 @@
-"""common.atomic_write: a failed write leaves the old file and no temporary behind; a new file has the usual
+"""files.atomic_write: a failed write leaves the old file and no temporary behind; a new file has the usual
 permissions. Checkpoint writes that fail, and the log read back on --resume."""
 import errno
 import os
@@ -11,7 +11,15 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from common import InputError, Run, atomic_write, save_checkpoint, save_image_grid
+from checkpoint import save_checkpoint
+
+from errors import InputError
+
+from files import atomic_write
+
+from images import save_image_grid
+
+from run import Run
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
@@ -41,7 +49,7 @@ def test_written_file_has_umask_permissions(tmp_path):
 def test_checkpoint_write_failure_leaves_no_temporary_folder(tmp_path, monkeypatch):
     """Disk full (OSError, or safetensors' own error) is one InputError naming the checkpoint; Ctrl-C stays a
     KeyboardInterrupt; neither leaves a .tmp-step-* folder, and `latest` still names the last good checkpoint."""
-    import common
+    import files
     module = torch.nn.Linear(2, 2)
     save_checkpoint(tmp_path, 1, {"m": module}, {})
     for error in (OSError(errno.ENOSPC, "No space left on device"), SafetensorError("Error while serializing"),
@@ -49,7 +57,7 @@ def test_checkpoint_write_failure_leaves_no_temporary_folder(tmp_path, monkeypat
         def fail(tensors, path):
             open(path, "wb").write(b"half")
             raise error
-        monkeypatch.setattr(common, "save_file", fail)
+        monkeypatch.setattr(files, "save_file", fail)
         with pytest.raises(type(error) if isinstance(error, KeyboardInterrupt) else InputError) as err:
             save_checkpoint(tmp_path, 2, {"m": module}, {})
         if not isinstance(error, KeyboardInterrupt):

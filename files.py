@@ -1,0 +1,93 @@
+"""Reading and writing files safely: atomic writes (never a half file), JSON, UTF-8 lines, safetensors weights."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from errors import InputError, MissingInput
+
+
+def atomic_write(path, write) -> Path:
+    """Calls write(tmp_path) on a temporary file beside `path`, then renames it to `path`: never a half file.
+    The file gets the usual permissions (0666 less the umask), not mkstemp's owner-only 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_json(obj, path) -> Path:
+    """Writes `obj` as indented JSON, atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def load_json(path) -> dict:
+    """Reads a JSON file; a missing or malformed file is an error that names it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MissingInput(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+
+
+def read_lines(path) -> list:
+    """The lines of a UTF-8 text file (a leading BOM dropped), split on "\\n" only, each without its "\\r\\n" or "\\n":
+    a caption may hold U+2028 or another separator that str.splitlines() would split at. A missing file or bytes that
+    are not UTF-8 are an error naming the file (and the line)."""
+    try:
+        raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    except FileNotFoundError:
+        raise MissingInput(f"{path}: file not found") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def save_tensors(tensors: dict, path) -> Path:
+    """Writes a dict of tensors as safetensors, atomically (contiguous CPU copies, shared storage allowed)."""
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+
+def load_tensors(path) -> dict:
+    """Reads a safetensors file onto the CPU; a missing or corrupt file is an error that names it."""
+    if not Path(path).is_file():
+        raise MissingInput(f"{path}: checkpoint file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_state(module: torch.nn.Module, state: dict, path) -> None:
+    """Loads `state` into `module` strictly; a mismatch is an error naming the file and the differing tensors."""
+    own = module.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+    if problems:
+        raise InputError(f"{path}: checkpoint does not fit this model ({len(problems)} problems: "
+                         + "; ".join(problems[:6]) + ")")
+    module.load_state_dict(state)

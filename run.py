@@ -1,0 +1,167 @@
+"""One training run's folder OUT, as train.py's two loops use it, call by call:
+
+    with Run(out, ...) as run:            # refuses an OUT held by another run; nothing is written yet
+        start = run.begin(objects)        # --resume: restore OUT/latest; --overwrite: delete the old run; config.json
+        for step, batch in enumerate(run.batches(loader), start):
+            ...                           # one training step
+            run.log(step + 1, terms)      # JSONL row every log_every steps, progress bar
+            run.checkpoint(step + 1, objects)   # when due: every ckpt_every steps and at the last
+
+Leaving the `with` block by Ctrl-C prints one line naming the last good checkpoint (exit code 130).
+"""
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import latest_checkpoint, load_checkpoint, remove_run, run_files, save_checkpoint
+from distributed import global_mean
+from errors import InputError
+from files import atomic_write, save_json
+
+
+class Run:
+    """The output folder of one run of `stage` (its EMA model exported to OUT/`export`), training steps 0..`stop`.
+    `check_config(saved, path)` refuses to resume from a checkpoint of another run config. OUT holding another run
+    is refused unless `resume` (continue it) or `overwrite` (delete it first); nothing in OUT changes before
+    `begin`."""
+
+    def __init__(self, out, stage: str, export: str, run_config: dict, check_config, stop: int, *, resume: bool,
+                 overwrite: bool, log_every: int, ckpt_every: int, rank: int, world: int, device):
+        self.out, self.stage, self.export, self.run_config = Path(out), stage, export, run_config
+        self.check_config, self.stop, self.resume, self.overwrite = check_config, stop, resume, overwrite
+        self.log_every, self.ckpt_every = log_every, ckpt_every
+        self.rank, self.world, self.device = rank, world, device
+        self.last_ckpt, self.ckpts, self.done, self.bar, self.seen = None, [], None, None, 0
+        if resume:  # refused here, before anything is written: no checkpoint, or one of another config
+            self.last_ckpt = latest_checkpoint(self.out, check_config)
+        elif not overwrite:
+            self.refuse_held_run()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if self.bar is not None:
+            self.bar.close()
+        if kind is KeyboardInterrupt:  # Ctrl-C: one line saying what to resume from, not a traceback
+            if self.rank == 0:
+                print(self.interrupted(), file=sys.stderr)
+            raise SystemExit(130) from None
+        return False
+
+    def refuse_held_run(self) -> None:
+        """Refuses an OUT that holds another run's checkpoints, log or exported model."""
+        latest, ckpts = self.out / "latest", sorted(p.name for p in self.out.glob("step-*"))
+        if latest.is_file():
+            raise InputError(f"{self.out}: holds a run (latest {latest.read_text().strip()}); continue it with "
+                             "--resume, or start over with --overwrite")
+        held = ckpts[-1:] or [p.name for p in (self.out / "log.jsonl", self.out / self.export) if p.exists()]
+        if held:
+            raise InputError(f"{self.out}: holds a run's files ({held[0]}) but no latest checkpoint; start over "
+                             "with --overwrite")
+
+    def begin(self, objects: dict) -> int:
+        """The first step: with `resume`, the step of OUT/latest, into which `objects` (modules, optimizers,
+        schedulers) are restored and after which the log is trimmed; else 0, after `overwrite` deleted the old run.
+        Writes OUT/config.json and opens the progress bar."""
+        start = 0
+        if self.resume:
+            start = load_checkpoint(self.out, objects, self.check_config, self.device)
+            self.last_ckpt = self.out / f"step-{start:07d}"
+            self.ckpts = [self.last_ckpt]
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            remove_run(self.out, run_files(self.out, self.export) if self.overwrite else [])
+            if self.resume:
+                self.trim_log(start)
+            save_json(self.run_config, self.out / "config.json")
+        self.bar = tqdm(total=self.stop, initial=start, disable=self.rank != 0, desc=self.stage, dynamic_ncols=True)
+        self.done, self.t0 = start, time.perf_counter()
+        return start
+
+    def batches(self, loader):
+        """The loader's batches; bad data met mid-run (a truncated image, from a worker) is one InputError line that
+        names the last good checkpoint."""
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except InputError as e:  # a worker's error arrives with its traceback: keep the message line
+                message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
+                raise InputError(f"{message}; {self.last_good()}") from None
+            yield batch
+
+    def log(self, step: int, terms: dict, batch_size: int, name: str = "img_per_s") -> None:
+        """Marks `step` done; every log_every steps (and at the last) writes the mean over ranks of `terms` with
+        throughput `name` (and peak GPU memory on CUDA) to OUT/log.jsonl and the progress bar."""
+        self.done, self.seen = step, self.seen + batch_size
+        self.bar.update(1)
+        if step % self.log_every and step != self.stop:
+            return
+        row = {"step": step, **{k: float(f"{global_mean(torch.tensor(v), self.world).item():.6g}")
+                                for k, v in terms.items()},
+               name: round(self.seen / (time.perf_counter() - self.t0), 2)}
+        if self.device.type == "cuda":
+            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
+        self.write_log(row)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"}, refresh=False)
+
+    def write_log(self, row: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def check_finite(self, step: int, terms: dict) -> None:
+        """Stops the run at a non-finite loss, naming the terms and the last good checkpoint."""
+        bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite loss at step {step}: " + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+                + f"; {self.last_good()}")
+
+    def checkpoint(self, step: int, objects: dict) -> None:
+        """On rank 0, every ckpt_every steps and at the last: writes checkpoint `step` of `objects`, then removes this
+        run's checkpoints (or the resumed one) but the newest 2, never a checkpoint some other run left."""
+        if self.rank != 0 or (step % self.ckpt_every and step != self.stop):
+            return
+        try:
+            self.last_ckpt = save_checkpoint(self.out, step, objects, self.run_config)
+        except InputError as e:
+            raise InputError(f"{e}; {self.last_good()}") from None
+        self.ckpts.append(self.last_ckpt)
+        for old in self.ckpts[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+        self.ckpts = self.ckpts[-2:]
+
+    def last_good(self) -> str:
+        return f"last good checkpoint: {self.last_ckpt or 'none written yet'}"
+
+    def interrupted(self) -> str:
+        """Where a Ctrl-C stopped the run, and how to continue it."""
+        where = "before the first step" if self.done is None else f"after step {self.done} of {self.stop}"
+        return f"interrupted {where}; {self.last_good()}" + (" (continue with --resume)" if self.last_ckpt else "")
+
+    def trim_log(self, start: int) -> None:
+        """Drops log rows after the resumed checkpoint (and a torn last line a killed run left): the log reads as
+        one uninterrupted run."""
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return
+        lines, rows = path.read_text().split("\n"), []
+        for n, line in enumerate(lines, 1):
+            try:
+                if line.strip() and json.loads(line)["step"] <= start:
+                    rows.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                if n == len(lines):  # no newline after it: the write a killed run left unfinished
+                    break
+                raise InputError(f"{path}:{n}: not a JSON log row with a \"step\"") from None
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
