@@ -15,27 +15,24 @@ that holds another run is refused unless --resume, or --overwrite (which deletes
 import argparse
 import dataclasses
 import hashlib
-import math
 import sys
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from conditions import Cond, Conditioned, collate
+from conditions import Conditioned, collate
 from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
                     get_preset, given_flags, to_dict)
 from data import check_labels, make_datasets, step_loader
 from diffusion import Diffusion
-from discriminator import LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty
-from distributed import all_reduce_grads, autocast, global_mean, rank_share, setup_distributed
+from discriminator import LeCAM, StyleGANDiscriminator
+from distributed import autocast, rank_share, setup_distributed
 from dit import build_dit
 from embedded_sets import CAPTION_STYLES, OBJECT_SETS, SHAPES
 from errors import InputError, run_main
@@ -43,6 +40,7 @@ from images import save_image_grid, to_uint8
 from metrics import load_lpips, psnr
 from rowstore import build_once
 from run import Run
+from steps import accumulate, discriminator_step, ema_update, generator_step, lr_lambda, split_batch, step_seed
 from textok import TexTok
 
 
@@ -122,22 +120,6 @@ def run_configs(args):
         raise InputError(str(e)) from None
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up then cosine decay to 0 (App. C), as a LambdaLR factor."""
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    return f
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over parameters and floating-point buffers."""
-    floats = [(a, b) for a, b in zip(ema.state_dict().values(), model.state_dict().values()) if a.is_floating_point()]
-    torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], 1 - decay)
-
-
 # ----------------------------------------------------------------------------- what both stages' steps share
 def schedule(num_items: int, batch_size: int, epochs: int, max_steps, grad_accum: int, world: int):
     """(total, stop, micro): the schedule's length in steps, where --max-steps stops it, and the per-rank micro-batch
@@ -162,98 +144,6 @@ def wrap(model, device, world: int, compile_):
     """DDP across ranks (when there are several), then torch.compile (`compile_` None: on CUDA only)."""
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     return torch.compile(net) if (device.type == "cuda" if compile_ is None else compile_) else net
-
-
-def split_batch(batch: dict, micro: int, grad_accum: int, world: int) -> list:
-    """[(micro-batch, sync)] for the `grad_accum` accumulation steps of `batch`: sync is True where DDP should
-    all-reduce (the last micro-batch, or always with one rank)."""
-    part = lambda v, s: v.part(s) if isinstance(v, Cond) else v[s]
-    return [({k: part(v, slice(i * micro, (i + 1) * micro)) for k, v in batch.items()},
-             world == 1 or i == grad_accum - 1) for i in range(grad_accum)]
-
-
-def accumulate(micro_batches: list, loss_fn, net=None):
-    """Backward of loss / K for each of the K `micro_batches` [(batch, sync)], DDP's all-reduce only where sync
-    (`net.no_sync()` elsewhere; `net` None: not DDP-wrapped). `loss_fn(micro-batch) -> (loss, {term: tensor},
-    output)`. Returns (each term's mean over the micro-batches, as a float; [outputs])."""
-    K, terms, outputs = len(micro_batches), {}, []
-    for mb, sync in micro_batches:
-        with nullcontext() if sync or net is None else net.no_sync():
-            loss, parts, output = loss_fn(mb)
-            (loss / K).backward()
-        outputs.append(output)
-        for k, v in parts.items():
-            terms[k] = terms.get(k, 0.0) + v.item() / K
-    return terms, outputs
-
-
-def step_seed(seed: int, step: int, rank: int, world: int) -> int:
-    """The seed of every random draw of `step` on `rank`: resume at any step draws what the uninterrupted run drew."""
-    return seed * 1_000_003 + step * world + rank
-
-
-# ------------------------------------------------------------------------------------ stage-1 step (App. C losses)
-# One tokenizer step = generator_step (ℓ2 + perceptual + GAN (+ VQ) loss, backward, Adam) then, from disc_start on,
-# discriminator_step (non-saturating loss + R1 + LeCAM, backward, Adam). train.py and the benches call these two.
-def generator_step(net, model, opt, disc, lpips_fn, tc: TokenizerTrainConfig, micro_batches: list, precision: str,
-                   gan_on: bool, check=None):
-    """Updates the tokenizer and detokenizer once on App. C's generator loss, accumulated over `micro_batches`
-    [(batch, sync)]; returns (loss terms, the detached reconstructions for the discriminator step)."""
-    if disc is not None:
-        disc.requires_grad_(False)  # the GAN loss reaches the tokenizer through a frozen disc
-
-    def loss_fn(mb):
-        with autocast(mb["image"].device, precision):
-            recon, _, vq_loss = net(mb["image"], mb["cond"])
-            recon = recon.float()
-            parts = {"l2": F.mse_loss(recon, mb["image"]), "vq": vq_loss.float()}   # ℓ2 reconstruction (+ VQ, App. A)
-            if lpips_fn is not None:
-                parts["perceptual"] = lpips_fn(recon, mb["image"]).mean()          # perceptual loss (LPIPS-VGG)
-            if gan_on:
-                parts["gan"] = generator_loss(disc(recon))                         # non-saturating GAN loss
-            loss = (tc.recon_weight * parts["l2"] + parts["vq"] + tc.perceptual_weight * parts.get("perceptual", 0)
-                    + tc.gan_weight * parts.get("gan", 0))
-        return loss, parts, recon.detach()
-    terms, fakes = accumulate(micro_batches, loss_fn, net)
-    if check is not None:
-        check(terms)  # a non-finite loss stops here, before it reaches the weights
-    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return terms, fakes
-
-
-def discriminator_step(disc, d_opt, lecam, tc: TokenizerTrainConfig, micro_batches: list, fakes: list,
-                       precision: str, d_step: int, lr: float, world: int = 1, check=None) -> dict:
-    """Updates the discriminator once on App. C's discriminator loss: non-saturating loss + r1_cost x R1 (every
-    r1_every-th disc step `d_step`) + lecam_weight x LeCAM, over `micro_batches` and the generator's `fakes`; then
-    moves LeCAM's EMAs. Returns the loss terms."""
-    disc.requires_grad_(True)
-
-    def loss_fn(mb):
-        with autocast(mb["image"].device, precision):
-            logits_real, r1 = r1_penalty(disc, mb["image"], every=tc.r1_every, step=d_step)  # R1 on real images
-            logits_fake = disc(mb["fake"])
-        # LeCAM against the EMAs *before* this step's update, as MAGVIT / MaskGIT-style trainers (TiTok's
-        # losses.py) do: the EMAs can then move once per step by the mean over all micro-batches and ranks. (The
-        # LeCAM authors' code, google/lecam-gan, updates first: a difference of (1 - lecam_decay) of one step's mean.)
-        parts = {"d_loss": discriminator_loss(logits_real, logits_fake), "r1": r1,
-                 "lecam": lecam.penalty(logits_real, logits_fake)}
-        d_loss = parts["d_loss"] + tc.r1_cost * r1 + tc.lecam_weight * parts["lecam"]
-        return d_loss, parts, (logits_real.detach().float().mean(), logits_fake.detach().float().mean())
-    paired = [({**mb, "fake": fake}, sync) for (mb, sync), fake in zip(micro_batches, fakes)]
-    terms, means = accumulate(paired, loss_fn)  # disc is not DDP-wrapped (R1's double backward)
-    if check is not None:
-        check(terms)
-    K = len(micro_batches)
-    mean_real, mean_fake = sum(m[0] / K for m in means), sum(m[1] / K for m in means)
-    lecam.update(global_mean(mean_real, world), global_mean(mean_fake, world))  # LeCAM's EMAs: once per step
-    all_reduce_grads(disc, world)
-    for group in d_opt.param_groups:  # disc follows the tokenizer's warm-up + cosine schedule
-        group["lr"] = lr
-    d_opt.step()
-    d_opt.zero_grad(set_to_none=True)
-    return terms
 
 
 @torch.no_grad()

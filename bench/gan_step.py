@@ -8,7 +8,7 @@ Rows, each the mean time of one training step (tokenizer update, then discrimina
   ... depthwise-conv blur                (--compare-conv-blur) the discriminator's blur as the depthwise conv it
                                          was before (issue 14: on an H100 its double backward took 85% of the
                                          R1 step).
-Each step is train.py's: train.generator_step, then train.discriminator_step. TexTok runs with
+Each step is train.py's: steps.generator_step, then steps.discriminator_step. TexTok runs with
 conditioning "none" (no text encoder needed; text adds the same cost to every row). Random images,
 bf16 autocast on CUDA, float32 on the CPU.
 
@@ -34,7 +34,7 @@ from config import PRESETS, get_preset  # noqa: E402
 from discriminator import LeCAM, ResBlock, StyleGANDiscriminator  # noqa: E402
 from errors import run_main  # noqa: E402
 from textok import TexTok  # noqa: E402
-from train import discriminator_step, generator_step  # noqa: E402
+from steps import discriminator_step, generator_step  # noqa: E402
 
 
 def parse_args(argv=None):

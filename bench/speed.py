@@ -10,7 +10,7 @@ On CUDA both DiTs run compiled with CUDA graphs (torch.compile mode="reduce-over
 sampling is compute-bound, not launch-bound. "speed-up / FLOP ratio" divides the measured generation speed-up by the
 ratio of generation FLOPs per image (matmul, conv and attention FLOPs counted by torch.utils.flop_counter): 1.0 is
 the speed-up the FLOPs alone allow.
-Training: images/s and peak memory of one TexTok training step (train.generator_step: l2 loss, Adam, App. C)
+Training: images/s and peak memory of one TexTok training step (steps.generator_step: l2 loss, Adam, App. C)
 beside the identical architecture built from `timm` ViT `Block`s (a bench-only dependency: pip install timm); ours
 should be at least as fast. On CUDA, model FLOPs utilisation (MFU) of TexTok-Base in bf16 as well.
 
@@ -46,7 +46,7 @@ from files import atomic_write, save_json  # noqa: E402
 from text_encoder import TextEncoder  # noqa: E402
 from textok import TexTok  # noqa: E402
 from tokenizer import patchify, unpatchify  # noqa: E402
-from train import generator_step  # noqa: E402
+from steps import generator_step  # noqa: E402
 
 
 # Flag defaults: a CPU run of a few minutes, or the paper's sizes (Table 5 / Fig. 4: TexTok-Base, DiT-XL,
@@ -231,7 +231,7 @@ def train_flops_per_image(cfg: TexTokConfig) -> float:
 
 def training_row(name: str, build, cfg: TexTokConfig, args, device, precision: str) -> dict:
     """Images/s (best of `repeats` blocks of `train_steps` steps, after a warm-up step) and peak memory of training
-    the model `build()` returns on random images and text (train.generator_step: l2 loss, Adam with App. C's betas)."""
+    the model `build()` returns on random images and text (steps.generator_step: l2 loss, Adam with App. C's betas)."""
     B = args.train_batch_size
     precision = "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
     gen = torch.Generator().manual_seed(0)
@@ -300,7 +300,7 @@ def tables(inference: list, training: list, args) -> str:
         lines.append(f"| {r['size']} | {r['system']} | {r['tokens']} | {fmt(r['text'])} | {fmt(r['tokenize'])} | "
                      f"{fmt(r['detokenize'])} | {fmt(r['dit'])} | {fmt(r['tokenization'])} | {fmt(r['generation'])} | "
                      f"{r['generation_flops'] / 1e9:.4g} | {r['speedup']:.2f}x | {r['speedup_per_flop_ratio']:.2f} |")
-    lines += ["", "Tokenizer training throughput (train.generator_step before disc_start: forward, l2 loss, backward, "
+    lines += ["", "Tokenizer training throughput (steps.generator_step before disc_start: forward, l2 loss, backward, "
               "clipping, Adam):", "",
               "| model | px | tokens | batch | precision | params (M) | images/s | peak memory (GiB) | MFU | "
               "vs timm |", "|" + "---|" * 10]

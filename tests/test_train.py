@@ -421,7 +421,7 @@ def test_lazy_r1_flag(tmp_path, text_cache):
 
 def test_stage1_steps_reproduce_recorded_losses(tmp_path, text_cache):
     """Two GAN steps from seed 0 give the losses and LeCAM EMAs recorded before the stage-1 step became
-    train.generator_step / train.discriminator_step (the LeCAM penalty reads the EMAs before this step's update)."""
+    steps.generator_step / steps.discriminator_step (the LeCAM penalty reads the EMAs before this step's update)."""
     out = tmp_path / "run"
     train.main(base_args(out, text_cache, *GAN_ON))
     rows = [r for r in log_rows(out) if "l2" in r]
