@@ -1,4 +1,6 @@
-"""FID in a domain feature space, and class / caption accuracy, for the embedded shapes set (data.py).
+"""Classifiers of the embedded sets (embedded_sets.py), trained once by one trainer (`fit`) and cached: FID in their
+feature space, and class / caption accuracy of samples. The shapes set's classifier (`ShapesClassifier`, the
+`domain.py` command below) and the one-object sets' (`ObjectClassifier`, the benches' "object FID").
 
     python domain.py SAMPLE.npz --classes-in-turn       # domain FID against real held-out images, class accuracy
     python domain.py SAMPLE.npz --ref REF.npz --captions samples/captions.txt   # against REF.npz; caption accuracy
@@ -22,7 +24,6 @@ as safetensors in CACHE/domain/.
 import argparse
 import hashlib
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,25 +35,13 @@ import torch.nn.functional as F
 
 import metrics
 from distributed import autocast
-from embedded_sets import COLORS, SHAPES, SIZES, ShapesDataset, _place, render
+from embedded_sets import COLORS, OBJECT_SETS, SHAPES, SIZES, ObjectDataset, ShapesDataset, read_caption, render
 from errors import MissingInput, run_main
 from files import load_state, load_tensors, save_tensors
 
 
 CELLS = 9  # data.make_scene's 3x3 grid, row-major
 NO_SHAPE, NO_COLOUR = len(SHAPES), len(COLORS)  # the class of an empty cell, after the shapes / colours
-PLACES = {_place(row, col): 3 * row + col for row in range(3) for col in range(3)}  # caption phrase -> cell
-
-
-def _alternatives(words) -> str:
-    """A regex group matching any of `words`, the longest first ("at the top left" before "at the top")."""
-    return "(" + "|".join(sorted(words, key=len, reverse=True)) + ")"
-
-
-FIRST_OBJECT = re.compile(f"an? {_alternatives(SIZES)} {_alternatives(COLORS)} {_alternatives(SHAPES)} "
-                          f"{_alternatives(PLACES)}")  # data.caption's "a {size} {colour} {shape} {place}"
-
-
 @dataclass(frozen=True)
 class DomainSettings:
     """Everything the cached classifier depends on; its cache key."""
@@ -133,25 +122,14 @@ def rendered(split: str, size: int, num_images: int, seed: int = 0):
     return np.stack([render(scene, size) for scene in data.scenes]), data
 
 
-@torch.random.fork_rng(devices=[])
-def train_classifier(settings: DomainSettings) -> ShapesClassifier:
-    """Trains the classifier on the train split (AdamW, one-cycle schedule, bfloat16 autocast), seeded by
-    settings.seed. Cross-entropy on each cell's shape and colour, plus the same on each position of the trunk's
-    map: an object then teaches the trunk at every position it covers, not only through its cell."""
-    images, data = rendered("train", settings.image_size, settings.num_images, settings.seed)
-    images, wanted = torch.from_numpy(images), targets(data.scenes)
-    torch.manual_seed(settings.seed)  # the caller's random state comes back afterwards (fork_rng)
-    model = ShapesClassifier(settings.width).train()
-    opt = torch.optim.AdamW(model.parameters(), settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=settings.steps, pct_start=0.15)
-    for _ in range(settings.steps):
-        idx = torch.randint(len(images), (settings.batch_size,))
-        with autocast("cpu", "bf16"):
-            h = model.encode(images[idx])
-            _, shape_logits, colour_logits = model.read_cells(h)
-            logits = [shape_logits.transpose(1, 2), colour_logits.transpose(1, 2),  # all [B, classes, ...]
-                      *model.dense(h).split([NO_SHAPE + 1, NO_COLOUR + 1], 1)]
-        loss = sum(F.cross_entropy(z.float(), t[idx]) for z, t in zip(logits, wanted))
+def fit(model: nn.Module, batch_loss, steps: int, lr: float, weight_decay: float) -> nn.Module:
+    """The one trainer of the embedded sets' classifiers: AdamW with a one-cycle schedule (15% warm-up), `steps`
+    steps on `batch_loss(model)`, then eval mode."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
+    for _ in range(steps):
+        loss = batch_loss(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -159,17 +137,42 @@ def train_classifier(settings: DomainSettings) -> ShapesClassifier:
     return model.eval()
 
 
-def load_classifier(settings: DomainSettings = DomainSettings(), cache_dir="cache", device="cpu") -> ShapesClassifier:
-    """The classifier for `settings` on `device`: from its file under cache_dir/domain/, else trained now (on the CPU)
-    and saved there."""
-    path = settings.path(cache_dir)
+def cached(path: Path, build, train, device) -> nn.Module:
+    """A classifier from its safetensors file `path` (weights into `build()`), else `train()`ed now on the CPU and
+    saved there; frozen, on `device`."""
     if path.is_file():
-        model = ShapesClassifier(settings.width)
+        model = build()
         load_state(model, load_tensors(path), path)
     else:
-        model = train_classifier(settings)
+        model = train()
         save_tensors(model.state_dict(), path)
     return model.eval().requires_grad_(False).to(device)
+
+
+@torch.random.fork_rng(devices=[])
+def train_classifier(settings: DomainSettings) -> ShapesClassifier:
+    """Trains the shapes classifier on the train split (bfloat16 autocast), seeded by settings.seed. Cross-entropy on
+    each cell's shape and colour, plus the same on each position of the trunk's map: an object then teaches the trunk
+    at every position it covers, not only through its cell."""
+    images, data = rendered("train", settings.image_size, settings.num_images, settings.seed)
+    images, wanted = torch.from_numpy(images), targets(data.scenes)
+    torch.manual_seed(settings.seed)  # the caller's random state comes back afterwards (fork_rng)
+
+    def batch_loss(model):
+        idx = torch.randint(len(images), (settings.batch_size,))
+        with autocast("cpu", "bf16"):
+            h = model.encode(images[idx])
+            _, shape_logits, colour_logits = model.read_cells(h)
+            logits = [shape_logits.transpose(1, 2), colour_logits.transpose(1, 2),  # all [B, classes, ...]
+                      *model.dense(h).split([NO_SHAPE + 1, NO_COLOUR + 1], 1)]
+        return sum(F.cross_entropy(z.float(), t[idx]) for z, t in zip(logits, wanted))
+    return fit(ShapesClassifier(settings.width), batch_loss, settings.steps, settings.lr, weight_decay=0.0)
+
+
+def load_classifier(settings: DomainSettings = DomainSettings(), cache_dir="cache", device="cpu") -> ShapesClassifier:
+    """The shapes classifier for `settings` on `device`, cached under cache_dir/domain/."""
+    return cached(settings.path(cache_dir), lambda: ShapesClassifier(settings.width), lambda: train_classifier(settings),
+                  device)
 
 
 def class_accuracy(shape_logits, labels) -> float:
@@ -178,18 +181,10 @@ def class_accuracy(shape_logits, labels) -> float:
     return float((np.asarray(shape_logits).argmax(-1) == np.asarray(labels)[:, None]).any(1).mean())
 
 
-def first_object(caption: str) -> tuple:
-    """(shape index, colour index, cell) of the first object a data.caption-style caption names."""
-    match = FIRST_OBJECT.search(caption)
-    if match is None:
-        raise ValueError(f"caption names no object as the embedded set does (a SIZE COLOUR SHAPE PLACE): {caption!r}")
-    _, colour, shape, place = match.groups()
-    return SHAPES.index(shape), list(COLORS).index(colour), PLACES[place]
-
-
 def caption_accuracy(shape_logits, colour_logits, captions) -> tuple:
     """(shape, colour) accuracy of the first object each caption names, read in the cell the caption places it in."""
-    shape, colour, cell = np.array([first_object(c) for c in captions]).reshape(-1, 3).T
+    read = [read_caption(c) for c in captions]
+    shape, colour, cell = (np.array([r[k] for r in read], dtype=int) for k in ("label", "colour", "cell"))
     image = np.arange(len(cell))
     return (float((np.asarray(shape_logits).argmax(-1)[image, cell] == shape).mean()),
             float((np.asarray(colour_logits).argmax(-1)[image, cell] == colour).mean()))
@@ -240,6 +235,82 @@ def evaluate_domain(ref_path, sample_path, classes_in_turn: bool = False, captio
         report["Caption shape accuracy"], report["Caption colour accuracy"] = caption_accuracy(
             features["shape"], features["colour"], captions)
     return report
+
+
+# ------------------------------------------------------------------ one-object sets (glyphs, shape): the object
+class ObjectClassifier(torch.nn.Module):
+    """uint8 [B, H, W, 3] -> (logits [B, classes], pooled features [B, 4 x width]): which object of a one-object set
+    (data.OBJECT_SETS) an image holds, and the feature space of its Fréchet distance (object_sample_report)."""
+    outputs = ("logits", "features")  # the names metrics.compute_features gives them
+
+    def __init__(self, classes: int, width: int = 16):
+        super().__init__()
+        layers, cin = [], 3
+        for cout, stride in ((width, 1), (2 * width, 2), (2 * width, 1), (4 * width, 2), (4 * width, 1)):
+            layers += [torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout),
+                       torch.nn.ReLU()]
+            cin = cout
+        self.net = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                       torch.nn.Linear(cin, classes))
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+        features = self.net[:-1](torch.nn.functional.interpolate(x, size=32, mode="bilinear", antialias=True))
+        return self.net[-1](features), features
+
+
+def blurred(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of uint8 [B, H, W, 3] squeezed to a random side in 8..H and enlarged back (bilinear), as uint8:
+    the classifier learns to read blurry reconstructions, not only sharp originals."""
+    out = []
+    for img in x.permute(0, 3, 1, 2).float():
+        k = int(torch.randint(8, x.shape[1] + 1, (1,), generator=generator))
+        small = torch.nn.functional.interpolate(img[None], size=k, mode="bilinear", antialias=True)
+        out.append(torch.nn.functional.interpolate(small, size=x.shape[1], mode="bilinear"))
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+@torch.random.fork_rng(devices=[])
+def object_classifier(family: str, cache_dir="cache", device="cpu", num_images: int = 8192, steps: int = 600,
+                      batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> ObjectClassifier:
+    """A classifier of the object in `family`'s images, trained once on its "pool" split (never a run's train or
+    validation images; half of each batch blurred), seeded, and cached under cache_dir/bench/."""
+    key = hashlib.sha1(f"{family}|{num_images}|{steps}|{batch_size}|{lr}|{seed}|v2".encode()).hexdigest()[:12]
+    path = Path(cache_dir) / "bench" / f"object-classifier-{family}-{key}.safetensors"
+
+    def train():
+        pool = ObjectDataset(family, "pool", 32, num_images, seed)
+        images, labels = torch.from_numpy(pool.images), torch.as_tensor(pool.labels)
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+
+        def batch_loss(model):
+            idx = torch.randint(len(images), (batch_size,), generator=gen)
+            x = images[idx]
+            x[: batch_size // 2] = blurred(x[: batch_size // 2], gen)
+            return F.cross_entropy(model(x)[0], labels[idx])
+        return fit(ObjectClassifier(len(OBJECT_SETS[family])), batch_loss, steps, lr, weight_decay=0.01)
+    return cached(path, lambda: ObjectClassifier(len(OBJECT_SETS[family])), train, device)
+
+
+def object_sample_report(samples: np.ndarray, family: str, labels=None, captions=None, cache_dir="cache",
+                         device="cpu", batch_size: int = 64) -> dict:
+    """Generation metrics of samples (uint8 [N, H, W, 3]) of a one-object set, in its classifier (object_classifier):
+    "Object FID", the Fréchet distance of the classifier's pooled features to as many real held-out images (like
+    domain.py's domain FID: comparable within one table, never FID-Inception); class accuracy against `labels`; for
+    T2I, the share of samples whose object is the one their caption names."""
+    classifier = object_classifier(family, cache_dir, device)
+    real = ObjectDataset(family, "val", samples.shape[1], len(samples)).images
+    ours, theirs = (metrics.compute_features(classifier, x, batch_size, progress=False) for x in (samples, real))
+    report = {"Object FID": metrics.frechet_distance(*metrics.feature_statistics(ours["features"]),
+                                                     *metrics.feature_statistics(theirs["features"]))}
+    found = ours["logits"].argmax(1)
+    if labels is not None:
+        report["Class accuracy"] = float((found == np.asarray(labels)).mean())
+    if captions is not None:
+        report["Caption object accuracy"] = float((found == [read_caption(c, family)["label"] for c in captions]).mean())
+    return report
+
 
 
 def main(argv=None):

@@ -9,6 +9,7 @@ sampling, §3.2); `ShuffledCaptions` is the shuffled-caption control. Splits dra
 validation and the caption pool never share a seed.
 """
 import math
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -193,6 +194,41 @@ def object_caption(scene: dict, style: str = "full") -> str:
     if style == "short":
         return f"A {scene['colour']} {name}."
     return f"A {scene['colour']} {name} {scene['place']}, on a {scene['background']} background."
+
+
+# --------------------------------------------------------------------------- captions read back (the classifiers)
+PLACES = {_place(row, col): 3 * row + col for row in range(3) for col in range(3)}  # caption phrase -> cell
+
+
+def _alternatives(words) -> str:
+    """A regex group matching any of `words`, the longest first ("at the top left" before "at the top")."""
+    return "(" + "|".join(sorted(words, key=len, reverse=True)) + ")"
+
+
+FIRST_OBJECT = re.compile(f"an? {_alternatives(SIZES)} {_alternatives(COLORS)} {_alternatives(SHAPES)} "
+                          f"{_alternatives(PLACES)}")  # `caption`'s "a {size} {colour} {shape} {place}"
+
+
+def read_caption(text: str, family: str = "shapes") -> dict:
+    """The inverse of `caption` / `object_caption`: what a caption of the set `family` says of its first object.
+    shapes (a "full" caption): {"label": shape index, "colour": colour index, "cell": 3x3 cell}; a one-object set
+    (any style): {"label": the object's index in OBJECT_SETS[family]}. A caption not in the set's style is an
+    InputError."""
+    if family == "shapes":
+        match = FIRST_OBJECT.search(text)
+        if match is None:
+            raise InputError(f"caption names no object as the embedded set does (a SIZE COLOUR SHAPE PLACE): "
+                             f"{text!r}")
+        _, colour, shape, place = match.groups()
+        return {"label": SHAPES.index(shape), "colour": list(COLORS).index(colour), "cell": PLACES[place]}
+    words, objects = text.rstrip(".").replace(",", "").split(), OBJECT_SETS[family]
+    if family == "glyphs":  # "... letter B ..." / "... digit 7 ..."
+        found = [words[i + 1] for i, w in enumerate(words[:-1]) if w in ("letter", "digit")]
+    else:
+        found = [w for w in words if w in objects]
+    if not found or found[0] not in objects:
+        raise InputError(f"caption names no object of the {family} set: {text!r}")
+    return {"label": objects.index(found[0])}
 
 
 _FONTS = {}

@@ -4,7 +4,7 @@ generation half, Table 3 at small scale).
 For each token count N and each tokenizer variant: train the tokenizer (train.py, as bench/text_conditioning.py),
 train a class-conditional DiT and a DiT-T2I over its tokens, sample both with sample.py, and measure the samples
 in the feature space of a small classifier of the embedded set (never FID-Inception, comparable only within this
-table): on a one-object set (glyphs, shape; harness.object_sample_report) the "object FID" against real held-out
+table): on a one-object set (glyphs, shape; domain.object_sample_report) the "object FID" against real held-out
 images, the class accuracy of class-conditional samples and, for T2I, whether the sample shows the object its
 caption names; on the shapes set domain.evaluate_domain's domain FID, class accuracy and caption shape / colour
 accuracy. Writes, in --out/<set>: results.json, results.md (the table), fid.png (FID against N), runs/.
@@ -24,7 +24,8 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
-from harness import line_plot, machine, object_sample_report, schedule_epochs, tokenizer_argv, train_run  # noqa: E402
+from domain import object_sample_report  # noqa: E402
+from harness import line_plot, machine, schedule_epochs, tokenizer_argv, train_run  # noqa: E402
 
 import domain  # noqa: E402
 from data import make_datasets  # noqa: E402

@@ -28,7 +28,6 @@ import domain  # noqa: E402
 import metrics  # noqa: E402
 from conditions import Conditioned, collate  # noqa: E402
 from data import make_datasets  # noqa: E402
-from embedded_sets import OBJECT_SETS, ObjectDataset  # noqa: E402
 from files import atomic_write, load_json, save_json  # noqa: E402
 from images import to_uint8  # noqa: E402
 from textok import TexTok  # noqa: E402
@@ -187,70 +186,6 @@ def region_psnr(real: np.ndarray, rec: np.ndarray, masks: np.ndarray, threshold:
     return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
 
 
-class ObjectClassifier(torch.nn.Module):
-    """uint8 [B, H, W, 3] -> (logits [B, classes], pooled features [B, 4 x width]): which object of a one-object set
-    (data.OBJECT_SETS) an image holds, and the feature space of its Fréchet distance (object_sample_report)."""
-    outputs = ("logits", "features")  # the names metrics.compute_features gives them
-
-    def __init__(self, classes: int, width: int = 16):
-        super().__init__()
-        layers, cin = [], 3
-        for cout, stride in ((width, 1), (2 * width, 2), (2 * width, 1), (4 * width, 2), (4 * width, 1)):
-            layers += [torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False), torch.nn.BatchNorm2d(cout),
-                       torch.nn.ReLU()]
-            cin = cout
-        self.net = torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                       torch.nn.Linear(cin, classes))
-
-    def forward(self, images):
-        x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
-        features = self.net[:-1](torch.nn.functional.interpolate(x, size=32, mode="bilinear", antialias=True))
-        return self.net[-1](features), features
-
-
-def blurred(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image of uint8 [B, H, W, 3] squeezed to a random side in 8..H and enlarged back (bilinear), as uint8:
-    the classifier learns to read blurry reconstructions, not only sharp originals."""
-    out = []
-    for img in x.permute(0, 3, 1, 2).float():
-        k = int(torch.randint(8, x.shape[1] + 1, (1,), generator=generator))
-        small = torch.nn.functional.interpolate(img[None], size=k, mode="bilinear", antialias=True)
-        out.append(torch.nn.functional.interpolate(small, size=x.shape[1], mode="bilinear"))
-    return torch.cat(out).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-@torch.random.fork_rng(devices=[])
-def object_classifier(family: str, cache_dir="cache", device="cpu", num_images: int = 8192, steps: int = 600,
-                      batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> ObjectClassifier:
-    """A classifier of the object in `family`'s images, trained once on its "pool" split (never a run's train or
-    validation images; half of each batch blurred) and cached under cache_dir/bench/."""
-    from files import load_state, load_tensors, save_tensors
-    key = hashlib.sha1(f"{family}|{num_images}|{steps}|{batch_size}|{lr}|{seed}".encode()).hexdigest()[:12]
-    path = Path(cache_dir) / "bench" / f"object-classifier-{family}-{key}.safetensors"
-    model = ObjectClassifier(len(OBJECT_SETS[family]))
-    if path.is_file():
-        load_state(model, load_tensors(path), path)
-        return model.eval().requires_grad_(False).to(device)
-    pool = ObjectDataset(family, "pool", 32, num_images, seed)
-    images, labels = torch.from_numpy(pool.images), torch.as_tensor(pool.labels)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.15)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(len(images), (batch_size,), generator=gen)
-        x = images[idx]
-        x[: batch_size // 2] = blurred(x[: batch_size // 2], gen)
-        loss = torch.nn.functional.cross_entropy(model(x)[0], labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
-    save_tensors(model.state_dict(), path)
-    return model.eval().requires_grad_(False).to(device)
-
-
 def set_classifier(args, device):
     """The class-accuracy classifier of the run's data: domain.py's for the shapes set, object_classifier for a
     one-object set, None for a --data folder."""
@@ -258,35 +193,7 @@ def set_classifier(args, device):
         return None
     if getattr(args, "set", "shapes") == "shapes":
         return domain.load_classifier(domain.DomainSettings(), args.cache_dir, device)
-    return object_classifier(args.set, args.cache_dir, device)
-
-
-def caption_object(caption: str, family: str) -> int:
-    """The class (index in data.OBJECT_SETS[family]) of the object a one-object caption names (data.object_caption)."""
-    words = caption.rstrip(".").replace(",", "").split()
-    if family == "glyphs":  # "... letter B ..." / "... digit 7 ..."
-        at = next(i for i, w in enumerate(words) if w in ("letter", "digit"))
-        return OBJECT_SETS[family].index(words[at + 1])
-    return next(OBJECT_SETS[family].index(w) for w in words if w in OBJECT_SETS[family])
-
-
-def object_sample_report(samples: np.ndarray, family: str, labels=None, captions=None, cache_dir="cache",
-                         device="cpu", batch_size: int = 64) -> dict:
-    """Generation metrics of samples (uint8 [N, H, W, 3]) of a one-object set, in its classifier (object_classifier):
-    "Object FID", the Fréchet distance of the classifier's pooled features to as many real held-out images (like
-    domain.py's domain FID: comparable within one table, never FID-Inception); class accuracy against `labels`; for
-    T2I, the share of samples whose object is the one their caption names."""
-    classifier = object_classifier(family, cache_dir, device)
-    real = ObjectDataset(family, "val", samples.shape[1], len(samples)).images
-    ours, theirs = (metrics.compute_features(classifier, x, batch_size, progress=False) for x in (samples, real))
-    report = {"Object FID": metrics.frechet_distance(*metrics.feature_statistics(ours["features"]),
-                                                     *metrics.feature_statistics(theirs["features"]))}
-    found = ours["logits"].argmax(1)
-    if labels is not None:
-        report["Class accuracy"] = float((found == np.asarray(labels)).mean())
-    if captions is not None:
-        report["Caption object accuracy"] = float((found == [caption_object(c, family) for c in captions]).mean())
-    return report
+    return domain.object_classifier(args.set, args.cache_dir, device)
 
 
 def recon_class_accuracy(classifier, images: np.ndarray, labels, batch_size: int):

@@ -9,6 +9,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import domain  # noqa: E402
 import harness  # noqa: E402
 from harness import mean_over_seeds, recon_class_accuracy  # noqa: E402
 
@@ -98,13 +99,13 @@ def test_runs_are_cached_by_arguments_and_by_the_code_they_import(tmp_path):
     assert count() == 4 and (tmp_path / "second" / "bench_run.json").is_file()  # only the new run
 
 
-def test_caption_object_reads_back_the_object_every_caption_names():
-    from embedded_sets import CAPTION_STYLES, OBJECT_SETS, make_object_scene, object_caption
+def test_read_caption_reads_back_the_object_every_caption_names():
+    from embedded_sets import CAPTION_STYLES, OBJECT_SETS, make_object_scene, object_caption, read_caption
     for family, objects in OBJECT_SETS.items():
         for label, name in enumerate(objects):
             scene = {**make_object_scene(np.random.default_rng(label), family), "object": name}
             for style in CAPTION_STYLES:
-                assert harness.caption_object(object_caption(scene, style), family) == label
+                assert read_caption(object_caption(scene, style), family) == {"label": label}
 
 
 class TopLeftPixelIsTheClass(torch.nn.Module):
@@ -122,15 +123,15 @@ class TopLeftPixelIsTheClass(torch.nn.Module):
 
 def test_object_sample_report_scores_class_caption_and_distance(monkeypatch):
     from embedded_sets import ObjectDataset, object_caption
-    monkeypatch.setattr(harness, "object_classifier", lambda *a, **k: TopLeftPixelIsTheClass())
+    monkeypatch.setattr(domain, "object_classifier", lambda *a, **k: TopLeftPixelIsTheClass())
     real = ObjectDataset("glyphs", "val", 32, 40)
-    same = harness.object_sample_report(real.images.copy(), "glyphs")
+    same = domain.object_sample_report(real.images.copy(), "glyphs")
     assert same == {"Object FID": pytest.approx(0.0, abs=1e-6)}  # the real images themselves
     samples = real.images.copy()
     labels = np.arange(40) % 36
     samples[:, 0, 0, 0] = labels
     samples[:10, 0, 0, 0] = (labels[:10] + 1) % 36  # 10 of 40 of another class
     scenes = [{**s, "object": "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[c]} for s, c in zip(real.scenes, labels)]
-    report = harness.object_sample_report(samples, "glyphs", labels, [object_caption(s) for s in scenes])
+    report = domain.object_sample_report(samples, "glyphs", labels, [object_caption(s) for s in scenes])
     assert report["Class accuracy"] == report["Caption object accuracy"] == 0.75
     assert report["Object FID"] > 0

@@ -9,7 +9,7 @@ import torch
 
 import domain
 import metrics
-from embedded_sets import COLORS, SHAPES, caption, make_scene
+from embedded_sets import COLORS, SHAPES, caption, make_scene, read_caption
 from errors import InputError
 
 
@@ -69,17 +69,17 @@ def test_training_is_seeded_and_leaves_the_callers_random_state_alone():
         torch.testing.assert_close(trained[1][key], value, rtol=0, atol=0)
 
 
-def test_first_object_reads_shape_colour_and_cell_of_a_caption():
+def test_read_caption_gives_shape_colour_and_cell_of_the_first_object():
     cells = set()
     for seed in range(40):
         scene = make_scene(np.random.default_rng(seed))
         o = scene["objects"][0]
         cells.add(3 * o["row"] + o["col"])
-        assert domain.first_object(caption(scene)) == (SHAPES.index(o["shape"]), list(COLORS).index(o["colour"]),
-                                                       3 * o["row"] + o["col"])
+        assert read_caption(caption(scene)) == {"label": SHAPES.index(o["shape"]),
+                                                "colour": list(COLORS).index(o["colour"]), "cell": 3 * o["row"] + o["col"]}
     assert len(cells) == 9  # every place phrase, "at the top left" as much as "at the top"
-    with pytest.raises(ValueError, match="names no object"):
-        domain.first_object("A photo of a dog.")
+    with pytest.raises(InputError, match="names no object"):
+        read_caption("A photo of a dog.")
 
 
 def one_hot(classes, n):
