@@ -113,14 +113,13 @@ class Diffusion:
         device: it is as fast as model_fn.
         """
         ts = torch.tensor(self.sample_timesteps(steps), device=device)
-        a = self.alphas_cumprod_on(device)[ts]  # ᾱ_t, then ᾱ_prev = ᾱ of the next (smaller) timestep
+        a = self.alphas_cumprod_on(device)[ts]  # ᾱ_prev = ᾱ of the next (smaller) timestep
         a_prev = torch.cat([a[1:], a.new_ones(1)])
-        sqrt_a, sqrt_1ma, sqrt_a_prev, sqrt_1ma_prev = (c.sqrt().float() for c in (a, 1 - a, a_prev, 1 - a_prev))
+        sqrt_a_prev, sqrt_1ma_prev = a_prev.sqrt().float(), (1 - a_prev).sqrt().float()
         t_batch = ts[:, None].repeat(1, shape[0])  # row i: timestep i for every sample, [B] contiguous
         x = torch.randn(shape, generator=generator, device=device) if noise is None else noise.float()
         for i in tqdm(range(len(ts)), disable=not progress, desc="DDIM"):
             v = model_fn(x, t_batch[i]).float()
-            x0 = sqrt_a[i] * x - sqrt_1ma[i] * v  # x0_from_v
-            eps = sqrt_1ma[i] * x + sqrt_a[i] * v  # eps_from_v
+            x0, eps = self.x0_from_v(x, v, t_batch[i]), self.eps_from_v(x, v, t_batch[i])
             x = sqrt_a_prev[i] * x0 + sqrt_1ma_prev[i] * eps
         return x

@@ -18,6 +18,7 @@ import warnings
 import zipfile
 import zlib
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from errors import InputError, MissingInput
+from files import load_json
 from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, InceptionFeatures,  # noqa: F401 (re-exported)
                        PREPROCESS, SPATIAL_CHANNELS, inception_path, load_inception)
 
@@ -368,13 +370,28 @@ def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, de
 # ---------------------------------------------------------------------------------------------------------------------
 # Reconstruction evaluation (§4.2: rFID, rIS, PSNR, SSIM, LPIPS on 50K ImageNet training images)
 
+def training_data(tokenizer) -> dict:
+    """`data.make_datasets`'s arguments for the data a tokenizer exported by train.py (OUT/tokenizer) was trained on,
+    from its run's OUT/config.json: the folder, or the embedded set with its caption style and the shuffle control;
+    {} for a tokenizer without one (the embedded shapes set)."""
+    path = Path(tokenizer).parent / "config.json"
+    run = load_json(path) if Path(tokenizer).is_dir() and path.is_file() else {}
+    if run.get("stage") != "tokenizer":
+        return {}
+    if run.get("data", "embedded") != "embedded":
+        return {"data": run["data"]}
+    return {"family": run.get("set", "shapes"), "captions": run.get("captions", "full"),
+            "shuffle_captions": run.get("shuffle_captions", False)}
+
+
 @torch.inference_mode()
 def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_images: int = 50_000,
-                            batch_size: int = 64, inception=None, lpips_net: str = "alex", text_cache="cache",
+                            batch_size: int = 64, inception=None, lpips_net: str = "alex", cache_dir="cache",
                             device="cpu", preprocess: str = "tf", skipped: list | None = None) -> dict:
-    """Encodes and decodes `num_images` images of the dataset with a TexTok checkpoint; rFID compares the Inception
-    statistics of reconstructions and originals, rIS is the IS of the reconstructions. Missing weights (Inception,
-    the LPIPS backbone) are an error; with a list `skipped`, their metrics are left out and named there with why."""
+    """Encodes and decodes `num_images` images with a TexTok checkpoint: of `data`, else of the data it was trained
+    on (`training_data`); rFID compares the Inception statistics of reconstructions and originals, rIS is the IS of
+    the reconstructions. Missing weights (Inception, the LPIPS backbone) are an error; with a list `skipped`, their
+    metrics are left out and named there with why."""
     from conditions import Conditioned, collate
     from data import make_datasets
     from images import to_uint8  # the model code is imported here so metrics.py imports without it
@@ -391,8 +408,10 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
 
     tok = TexTok.from_pretrained(tokenizer, map_location=device).eval()
     cfg = tok.cfg
-    dataset = make_datasets(data, size=cfg.image_size, num_images=num_images)[0 if split == "train" else 1]
-    dataset = Conditioned.for_model(dataset, cfg, text_cache, device)  # the cache train.py fills
+    trained_on = training_data(tokenizer)
+    data = trained_on.pop("data", None) if data is None else data
+    dataset = make_datasets(data, size=cfg.image_size, num_images=num_images, **trained_on)[split == "val"]
+    dataset = Conditioned.for_model(dataset, cfg, cache_dir, device)  # the cache train.py fills
     dataset = torch.utils.data.Subset(dataset, range(min(num_images, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1),
                                          collate_fn=collate)
@@ -426,10 +445,12 @@ def main(argv=None):
     parser.add_argument("ref_batch", nargs="?", help="reference batch .npz (ADM format: arr_0 uint8 [N, H, W, 3])")
     parser.add_argument("sample_batch", nargs="?", help="sample batch .npz (ADM format)")
     parser.add_argument("--tokenizer", help="TexTok checkpoint directory: evaluate its reconstructions instead")
-    parser.add_argument("--data", help="JSONL image folder for --tokenizer (default: the embedded dataset)")
+    parser.add_argument("--data", help="JSONL image folder for --tokenizer (default: the data it was trained on)")
     parser.add_argument("--split", default="train", choices=["train", "val"], help="§4.2 uses training images")
     parser.add_argument("--num-images", type=int, default=50_000, help="§4.2: 50K images")
-    parser.add_argument("--text-cache", default="cache", help="--tokenizer: the cache folder train.py filled (--cache-dir)")
+    parser.add_argument("--cache-dir", "--text-cache", dest="cache_dir", default="cache",
+                        help="--tokenizer: the cache folder train.py filled (--text-cache: its old name, for one "
+                             "release)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--inception", help=f"{INCEPTION_FILE} path (default: ${INCEPTION_ENV}, else the torch "
                                             "hub cache)")
@@ -449,7 +470,7 @@ def main(argv=None):
     try:
         if args.tokenizer:
             report = evaluate_reconstruction(args.tokenizer, args.data, args.split, args.num_images, args.batch_size,
-                                             args.inception, args.lpips_net, args.text_cache, args.device,
+                                             args.inception, args.lpips_net, args.cache_dir, args.device,
                                              args.preprocess, skipped)
         else:
             report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device,

@@ -424,3 +424,26 @@ def test_tokenizer_report_without_weights_gives_psnr_ssim_and_names_what_was_ski
     with pytest.raises(SystemExit) as err:
         metrics.main(argv + ["--strict"])
     assert str(err.value.code).startswith("error: FID Inception weights") and "domain.py" in str(err.value.code)
+
+
+def test_tokenizer_is_scored_on_the_set_it_was_trained_on(tmp_path, monkeypatch):
+    """`--tokenizer OUT/tokenizer` reads OUT/config.json: a tokenizer trained on glyphs is scored on glyph images (its
+    PSNR is that of glyph reconstructions), not on the shapes set."""
+    from conftest import tiny_config
+    from embedded_sets import ObjectDataset
+    from files import save_json
+    from images import to_uint8
+    from textok import TexTok
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+    torch.manual_seed(0)
+    model = TexTok(tiny_config(conditioning="none")).eval()
+    model.save_pretrained(tmp_path / "run" / "tokenizer")
+    save_json({"stage": "tokenizer", "data": "embedded", "set": "glyphs", "captions": "full",
+               "shuffle_captions": False}, tmp_path / "run" / "config.json")
+    report = metrics.evaluate_reconstruction(tmp_path / "run" / "tokenizer", num_images=8, batch_size=8,
+                                             cache_dir=tmp_path / "cache", skipped=[])
+    glyphs = torch.stack([ObjectDataset("glyphs", "train", 32, 8)[i]["image"] for i in range(8)])
+    with torch.no_grad():
+        expected = metrics.psnr(to_uint8(glyphs), to_uint8(model.decode(model.encode(glyphs))))
+    assert report["PSNR"] == pytest.approx(expected, rel=1e-6)
