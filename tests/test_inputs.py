@@ -236,6 +236,16 @@ def _inception(write):
     return make
 
 
+def _lpips_trunk(write):
+    def make(tmp, models):
+        path = tmp / "torch_home" / "hub" / "checkpoints" / metrics.LPIPS_TRUNKS["alex"]
+        path.parent.mkdir(parents=True)
+        write(path)
+        return "metrics", ["--tokenizer", str(models / "tok_class"), "--num-images", "4", "--batch-size", "4",
+                           "--text-cache", str(tmp / "cache"), "--device", "cpu"], path
+    return make
+
+
 def _write(data: bytes):
     return lambda path: path.write_bytes(data) and path
 
@@ -300,6 +310,9 @@ BAD_INPUTS = [
     ("inception-other-weights", _inception(_torch_save({"fc.weight": torch.zeros(3)})),
      "checkpoint does not fit this model"),
     ("inception-a-tensor", _inception(_torch_save(torch.zeros(3))), "holds a Tensor, not the FID Inception's state"),
+    # the LPIPS trunk in the torch hub cache ($TORCH_HOME is tmp/torch_home)
+    ("lpips-trunk-not-torchvisions", _lpips_trunk(_torch_save({"features.0.weight": torch.zeros(3)})),
+     "does not match the 7be5be79 in its name (not the file torchvision publishes)"),
     # config.json
     ("config-wrong-type", _tok_config(lambda c: c.update(image_size="32")),
      "TexTokConfig.image_size: expected int, got '32' (str)"),
@@ -339,6 +352,7 @@ ENTRY = {"train": train.main, "sample": sample.main, "metrics": metrics.main}
 def test_bad_input_is_one_line(tmp_path, monkeypatch, models, capsys, make, problem):
     """The entry point exits 1 with one line `error: <file>: ...` stating the problem, and writes nothing."""
     monkeypatch.setenv("TEXTOK_INCEPTION", str(tmp_path / "no-inception-weights.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     entry, argv, file = make(tmp_path, models)
     with pytest.raises(SystemExit) as err:
         run_main(lambda: ENTRY[entry](argv))
