@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from common import InputError, MissingInput, atomic_write, run_main, setup_distributed
+from common import InputError, MissingInput, atomic_write, read_lines, run_main, setup_distributed
 from data import jsonl_line, load_image
 from text_encoder import refuse_remote_code
 
@@ -79,7 +79,7 @@ def class_names(path, classes) -> list:
     if not Path(path).is_file():
         raise MissingInput(f"{path}: class-name file not found")
     names = {}
-    for line in Path(path).read_text().splitlines():
+    for line in read_lines(path):
         if line.strip():
             synset, _, rest = line.strip().partition(" ")
             names[synset] = rest.split(",")[0].strip() or synset
@@ -221,7 +221,7 @@ def caption_share(root, out, files, labels, prompts, captioner, rank=0, world=1,
     written = empty = 0
     with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"caption (rank {rank})", unit="img",
                                                       disable=not progress) as bar:
-        for index, images in loader:
+        for index, images in worker_errors(loader):
             captions = captioner(list(images), [prompts[0 if labels is None else labels[i]] for i in index])
             lines = [jsonl_line(rel(root, out, files[i]), c, None if labels is None else labels[i])
                      for i, c in zip(index, captions) if c]
@@ -234,6 +234,23 @@ def caption_share(root, out, files, labels, prompts, captioner, rank=0, world=1,
         print(f"warning: rank {rank}: {empty} images got an empty caption and are not in {part.name}; "
               "a rerun tries them again")
     return written
+
+
+def worker_errors(loader):
+    """The loader's batches; an InputError from a DataLoader worker (a truncated image) is raised again with its
+    message alone, not the worker's traceback that torch puts in it."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except InputError as e:
+            message = str(e)
+            if message.startswith("Caught "):  # "Caught X in DataLoader worker ...", the traceback, "module.X: ..."
+                raise type(e)(message.rstrip().splitlines()[-1].split(": ", 1)[-1]) from None
+            raise
+        yield batch
 
 
 def rel(root, out, file) -> str:
@@ -283,6 +300,8 @@ def main(argv=None):
         prompts = [template.format(word_count=args.words, class_name=name) for name in names or [""]]
     except (KeyError, IndexError) as e:
         raise InputError(f"--prompt: unknown placeholder {e}; use {{word_count}} and {{class_name}}") from None
+    except ValueError as e:  # a lone brace: str.format's own syntax error
+        raise InputError(f"--prompt: not a format template ({e}); write a literal brace as {{{{ or }}}}") from None
     rank, world, device = setup_distributed()
     # The end waits for the slowest rank: a gloo group with a timeout no captioning run reaches.
     group = dist.new_group(backend="gloo", timeout=timedelta(days=30)) if world > 1 else None

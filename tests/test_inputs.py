@@ -366,6 +366,10 @@ BAD_INPUTS = [
     # a text encoder naming custom code
     ("text-encoder-remote-code", _text_encoder_remote_code, "names custom model code (auto_map), which is not run"),
     # caption.py
+    ("caption-truncated-image-in-a-worker", _caption(_truncated_image), "cannot read image (image file is truncated"),
+    ("caption-prompt-lone-brace", _caption(lambda tmp, models: (["--prompt", "{word_count} words, a {"], "--prompt")),
+     "not a format template (Single '{' encountered in format string)"),
+    ("caption-class-names-not-utf8", _caption(_class_names_file), "not UTF-8 text (byte 0xe9 at offset 19)"),
     ("caption-pickled-weights", _caption(_pickled_weights), "no safetensors weights; only safetensors are read"),
     ("caption-remote-code", _caption(_remote_vlm),
      "names custom model code (auto_map), which is not run; pass --trust-remote-code"),
@@ -426,6 +430,17 @@ def test_bad_input_process_exits_1_without_a_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr == f"error: {data / 'captions.jsonl'}:1: not UTF-8 text (byte 0xff at offset 11)\n", r.stderr
+
+
+def test_metrics_without_inception_weights_is_one_line(tmp_path, monkeypatch):
+    """The missing weights and the hint at domain.py's metrics, in one line."""
+    monkeypatch.setenv("TEXTOK_INCEPTION", str(tmp_path / "no-inception-weights.pth"))
+    np.savez(tmp_path / "ref.npz", images())
+    with pytest.raises(SystemExit) as err:
+        run_main(lambda: metrics.main([str(tmp_path / "ref.npz")] * 2))
+    message = err.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert "no-inception-weights.pth" in message and "python domain.py SAMPLE.npz" in message, message
 
 
 # ------------------------------------------------------------------------------------- a model's own code
