@@ -507,7 +507,7 @@ def main(argv=None):
             report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device,
                                   args.preprocess)
     except (InputError, FileNotFoundError) as e:  # the user's input; bugs keep their tracebacks
-        hint = ("\n(without them, `python domain.py SAMPLE.npz` measures samples of the embedded set in a domain "
+        hint = (" (without them, `python domain.py SAMPLE.npz` measures samples of the embedded set in a domain "
                 "feature space: not FID-Inception)") if INCEPTION_FILE in str(e) else ""
         sys.exit(f"error: {e}{hint}")
     for name, value in report.items():
