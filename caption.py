@@ -31,11 +31,12 @@ from tqdm import tqdm
 
 from data import jsonl_line, load_image
 from distributed import setup_distributed
-from errors import InputError, MissingInput, run_main
-from files import atomic_write
-
+from errors import InputError, MissingInput, run_main, worker_errors
+from files import atomic_write, read_lines
+from text_encoder import refuse_remote_code
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+REMOTE_CODE_ADVICE = "pass --trust-remote-code to run it (it runs as you: read it first)"
 # App. D: the prompt fed to Gemini v1.5 Flash for ImageNet (the image follows it); 75 words by default (§4.1).
 PROMPT = ("Describe an image of a {class_name} from the ImageNet dataset in a single continuous detailed paragraph, "
           "using no more than {word_count} words. Include descriptions of the appearance, colors, textures, size, "
@@ -80,7 +81,7 @@ def class_names(path, classes) -> list:
     if not Path(path).is_file():
         raise MissingInput(f"{path}: class-name file not found")
     names = {}
-    for line in Path(path).read_text().splitlines():
+    for line in read_lines(path):
         if line.strip():
             synset, _, rest = line.strip().partition(" ")
             names[synset] = rest.split(",")[0].strip() or synset
@@ -93,26 +94,14 @@ def class_names(path, classes) -> list:
 class Captioner:
     """A transformers image-text-to-text model with its processor: `captioner(images, prompts)` -> captions
     (greedy decoding). Chat models get each prompt through their chat template; others caption without one. The
-    weights come from a local folder or the hub cache, and from the hub only with `download`."""
+    weights come from a local folder or the hub cache, and from the hub only with `download`; only safetensors
+    weights are read, and the model's own code (auto_map) runs only with `trust_remote_code`."""
 
     def __init__(self, name: str, device="cpu", dtype: str = "auto", max_new_tokens: int = 160,
-                 download: bool = False):
-        from huggingface_hub.errors import HFValidationError
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+                 download: bool = False, trust_remote_code: bool = False):
         dtype = {"auto": torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32,
                  "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        try:
-            self.processor = AutoProcessor.from_pretrained(name, local_files_only=not download)
-            self.model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, local_files_only=not download)
-        except (OSError, HFValidationError):  # neither a local folder nor in the hub cache (and no network)
-            if Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1:
-                raise MissingInput(f"{name}: no such model folder") from None
-            raise MissingInput(f"{name}: model weights not found (not a local folder, not in the Hugging Face cache); "
-                               f"download them with `hf download {name}` (or add --download), or pass --model PATH "
-                               "of a local copy") from None
-        except ValueError as e:  # an architecture the Auto class does not know
-            raise InputError(f"{name}: not an image-text-to-text model transformers can load "
-                             f"({str(e).splitlines()[0]})") from None
+        self.processor, self.model = load_model(name, dtype, download, trust_remote_code)
         self.model = self.model.to(device).eval()
         self.device, self.max_new_tokens = torch.device(device), max_new_tokens
         self.chat = getattr(self.processor, "chat_template", None) is not None
@@ -134,6 +123,41 @@ class Captioner:
         if "input_ids" in inputs and not self.model.config.is_encoder_decoder:
             out = out[:, inputs["input_ids"].shape[1]:]  # decoder-only: the prompt comes back first
         return [" ".join(t.split()) for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+
+
+def load_model(name: str, dtype, download: bool, trust_remote_code: bool):
+    """(processor, model) of an image-text-to-text model: safetensors weights only, its own code only if trusted;
+    whatever cannot be loaded is one InputError naming the model."""
+    from huggingface_hub.errors import HFValidationError
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    if not trust_remote_code:
+        refuse_remote_code(name, REMOTE_CODE_ADVICE)
+    hub = {"local_files_only": not download, "trust_remote_code": trust_remote_code}
+    try:
+        processor = AutoProcessor.from_pretrained(name, **hub)
+        return processor, AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, use_safetensors=True, **hub)
+    except OSError as e:
+        if "safetensors" in str(e):
+            raise InputError(f"{name}: no safetensors weights; only safetensors are read (pickled weights, as "
+                             "pytorch_model.bin, can run code): convert them to model.safetensors") from None
+        raise missing_model(name) from None
+    except HFValidationError:
+        raise missing_model(name) from None
+    except ValueError as e:  # an architecture the Auto class does not know, or custom code not to run
+        if "trust_remote_code" in str(e):
+            raise InputError(f"{name}: names custom model code (auto_map), which is not run; "
+                             f"{REMOTE_CODE_ADVICE}") from None
+        raise InputError(f"{name}: not an image-text-to-text model transformers can load "
+                         f"({str(e).splitlines()[0]})") from None
+
+
+def missing_model(name: str) -> MissingInput:
+    """The error for a model that is neither a local folder nor in the hub cache (and no network)."""
+    if Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1:
+        return MissingInput(f"{name}: no such model folder")
+    return MissingInput(f"{name}: model weights not found (not a local folder, not in the Hugging Face cache); "
+                        f"download them with `hf download {name}` (or add --download), or pass --model PATH of a "
+                        "local copy")
 
 
 class _Images(Dataset):
@@ -199,7 +223,7 @@ def caption_share(root, out, files, labels, prompts, captioner, rank=0, world=1,
     written = empty = 0
     with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"caption (rank {rank})", unit="img",
                                                       disable=not progress) as bar:
-        for index, images in loader:
+        for index, images in worker_errors(loader):
             captions = captioner(list(images), [prompts[0 if labels is None else labels[i]] for i in index])
             lines = [jsonl_line(rel(root, out, files[i]), c, None if labels is None else labels[i])
                      for i, c in zip(index, captions) if c]
@@ -248,6 +272,8 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=4, help="image-decoding DataLoader workers per rank")
     parser.add_argument("--download", action="store_true", help="fetch --model from the Hugging Face hub if it is "
                                                                    "not in the local cache")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the Python code a --model folder names (auto_map); it runs as you: read it first")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="auto: bf16 on CUDA, fp32 on CPU")
     args = parser.parse_args(argv)
@@ -259,10 +285,12 @@ def main(argv=None):
         prompts = [template.format(word_count=args.words, class_name=name) for name in names or [""]]
     except (KeyError, IndexError) as e:
         raise InputError(f"--prompt: unknown placeholder {e}; use {{word_count}} and {{class_name}}") from None
+    except ValueError as e:  # a lone brace: str.format's own syntax error
+        raise InputError(f"--prompt: not a format template ({e}); write a literal brace as {{{{ or }}}}") from None
     rank, world, device = setup_distributed()
     # The end waits for the slowest rank: a gloo group with a timeout no captioning run reaches.
     group = dist.new_group(backend="gloo", timeout=timedelta(days=30)) if world > 1 else None
-    captioner = Captioner(args.model, device, args.dtype, args.max_new_tokens, args.download)
+    captioner = Captioner(args.model, device, args.dtype, args.max_new_tokens, args.download, args.trust_remote_code)
     caption_share(args.images, out, files, labels, prompts, captioner, rank, world, args.batch_size, args.size,
                   args.workers, progress=rank == 0)
     if world > 1:

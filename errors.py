@@ -1,4 +1,5 @@
-"""The user-input error: a problem with what the user gave, printed by every entry point as one line."""
+"""The user-input error: a problem with what the user gave, printed by every entry point as one line; and the same
+error out of a DataLoader worker, without the traceback torch wraps around it."""
 import sys
 
 
@@ -18,3 +19,20 @@ def run_main(main) -> None:
         main()
     except InputError as e:
         sys.exit(f"error: {e}")
+
+
+def worker_errors(loader):
+    """The loader's batches; an InputError from a DataLoader worker (a truncated image) is raised again with its
+    message alone, not the worker's traceback that torch puts in it."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except InputError as e:
+            message = str(e)
+            if message.startswith("Caught "):  # "Caught X in DataLoader worker ...", the traceback, "module.X: ..."
+                raise type(e)(message.rstrip().splitlines()[-1].split(": ", 1)[-1]) from None
+            raise
+        yield batch

@@ -11,6 +11,7 @@ graph's). Without its weights, `python domain.py SAMPLE.npz` measures samples of
 classifier trained on it instead: its numbers are not FID-Inception and compare only with each other.
 """
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -204,21 +205,74 @@ def ssim(a, b, sigma: float = 1.5) -> float:
     return s.mean((1, 2, 3)).mean().item()
 
 
+# torchvision's ImageNet weights of the LPIPS trunks (IMAGENET1K_V1), read from torch.hub.get_dir()/checkpoints/
+LPIPS_TRUNKS = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+
+
 def load_lpips(net: str = "alex", device="cpu", hint: str = ""):
     """LPIPS (Zhang et al. 2018) from the `lpips` package, frozen: the one loader of the metric (net "alex") and of
-    train.py's perceptual loss (net "vgg"). Its ImageNet backbone comes from torchvision's weights, which must already
-    be in torch.hub.get_dir()/checkpoints/ (this never downloads); `hint` ends the error saying what to do instead."""
+    train.py's perceptual loss (net "vgg"). Its ImageNet trunk is torchvision's weights file, which must already be in
+    torch.hub.get_dir()/checkpoints/ (this never downloads); `hint` ends the error saying what to do instead. Nothing
+    is unpickled: the trunk is read weights-only once its SHA-256 matches its name, and so are lpips' linear layers."""
     import lpips
-    from torchvision.models import AlexNet_Weights, VGG16_Weights
-    url = {"alex": AlexNet_Weights.IMAGENET1K_V1.url, "vgg": VGG16_Weights.IMAGENET1K_V1.url}[net]
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", LPIPS_TRUNKS[net])
     if not os.path.isfile(path):
-        raise MissingInput(f"{path}: not found (the LPIPS-{net} backbone); download {os.path.basename(url)} from "
+        url = TORCHVISION_URL + LPIPS_TRUNKS[net]
+        raise MissingInput(f"{path}: not found (the LPIPS-{net} backbone); download {LPIPS_TRUNKS[net]} from "
                            f"{url} into {os.path.dirname(path)} (TORCH_HOME moves it){hint}")
-    with warnings.catch_warnings():  # lpips calls torchvision with the deprecated `pretrained=True`
+    check_hash(path)
+    with warnings.catch_warnings():  # lpips calls torchvision with the deprecated `pretrained=False`
         warnings.simplefilter("ignore")
-        model = lpips.LPIPS(net=net, verbose=False)
+        model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)  # random: nothing read
+    model.net.load_state_dict(lpips_trunk(model.net, weights_file(path), path))
+    load_lpips_linear(model, os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", f"{net}.pth"))
     return model.eval().requires_grad_(False).to(device)
+
+
+def load_lpips_linear(model, path) -> None:
+    """Loads the linear layers lpips ships (`lin0..lin4`, shared with `lins`) weights-only from `path`."""
+    state = weights_file(path)
+    own = sorted(k for k in model.state_dict() if k.startswith("lin") and not k.startswith("lins."))
+    if sorted(state) != own:
+        raise InputError(f"{path}: not lpips' linear layers (keys {sorted(state)[:2]}..., expected {own[:2]}...)")
+    model.load_state_dict(state, strict=False)
+
+
+def check_hash(path) -> None:
+    """torchvision's naming convention: the hex digits after the file name's last '-' begin its SHA-256."""
+    name = os.path.basename(path)
+    prefix = name.rsplit("-", 1)[-1].split(".")[0]
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if not digest.startswith(prefix):
+        raise InputError(f"{path}: SHA-256 {digest[:len(prefix)]}... does not match the {prefix} in its name (not "
+                         f"the file torchvision publishes); download it again from {TORCHVISION_URL + name}")
+
+
+def weights_file(path) -> dict:
+    """A state dict of tensors read with torch.load(weights_only=True); anything else is an InputError naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a file that is not plain weights
+        raise InputError(f"{path}: not a weights-only PyTorch file (torch.load(weights_only=True): "
+                         f"{type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
+def lpips_trunk(net, state: dict, path) -> dict:
+    """lpips' trunk `net` state from torchvision's: its `sliceK.N.*` tensors are `features.N.*` (each slice keeps
+    the feature indices as module names); missing or misshapen tensors are an InputError naming the file."""
+    own = {"features." + k.split(".", 1)[1]: v for k, v in net.state_dict().items()}
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+    if problems:
+        raise InputError(f"{path}: not torchvision's {type(net).__name__} weights ({len(problems)} problems: "
+                         + "; ".join(problems[:4]) + ")")
+    return {k: state["features." + k.split(".", 1)[1]] for k in net.state_dict()}
 
 
 @torch.inference_mode()
@@ -476,7 +530,7 @@ def main(argv=None):
             report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device,
                                   args.preprocess)
     except (InputError, FileNotFoundError) as e:  # the user's input; bugs keep their tracebacks
-        hint = ("\n(without them, `python domain.py SAMPLE.npz` measures samples of the embedded set in a domain "
+        hint = (" (without them, `python domain.py SAMPLE.npz` measures samples of the embedded set in a domain "
                 "feature space: not FID-Inception)") if INCEPTION_FILE in str(e) else ""
         sys.exit(f"error: {e}{hint}")
     for name, value in report.items():

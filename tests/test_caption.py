@@ -1,6 +1,7 @@
 """caption.py through the real transformers loading path, on a tiny random LLaVA saved locally (its captions are
 gibberish): the captions.jsonl rows, resume after a kill, a torn last line, sharding over ranks, and one-line errors."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,18 @@ WORDS = "a the of in on with and red green blue dog cat tree sky grass water sma
 
 
 @pytest.fixture(scope="module")
-def tiny_vlm(tmp_path_factory):
+def vlm_folder(tmp_path_factory):
+    return save_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(vlm_folder):
+    return caption.Captioner(str(vlm_folder), max_new_tokens=4)
+
+
+def save_tiny_vlm(path):
     """A randomly initialised LLaVA (CLIP vision tower + Llama, width 16) with a word-level tokenizer and a chat
-    template, saved with its processor as a hub model folder would be."""
+    template, saved with its processor in `path` as a hub model folder would be."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
@@ -42,10 +52,26 @@ def tiny_vlm(tmp_path_factory):
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
                                                       image_token_index=vocab["<image>"]))
     model.generation_config.eos_token_id = None  # random weights: always the full max_new_tokens, never empty
-    path = tmp_path_factory.mktemp("tiny_vlm")
     model.save_pretrained(path)
     processor.save_pretrained(path)
-    return caption.Captioner(str(path), max_new_tokens=4)
+    return path
+
+
+def remote_code_copy(src, dst, marker, base="Llava", model="AutoModelForImageTextToText"):
+    """A copy of model folder `src` whose config.json names custom code (auto_map, an unknown model_type): a
+    configuration_tiny.py that subclasses transformers' `base` classes and creates the file `marker` when imported."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(model_type="tiny-remote", auto_map={"AutoConfig": "configuration_tiny.TinyConfig",
+                                                      model: "configuration_tiny.TinyModel"})
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "configuration_tiny.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\n"
+        f"from transformers import {base}Config, {base}{'ForConditionalGeneration' if base == 'Llava' else 'Model'}\n"
+        f"class TinyConfig({base}Config):\n    model_type = 'tiny-remote'\n"
+        f"class TinyModel({base}{'ForConditionalGeneration' if base == 'Llava' else 'Model'}):\n"
+        "    config_class = TinyConfig\n")
+    return dst
 
 
 def image_folder(root, classes=("n01", "n03", "n02"), per_class=2):
@@ -140,3 +166,19 @@ def test_missing_weights_are_one_line_naming_the_model():
     with pytest.raises(MissingInput, match=r"^someone/no-such-vlm: model weights not found .*hf download "
                                            r"someone/no-such-vlm"):
         caption.Captioner("someone/no-such-vlm")
+
+
+def test_custom_code_runs_only_with_trust_remote_code(tmp_path, monkeypatch, vlm_folder):
+    """A folder naming its own code is refused in one line naming its config.json, whatever a prompt would have been
+    answered; with trust_remote_code (caption.py --trust-remote-code) the code runs and the model captions."""
+    import transformers.dynamic_module_utils
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr("builtins.input", lambda *args: "y")  # what transformers' [y/N] prompt would read
+    remote = remote_code_copy(vlm_folder, tmp_path / "remote", tmp_path / "ran")
+    with pytest.raises(InputError) as err:
+        caption.Captioner(str(remote))
+    assert str(err.value).startswith(f"{remote / 'config.json'}: names custom model code (auto_map), which is not "
+                                     "run; pass --trust-remote-code")
+    assert not (tmp_path / "ran").exists()
+    trusted = caption.Captioner(str(remote), max_new_tokens=2, trust_remote_code=True)
+    assert (tmp_path / "ran").exists() and type(trusted.model).__name__ == "TinyModel"

@@ -1,6 +1,7 @@
 """Inputs nobody here prepared: images that are not 8-bit RGB, labels out of range, and a table of bad files, each
 ending the real entry point (train.py, sample.py, metrics.py) with one line `error: <file>: <problem>` and exit 1."""
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from conftest import tiny_config
 
+import caption
 import metrics
 import sample
 import train
@@ -19,7 +21,8 @@ from config import DiTTrainConfig, to_dict
 from data import JsonlDataset, class_caption_pool, load_image
 from dit import build_dit
 from errors import InputError, run_main
-from files import load_json
+from files import load_json, load_tensors
+from test_caption import remote_code_copy, save_tiny_vlm
 from textok import TexTok
 
 
@@ -112,9 +115,10 @@ def folder(root, rows, raw: bytes = b""):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Untrained tiny folders: a text-conditioned TexTok `tok`, a class-conditioned one `tok_class`, and DiT-T
-    folders over `tok` for class-conditional (`dit_class`) and text-to-image (`dit_t2i`) sampling."""
+    """Untrained tiny folders: a text-conditioned TexTok `tok`, a class-conditioned one `tok_class`, DiT-T folders
+    over `tok` for class-conditional (`dit_class`) and text-to-image (`dit_t2i`) sampling, and a tiny VLM `vlm`."""
     root = tmp_path_factory.mktemp("models")
+    save_tiny_vlm(root / "vlm")
     torch.manual_seed(0)
     cfg = tiny_config()
     TexTok(cfg).save_pretrained(root / "tok")
@@ -238,6 +242,62 @@ def _inception(write):
     return make
 
 
+def _lpips_trunk(write):
+    def make(tmp, models):
+        path = tmp / "torch_home" / "hub" / "checkpoints" / metrics.LPIPS_TRUNKS["alex"]
+        path.parent.mkdir(parents=True)
+        write(path)
+        return "metrics", ["--tokenizer", str(models / "tok_class"), "--num-images", "4", "--batch-size", "4",
+                           "--text-cache", str(tmp / "cache"), "--device", "cpu"], path
+    return make
+
+
+def _text_encoder_remote_code(tmp, models):
+    """A TexTok whose text encoder is a folder naming custom code (a config.json with auto_map)."""
+    encoder = tmp / "encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"model_type": "tiny-remote",
+                                                     "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig"}}))
+    tok = edited_copy(models / "tok", tmp / "tok", "config.json", lambda c: c.update(text_encoder=str(encoder)))
+    return "train", ["--stage", "dit", "--tokenizer", str(tok), *_train(tmp)], encoder / "config.json"
+
+
+def _caption(setup):
+    """caption.py on two class folders of one PNG each, with the tiny VLM and `setup(tmp, models)`'s (flags, the
+    file the line names)."""
+    def make(tmp, models):
+        for c in ("cat", "dog"):
+            (tmp / "images" / c).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp / "images" / c / "0.png")
+        flags, file = setup(tmp, models)
+        return "caption", [str(tmp / "images"), "--model", str(models / "vlm"), "--size", "16", "--max-new-tokens",
+                           "2", "--workers", "0", *flags], file
+    return make
+
+
+def _truncated_image(tmp, models):
+    Image.fromarray(images(1)[0].repeat(4, 0).repeat(4, 1)).save(tmp / "full.png")
+    (tmp / "images" / "dog" / "1.png").write_bytes((tmp / "full.png").read_bytes()[:600])
+    return ["--workers", "2"], tmp / "images" / "dog" / "1.png"
+
+
+def _pickled_weights(tmp, models):
+    shutil.copytree(models / "vlm", tmp / "bin")
+    torch.save(load_tensors(tmp / "bin" / "model.safetensors"), tmp / "bin" / "pytorch_model.bin")
+    (tmp / "bin" / "model.safetensors").unlink()
+    return ["--model", str(tmp / "bin")], tmp / "bin"
+
+
+def _remote_vlm(tmp, models):
+    remote = remote_code_copy(models / "vlm", tmp / "remote", tmp / "ran")
+    return ["--model", str(remote)], remote / "config.json"
+
+
+def _class_names_file(tmp, models):
+    (tmp / "names.txt").write_bytes(b"cat le chat\ndog caf\xe9\n")
+    return ["--class-names", str(tmp / "names.txt")], f"{tmp / 'names.txt'}:2"
+
+
 def _write(data: bytes):
     return lambda path: path.write_bytes(data) and path
 
@@ -302,6 +362,19 @@ BAD_INPUTS = [
     ("inception-other-weights", _inception(_torch_save({"fc.weight": torch.zeros(3)})),
      "checkpoint does not fit this model"),
     ("inception-a-tensor", _inception(_torch_save(torch.zeros(3))), "holds a Tensor, not the FID Inception's state"),
+    # the LPIPS trunk in the torch hub cache ($TORCH_HOME is tmp/torch_home)
+    ("lpips-trunk-not-torchvisions", _lpips_trunk(_torch_save({"features.0.weight": torch.zeros(3)})),
+     "does not match the 7be5be79 in its name (not the file torchvision publishes)"),
+    # a text encoder naming custom code
+    ("text-encoder-remote-code", _text_encoder_remote_code, "names custom model code (auto_map), which is not run"),
+    # caption.py
+    ("caption-truncated-image-in-a-worker", _caption(_truncated_image), "cannot read image (image file is truncated"),
+    ("caption-prompt-lone-brace", _caption(lambda tmp, models: (["--prompt", "{word_count} words, a {"], "--prompt")),
+     "not a format template (Single '{' encountered in format string)"),
+    ("caption-class-names-not-utf8", _caption(_class_names_file), "not UTF-8 text (byte 0xe9 at offset 19)"),
+    ("caption-pickled-weights", _caption(_pickled_weights), "no safetensors weights; only safetensors are read"),
+    ("caption-remote-code", _caption(_remote_vlm),
+     "names custom model code (auto_map), which is not run; pass --trust-remote-code"),
     # config.json
     ("config-wrong-type", _tok_config(lambda c: c.update(image_size="32")),
      "TexTokConfig.image_size: expected int, got '32' (str)"),
@@ -334,13 +407,14 @@ def npz_huge_member(path, key):
     return path
 
 
-ENTRY = {"train": train.main, "sample": sample.main, "metrics": metrics.main}
+ENTRY = {"train": train.main, "sample": sample.main, "metrics": metrics.main, "caption": caption.main}
 
 
 @pytest.mark.parametrize("make,problem", [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
 def test_bad_input_is_one_line(tmp_path, monkeypatch, models, capsys, make, problem):
     """The entry point exits 1 with one line `error: <file>: ...` stating the problem, and writes nothing."""
     monkeypatch.setenv("TEXTOK_INCEPTION", str(tmp_path / "no-inception-weights.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     entry, argv, file = make(tmp_path, models)
     with pytest.raises(SystemExit) as err:
         run_main(lambda: ENTRY[entry](argv))
@@ -358,6 +432,34 @@ def test_bad_input_process_exits_1_without_a_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr == f"error: {data / 'captions.jsonl'}:1: not UTF-8 text (byte 0xff at offset 11)\n", r.stderr
+
+
+def test_metrics_without_inception_weights_is_one_line(tmp_path, monkeypatch):
+    """The missing weights and the hint at domain.py's metrics, in one line."""
+    monkeypatch.setenv("TEXTOK_INCEPTION", str(tmp_path / "no-inception-weights.pth"))
+    np.savez(tmp_path / "ref.npz", images())
+    with pytest.raises(SystemExit) as err:
+        run_main(lambda: metrics.main([str(tmp_path / "ref.npz")] * 2))
+    message = err.value.code
+    assert isinstance(message, str) and "\n" not in message, message
+    assert "no-inception-weights.pth" in message and "python domain.py SAMPLE.npz" in message, message
+
+
+# ------------------------------------------------------------------------------------- a model's own code
+def test_a_text_encoder_naming_its_own_code_never_runs_it(tmp_path, monkeypatch):
+    """A copy of the offline encoder whose config.json names custom code: refused in one line naming the file,
+    whatever transformers' [y/N] prompt would have been answered, and the code never runs."""
+    import transformers.dynamic_module_utils
+    import text_encoder
+    from config import OFFLINE_TEXT_ENCODER
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    folder = remote_code_copy(Path(text_encoder.resolve(OFFLINE_TEXT_ENCODER)), tmp_path / "encoder",
+                              tmp_path / "ran", base="Bert", model="AutoModel")
+    for load in (text_encoder.encoder_config, text_encoder.TextEncoder):
+        with pytest.raises(InputError, match=rf"^{folder / 'config.json'}: names custom model code \(auto_map\)"):
+            load(str(folder))
+    assert not (tmp_path / "ran").exists()
 
 
 # ------------------------------------------------------------------------------------- stage 2's class count

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import metrics
 import train
 from errors import InputError
 from files import load_tensors
@@ -188,11 +189,13 @@ def test_perceptual_loss_needs_vgg_weights(tmp_path, text_cache, monkeypatch):
 
 
 def test_perceptual_loss_runs_with_local_vgg_weights(tmp_path, text_cache, monkeypatch):
-    """The real lpips code path, with random VGG weights placed in a temporary TORCH_HOME (no download)."""
+    """The real lpips code path, with random VGG weights placed in a temporary TORCH_HOME (no download), named with
+    their own hash as torchvision names its files."""
     import torchvision
+    from test_lpips import torchvision_file
     home = tmp_path / "torch_home"
-    (home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(torchvision.models.vgg16().state_dict(), home / "hub" / "checkpoints" / "vgg16-397923af.pth")
+    path = torchvision_file(torchvision.models.vgg16().state_dict(), home / "hub" / "checkpoints", "vgg16-random")
+    monkeypatch.setitem(metrics.LPIPS_TRUNKS, "vgg", path.name)
     monkeypatch.setenv("TORCH_HOME", str(home))
     out = tmp_path / "run"
     train.main(base_args(out, text_cache, "--max-steps", "1", "--perceptual-weight", "0.1"))
