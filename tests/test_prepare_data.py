@@ -95,7 +95,7 @@ def test_overwrite_replaces_an_earlier_run(tmp_path):
 # -------------------------------------------------------------------------------------------------------- folder
 def test_folder_mode_recursive_captions_in_place_and_elsewhere(tmp_path):
     src = tmp_path / "src"
-    for i, name in enumerate(["a/b/img001.jpg", "a/img002.png", "top.webp", ".hidden/x.png"]):
+    for i, name in enumerate(["a/b/img001.jpg", "a/img002.PNG", "top.webp", ".hidden/x.png"]):
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.full((20, 30, 3), 50 * i, np.uint8)).save(src / name)
         (src / name).with_suffix(".txt").write_text(f"  caption {i}\nsecond line\r\n\n", encoding="utf-8")
@@ -103,7 +103,7 @@ def test_folder_mode_recursive_captions_in_place_and_elsewhere(tmp_path):
         prepare_data.main(["folder", str(src), str(out)])
         ds = JsonlDataset(out, 16)
         assert ds.captions == [f"caption {i} second line" for i in (0, 1, 2)]  # sorted paths, hidden left out
-        assert [f.resolve() for f in ds.files] == [(src / n).resolve() for n in ("a/b/img001.jpg", "a/img002.png",
+        assert [f.resolve() for f in ds.files] == [(src / n).resolve() for n in ("a/b/img001.jpg", "a/img002.PNG",
                                                                                   "top.webp")]
         assert ds.labels == [-1] * 3 and ds[2]["image"].shape == (3, 16, 16)
     rows = (tmp_path / "elsewhere" / "out" / "captions.jsonl").read_text()
@@ -183,6 +183,13 @@ def cut_data(tmp_path):
         "5483 data bytes; its dimensions (7, 28, 28) need 5488"
 
 
+def trailing_data(tmp_path):
+    images, labels = digits()
+    (tmp_path / "l").write_bytes(idx_bytes(labels) + b"\0")
+    return ["idx", write_idx(tmp_path / "i", images), tmp_path / "l"], tmp_path / "l", \
+        "8 data bytes; its dimensions (7,) need 7"
+
+
 def swapped(tmp_path):
     images, labels = digits()
     return ["idx", write_idx(tmp_path / "l", labels), write_idx(tmp_path / "i", images)], tmp_path / "l", \
@@ -216,7 +223,7 @@ def missing_caption(tmp_path):
         "its caption y.txt not found"
 
 
-BAD = [bad_header, bad_magic, cut_data, swapped, counts_differ, corrupt_gzip, label_out_of_range, missing_caption]
+BAD = [bad_header, bad_magic, cut_data, trailing_data, swapped, counts_differ, corrupt_gzip, label_out_of_range, missing_caption]
 
 
 @pytest.mark.parametrize("make", BAD, ids=[f.__name__ for f in BAD])
