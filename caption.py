@@ -35,6 +35,7 @@ from errors import InputError, MissingInput, run_main, worker_errors
 from files import atomic_write, read_lines
 from text_encoder import refuse_remote_code
 
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 REMOTE_CODE_ADVICE = "pass --trust-remote-code to run it (it runs as you: read it first)"
 # App. D: the prompt fed to Gemini v1.5 Flash for ImageNet (the image follows it); 75 words by default (§4.1).

@@ -64,12 +64,18 @@ def make_scene(rng: np.random.Generator) -> dict:
 CAPTION_STYLES = ("full", "short", "class")  # Tab. 4a: detailed caption, short caption, class-name template
 
 
+def class_caption(name: str) -> str:
+    """Tab. 4a's class-name caption, the "class" caption style of every set: "An image of a sneaker." ("an" before a
+    vowel)."""
+    return f"An image of {'an' if name[:1].lower() in 'aeiou' else 'a'} {name}."
+
+
 def caption(scene: dict, style: str = "full") -> str:
     """The scene's caption. "full" (the descriptive caption, like the paper's 75 words): every object's size,
     colour, shape and place, and the background; "short" (like 25 words): each object's colour and shape; "class"
     (Tab. 4a's class-name template): the first object's shape, the class label."""
     if style == "class":
-        return f"An image of a {scene['objects'][0]['shape']}."
+        return class_caption(scene["objects"][0]["shape"])
     if style == "short":
         parts = [f"a {o['colour']} {o['shape']}" for o in scene["objects"]]
     else:
@@ -190,7 +196,7 @@ def object_caption(scene: dict, style: str = "full") -> str:
     kind = ("digit" if scene["object"].isdigit() else "letter") if scene["family"] == "glyphs" else ""
     name = f"{kind} {scene['object']}" if kind else scene["object"]
     if style == "class":
-        return f"An image of a {name}."
+        return class_caption(name)
     if style == "short":
         return f"A {scene['colour']} {name}."
     return f"A {scene['colour']} {name} {scene['place']}, on a {scene['background']} background."

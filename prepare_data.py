@@ -29,8 +29,11 @@ import numpy as np
 from PIL import Image
 
 from caption import IMAGE_SUFFIXES, rel
-from common import InputError, MissingInput, atomic_write, read_lines, run_main
 from data import jsonl_line
+from embedded_sets import class_caption
+from errors import InputError, MissingInput, run_main
+from files import atomic_write, read_lines
+
 
 CLASS_NAMES = {  # label order of the IDX label files
     "mnist": [f"digit {d}" for d in range(10)],
@@ -147,12 +150,6 @@ def class_names(spec: str) -> list:
     if not names:
         raise InputError(f"{spec}: no class names in it")
     return names
-
-
-def class_caption(name: str) -> str:
-    """Tab. 4a's class-name caption, data.caption's "class" template: "An image of a sneaker." ("an" before a
-    vowel)."""
-    return f"An image of {'an' if name[:1].lower() in 'aeiou' else 'a'} {name}."
 
 
 def refuse_existing(paths: list, overwrite: bool) -> None:

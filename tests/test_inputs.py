@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from conftest import tiny_config
+from test_caption import remote_code_copy, save_tiny_vlm
 
 import caption
 import metrics
@@ -22,7 +23,6 @@ from data import JsonlDataset, class_caption_pool, load_image
 from dit import build_dit
 from errors import InputError, run_main
 from files import load_json, load_tensors
-from test_caption import remote_code_copy, save_tiny_vlm
 from textok import TexTok
 
 
@@ -450,6 +450,7 @@ def test_a_text_encoder_naming_its_own_code_never_runs_it(tmp_path, monkeypatch)
     """A copy of the offline encoder whose config.json names custom code: refused in one line naming the file,
     whatever transformers' [y/N] prompt would have been answered, and the code never runs."""
     import transformers.dynamic_module_utils
+
     import text_encoder
     from config import OFFLINE_TEXT_ENCODER
     monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))

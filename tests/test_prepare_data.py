@@ -11,8 +11,9 @@ import skimage.data
 from PIL import Image
 
 import prepare_data
-from common import run_main
 from data import JsonlDataset, class_caption_pool, make_datasets
+from errors import run_main
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
