@@ -65,11 +65,13 @@ def ours(weights):
     return inception.load_inception(weights)
 
 
-def test_preprocessed_input_is_in_the_torchscript_models_range():
-    """default_1.pt expects TF's (x - 128) / 128: [-1, 127 / 128]."""
-    x = inception.preprocess(torch.from_numpy(photos(32, PHOTOS)))
-    assert x.shape == (len(PHOTOS), 3, 299, 299)
-    assert x.min() >= -1 and x.max() <= 127 / 128 and x.max() > 0.9
+def test_preprocessed_input_is_the_torchscript_models_range():
+    """default_1.pt expects TF's (x - 128) / 128: 0 -> -1, 128 -> 0, 255 -> 127 / 128."""
+    levels = torch.tensor([0, 128, 255], dtype=torch.uint8).view(3, 1, 1, 1).expand(3, 32, 32, 3)
+    x = inception.preprocess(levels)
+    assert x.shape == (3, 3, 299, 299)
+    for level, want in zip(x, [-1, 0, 127 / 128]):
+        assert torch.all(level == want)
 
 
 @pytest.mark.parametrize("size", SIZES)
