@@ -136,12 +136,11 @@ def _tiny() -> Preset:
     dit = DiTTrainConfig(model="DiT-T", batch_size=64, epochs=30, lr=1e-3, warmup_steps=20, ema_decay=0.99,
                          sampling_steps=50)
     note = ("embedded CPU default: 32 px shapes, patch 8, a 2+2-layer width-128 TexTok-16, all-MiniLM-L6-v2 text "
-            "encoder (offline, 32 text tokens), 22 epochs of 4096 images (2816 steps, so the run stays under 8 min: "
-            "docs/RESULTS.md §4), lr 1e-3 with beta1 0.9, a short warm-up and EMA decay 0.99 so it trains in "
-            "minutes, perceptual loss OFF (no VGG weights offline), discriminator with 16 base channels for the last "
-            "256 steps only (from step 2560; started at 1024 of 2048 it cost 0.35 dB held-out PSNR and 1.8 min) with "
-            "StyleGAN2's lazy R1 (every 4th step, weighted x4: R1's double backward doubled the step), tiny DiT-T "
-            "for stage 2 with 50 DDIM steps")
+            "encoder (offline, 32 text tokens); 22 epochs of 4096 images (2816 steps) at lr 1e-3 with beta1 0.9, a "
+            "short warm-up and EMA decay 0.99, so the main job trains on 2 CPU cores in under 10 minutes; "
+            "perceptual loss OFF (no VGG weights offline); the discriminator (16 base channels) for the last 256 "
+            "steps only, with StyleGAN2's lazy R1 (every 4th step, weighted x4), since R1's double backward is the "
+            "step's largest cost; tiny DiT-T for stage 2 with 50 DDIM steps (measurements: docs/RESULTS.md §4, §6)")
     return Preset(model, train, dit, note)
 
 
@@ -155,9 +154,9 @@ def _toy_mechanism() -> Preset:
     note = ("toy-mechanism (the tiny model on a token-limited task, docs/RESULTS.md §1): train with --set glyphs, "
             "one large glyph per 32 px image whose caption fixes the layout (glyph, colour, place, background) while "
             "the tokens carry the rest (jitter, size, rotation, shading, stripes, noise); TexTok-1 by default (few "
-            "tokens, where the paper's gain is largest); 20 text tokens so no caption is cut (the longest has 18); "
-            "16 epochs of 4096 images (2048 steps: what 2 shared CPU cores allow for a dozen runs); discriminator "
-            "off (disc_start past the end): the comparison is of the l2-trained autoencoders; other settings as tiny")
+            "tokens, where the paper's gain is largest); 20 text tokens so no caption is cut; 16 epochs of 4096 "
+            "images (2048 steps), so a dozen runs fit a CPU bench; discriminator off (disc_start past the end): the "
+            "comparison is of the l2-trained autoencoders; other settings as tiny")
     return Preset(model, train, dit, note)
 
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 
 def autocast(device, precision: str = "auto"):
-    """bf16 autocast on CUDA ("auto"/"bf16"), none on CPU unless asked: measured slower there (README)."""
+    """bf16 autocast on CUDA ("auto"/"bf16"), none on CPU unless asked: slower there (README, Measured)."""
     device = torch.device(device)
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()

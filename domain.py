@@ -34,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import metrics
+import npz_batch
 from distributed import autocast
-from embedded_sets import COLORS, OBJECT_SETS, SHAPES, SIZES, ObjectDataset, ShapesDataset, read_caption, render
+from embedded_sets import COLORS, OBJECT_SETS, ObjectDataset, SHAPES, SIZES, ShapesDataset, read_caption, render
 from errors import MissingInput, run_main
 from files import load_state, load_tensors, save_tensors
 
@@ -209,13 +210,13 @@ def evaluate_domain(ref_path, sample_path, classes_in_turn: bool = False, captio
     FID-Inception. Class accuracy when the labels are known, from the sample file's `labels` array or, with
     `classes_in_turn`, sample i of class i % 8 (sample.py's order); caption shape / colour accuracy for `captions`,
     one per sample (sample.py's captions.txt)."""
-    sample, _ = metrics.read_npz_batch(sample_path)
+    sample, _ = npz_batch.read_npz_batch(sample_path)
     if ref_path:
-        ref = metrics.read_npz_batch(ref_path)[0]
+        ref = npz_batch.read_npz_batch(ref_path)[0]
     else:
         ref = rendered("val", sample.shape[1], min(len(sample), 10_000))[0]
     if ref.shape[1:] != sample.shape[1:]:
-        raise metrics.NpzError(f"{ref_path or 'embedded set'}: images of shape {list(ref.shape[1:])}, but the "
+        raise npz_batch.NpzError(f"{ref_path or 'embedded set'}: images of shape {list(ref.shape[1:])}, but the "
                                f"samples' are {list(sample.shape[1:])}")
     with np.load(sample_path) as arrays:
         labels = arrays["labels"] if "labels" in arrays.files else None
@@ -223,7 +224,7 @@ def evaluate_domain(ref_path, sample_path, classes_in_turn: bool = False, captio
         labels = np.arange(len(sample)) % len(SHAPES)
     for name, given in [("labels", labels), ("captions", captions)]:
         if given is not None and len(given) != len(sample):
-            raise metrics.NpzError(f"{sample_path}: {len(sample)} samples but {len(given)} {name}")
+            raise npz_batch.NpzError(f"{sample_path}: {len(sample)} samples but {len(given)} {name}")
     model = load_classifier(DomainSettings(image_size=sample.shape[1]), cache_dir, device)
     ref_features = metrics.compute_features(model, ref, batch_size, desc="reference batch")
     features = metrics.compute_features(model, sample, batch_size, desc="sample batch")

@@ -174,7 +174,7 @@ class ShapesDataset(Dataset):
 
 # ---------------------------------------------------------------------- one-object sets (the mechanism harness)
 GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-OBJECT_SETS = {"glyphs": list(GLYPHS), "shape": SHAPES}  # --set: glyphs (toy-mechanism's); shape, held out
+OBJECT_SETS = {"glyphs": list(GLYPHS), "one-shape": SHAPES}  # --set: glyphs (toy-mechanism's); one-shape, held out
 OBJECT_PLACES = {"on the left": -0.17, "in the center": 0.0, "on the right": 0.17}  # horizontal offset / image side
 
 

@@ -91,3 +91,15 @@ def load_state(module: torch.nn.Module, state: dict, path) -> None:
         raise InputError(f"{path}: checkpoint does not fit this model ({len(problems)} problems: "
                          + "; ".join(problems[:6]) + ")")
     module.load_state_dict(state)
+
+
+def weights_file(path) -> dict:
+    """A state dict of tensors read with torch.load(weights_only=True); anything else is an InputError naming it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load raises many types for a file that is not plain weights
+        raise InputError(f"{path}: not a weights-only PyTorch file (torch.load(weights_only=True): "
+                         f"{type(e).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
+    return state

@@ -13,16 +13,10 @@ measures samples of the embedded set with a small classifier trained on it inste
 FID-Inception and compare only with each other.
 """
 import argparse
-import hashlib
-import math
 import os
 import sys
-import warnings
-import zipfile
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
@@ -30,13 +24,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from errors import InputError, MissingInput
+from errors import InputError
 from files import load_json
-from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, NO_LOGITS,  # noqa: F401 (re-exported)
-                       PREPROCESS, SPATIAL_CHANNELS, InceptionFeatures, inception_path, load_inception)
-
-STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (17 * 17 * SPATIAL_CHANNELS,),
-               "sigma_s": (17 * 17 * SPATIAL_CHANNELS,) * 2}
+from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, InceptionFeatures,  # noqa: F401 (re-exported)
+                       NO_LOGITS, PREPROCESS, SPATIAL_CHANNELS, inception_path, load_inception)
+from npz_batch import NpzImages, read_npz_batch
+from perceptual import load_lpips
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,76 +199,6 @@ def ssim(a, b, sigma: float = 1.5) -> float:
     return s.mean((1, 2, 3)).mean().item()
 
 
-# torchvision's ImageNet weights of the LPIPS trunks (IMAGENET1K_V1), read from torch.hub.get_dir()/checkpoints/
-LPIPS_TRUNKS = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
-TORCHVISION_URL = "https://download.pytorch.org/models/"
-
-
-def load_lpips(net: str = "alex", device="cpu", hint: str = ""):
-    """LPIPS (Zhang et al. 2018) from the `lpips` package, frozen: the one loader of the metric (net "alex") and of
-    train.py's perceptual loss (net "vgg"). Its ImageNet trunk is torchvision's weights file, which must already be in
-    torch.hub.get_dir()/checkpoints/ (this never downloads); `hint` ends the error saying what to do instead. Nothing
-    is unpickled: the trunk is read weights-only once its SHA-256 matches its name, and so are lpips' linear layers."""
-    import lpips
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", LPIPS_TRUNKS[net])
-    if not os.path.isfile(path):
-        url = TORCHVISION_URL + LPIPS_TRUNKS[net]
-        raise MissingInput(f"{path}: not found (the LPIPS-{net} backbone); download {LPIPS_TRUNKS[net]} from "
-                           f"{url} into {os.path.dirname(path)} (TORCH_HOME moves it){hint}")
-    check_hash(path)
-    with warnings.catch_warnings():  # lpips calls torchvision with the deprecated `pretrained=False`
-        warnings.simplefilter("ignore")
-        model = lpips.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False)  # random: nothing read
-    model.net.load_state_dict(lpips_trunk(model.net, weights_file(path), path))
-    load_lpips_linear(model, os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", f"{net}.pth"))
-    return model.eval().requires_grad_(False).to(device)
-
-
-def load_lpips_linear(model, path) -> None:
-    """Loads the linear layers lpips ships (`lin0..lin4`, shared with `lins`) weights-only from `path`."""
-    state = weights_file(path)
-    own = sorted(k for k in model.state_dict() if k.startswith("lin") and not k.startswith("lins."))
-    if sorted(state) != own:
-        raise InputError(f"{path}: not lpips' linear layers (keys {sorted(state)[:2]}..., expected {own[:2]}...)")
-    model.load_state_dict(state, strict=False)
-
-
-def check_hash(path) -> None:
-    """torchvision's naming convention: the hex digits after the file name's last '-' begin its SHA-256."""
-    name = os.path.basename(path)
-    prefix = name.rsplit("-", 1)[-1].split(".")[0]
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    if not digest.startswith(prefix):
-        raise InputError(f"{path}: SHA-256 {digest[:len(prefix)]}... does not match the {prefix} in its name (not "
-                         f"the file torchvision publishes); download it again from {TORCHVISION_URL + name}")
-
-
-def weights_file(path) -> dict:
-    """A state dict of tensors read with torch.load(weights_only=True); anything else is an InputError naming it."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types for a file that is not plain weights
-        raise InputError(f"{path}: not a weights-only PyTorch file (torch.load(weights_only=True): "
-                         f"{type(e).__name__})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
-    return state
-
-
-def lpips_trunk(net, state: dict, path) -> dict:
-    """lpips' trunk `net` state from torchvision's: its `sliceK.N.*` tensors are `features.N.*` (each slice keeps
-    the feature indices as module names); missing or misshapen tensors are an InputError naming the file."""
-    own = {"features." + k.split(".", 1)[1]: v for k, v in net.state_dict().items()}
-    problems = [f"missing {k}" for k in own if k not in state]
-    problems += [f"{k}: shape {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
-                 if k in state and state[k].shape != v.shape]
-    if problems:
-        raise InputError(f"{path}: not torchvision's {type(net).__name__} weights ({len(problems)} problems: "
-                         + "; ".join(problems[:4]) + ")")
-    return {k: state["features." + k.split(".", 1)[1]] for k in net.state_dict()}
-
-
 @torch.inference_mode()
 def lpips_distance(a, b, model=None, batch_size: int = 32) -> float:
     """Mean LPIPS distance over images of two uint8 [N, H, W, 3] batches (scaled to [-1, 1] as lpips expects)."""
@@ -287,114 +210,6 @@ def lpips_distance(a, b, model=None, batch_size: int = 32) -> float:
         xi, yi = (z[i:i + batch_size].to(device).float() / 127.5 - 1 for z in (x, y))
         total += model(xi, yi).sum().item()
     return total / len(x)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# ADM reference / sample batches (.npz)
-
-class NpzError(InputError):
-    """A reference or sample .npz that the ADM evaluator could not read."""
-
-
-@dataclass
-class NpzImages:
-    """The uint8 [N, H, W, 3] images (`arr_0`) of an ADM .npz, read in batches straight from the archive."""
-    path: str
-    shape: tuple
-    array: np.ndarray = None  # only for Fortran-ordered arrays, which cannot be streamed
-
-    def __len__(self):
-        return self.shape[0]
-
-    def batches(self, batch_size: int):
-        """Yields consecutive uint8 [<=batch_size, H, W, 3] arrays."""
-        if self.array is not None:
-            yield from (self.array[i:i + batch_size] for i in range(0, len(self), batch_size))
-            return
-        with zipfile.ZipFile(self.path) as archive, archive.open("arr_0.npy") as f:
-            _npy_header(f, self.path)
-            for i in range(0, len(self), batch_size):
-                batch = np.empty((min(batch_size, len(self) - i), *self.shape[1:]), np.uint8)
-                view, got = memoryview(batch).cast("B"), 0
-                while got < len(view):
-                    n = f.readinto(view[got:])
-                    if not n:
-                        raise NpzError(f"{self.path}: arr_0 is truncated ({i + got // batch[0].nbytes} of "
-                                       f"{len(self)} images)")
-                    got += n
-                yield batch
-
-
-def _npy_header(f, path, key="arr_0"):
-    """(shape, fortran_order, dtype) of the .npy stream `f` (array `key` of the .npz `path`)."""
-    try:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            return np.lib.format.read_array_header_1_0(f)
-        if version == (2, 0):
-            return np.lib.format.read_array_header_2_0(f)
-    except ValueError as e:
-        raise NpzError(f"{path}: {key} is not a valid .npy array ({e})") from None
-    raise NpzError(f"{path}: {key} uses .npy format version {version}; expected 1.0 or 2.0 (np.savez)")
-
-
-def _member_header(archive: zipfile.ZipFile, key: str, path):
-    """(shape, fortran_order, dtype) of array `key` from its .npy header alone; a header that claims another size than
-    the archive holds (a huge shape, a truncated file) is refused before anything is allocated."""
-    with archive.open(key + ".npy") as f:
-        shape, fortran, dtype = _npy_header(f, path, key)
-        claimed, held = math.prod(shape) * dtype.itemsize, archive.getinfo(key + ".npy").file_size - f.tell()
-    if claimed != held:
-        raise NpzError(f"{path}: {key}'s header claims {dtype} shape {list(shape)} ({claimed} bytes) but the archive "
-                       f"holds {held} bytes (truncated or corrupt)")
-    return shape, fortran, dtype
-
-
-def read_npz_batch(path):
-    """Opens an ADM reference or sample batch: (NpzImages, stats), stats being {"mu", "sigma", "mu_s", "sigma_s"}
-    (float64) when the file holds them (the evaluator then uses them instead of recomputing), else None.
-    A file that is not what the evaluator reads raises NpzError naming the file and the problem; every byte is checked
-    (the zip CRCs) and every array's size read from its header here, before any expensive work."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise NpzError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise NpzError(f"{path}: not an .npz file (not a zip archive)")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            corrupt = archive.testzip()  # reads every member once: a flipped byte fails its CRC
-            if corrupt:
-                raise NpzError(f"{path}: {corrupt} is corrupt (its CRC check failed)")
-            keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
-            if "arr_0" not in keys:
-                raise NpzError(f"{path}: no 'arr_0' array (keys: {keys}); the ADM evaluator reads the images from "
-                               "arr_0, as written by np.savez(path, images)")
-            headers = {k: _member_header(archive, k, path) for k in ["arr_0", *STAT_SHAPES] if k in keys}
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise NpzError(f"{path}: not a readable .npz archive ({e})") from None
-    shape, fortran, dtype = headers.pop("arr_0")
-    if dtype != np.uint8:
-        raise NpzError(f"{path}: arr_0 has dtype {dtype}, expected uint8 images with values in [0, 255]")
-    if len(shape) != 4 or shape[3] != 3 or min(shape[1], shape[2]) < 1:
-        raise NpzError(f"{path}: arr_0 has shape {list(shape)}, expected [N, H, W, 3] (RGB, channels last)")
-    if shape[0] < 2:
-        raise NpzError(f"{path}: arr_0 holds {shape[0]} images; FID needs at least 2")
-    images = NpzImages(path, tuple(shape), np.ascontiguousarray(np.load(path)["arr_0"]) if fortran else None)
-    if not headers:
-        return images, None
-    if len(headers) < len(STAT_SHAPES):
-        raise NpzError(f"{path}: has {list(headers)} but not {[k for k in STAT_SHAPES if k not in headers]}; "
-                       "precomputed statistics need all of mu, sigma, mu_s, sigma_s")
-    for k, want in STAT_SHAPES.items():
-        shape, _, dtype = headers[k]
-        if shape != want or dtype.kind != "f":
-            raise NpzError(f"{path}: {k} has {dtype} shape {list(shape)}, expected floats of shape {list(want)}")
-    with np.load(path) as arrays:
-        stats = {k: arrays[k] for k in STAT_SHAPES}
-    for k in STAT_SHAPES:
-        if not np.isfinite(stats[k]).all():
-            raise NpzError(f"{path}: {k} holds non-finite values")
-    return images, {k: v.astype(np.float64) for k, v in stats.items()}
 
 
 def _fid_stats(features: dict) -> dict:

@@ -62,7 +62,7 @@ def write_npz(images: np.ndarray, path: Path) -> Path:
     return atomic_write(path, lambda tmp: np.savez(tmp, arr_0=images))
 
 
-def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
+def labels_and_captions(dit: DiT, tokenizer: TexTok, args, n: int):
     """(labels, captions) of samples 0..n-1: classes in turn with a held-out caption each, or T2I captions."""
     meta, cfg = dit.meta, tokenizer.cfg
     split = meta["split"]  # the DiT's training data: its held-out part is what sampling may read
@@ -148,7 +148,7 @@ def sample(args, rank, world, device):
     compiled = torch.compile(dit.forward_with_cfg if w != 1.0 else dit, mode="reduce-overhead") if compile_ else None
 
     n = args.num_samples
-    labels, captions = conditions(dit, tokenizer, args, n)
+    labels, captions = labels_and_captions(dit, tokenizer, args, n)
     text = cfg.text_encoder if captions is not None else None
     make = lambda: Conditioned(None, captions, labels, text, cfg.text_len, args.cache_dir, device)
     conds = make() if rank == 0 else None

@@ -37,7 +37,8 @@ from dit import build_dit
 from embedded_sets import CAPTION_STYLES, OBJECT_SETS, SHAPES
 from errors import InputError, run_main
 from images import save_image_grid, to_uint8
-from metrics import load_lpips, psnr
+from metrics import psnr
+from perceptual import load_lpips
 from rowstore import build_once
 from run import Run
 from steps import accumulate, discriminator_step, ema_update, generator_step, lr_lambda, split_batch, step_seed
@@ -56,7 +57,7 @@ def parse_args(argv=None):
                    help="embedded set's captions (Tab. 4a): full descriptive, short, or the class-name template")
     p.add_argument("--set", choices=["shapes", *OBJECT_SETS], default="shapes",
                    help="embedded set: shapes (1-3 shapes), or one large object per image: glyphs (the "
-                        "toy-mechanism preset's), shape (held out)")
+                        "toy-mechanism preset's), one-shape (held out)")
     p.add_argument("--shuffle-captions", action="store_true",
                    help="control: captions permuted across images (seeded; train and validation alike)")
     p.add_argument("--out", default=None, help="output folder (default runs/<stage>)")
@@ -73,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch is per step, total)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls are slower on CPU here)")
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls are slower on CPU: README, Measured)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on CUDA only)")
     p.add_argument("--workers", type=int, default=2)

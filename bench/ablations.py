@@ -37,6 +37,7 @@ from harness import (default_jobs, evaluate, last_step, load_optional, machine, 
                      schedule_epochs, set_classifier, train_runs)
 
 import metrics  # noqa: E402
+import perceptual  # noqa: E402
 from data import make_datasets  # noqa: E402
 from errors import run_main  # noqa: E402
 from files import atomic_write, save_json  # noqa: E402
@@ -149,7 +150,7 @@ def main(argv=None):
     command = "python bench/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
     train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images, family=args.set)
     epochs = schedule_epochs(args.steps, len(train_set), args.batch_size)
-    lpips_model = load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
+    lpips_model = load_optional(lambda: perceptual.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
     classifier = set_classifier(args, device)
     todo = [DEFAULT] + [r for r in ROWS if args.rows is None or r[0] in args.rows]

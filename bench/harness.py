@@ -86,7 +86,7 @@ def train_runs(argvs: list, script: str = "train.py", jobs: int = 1, threads: in
     runs already finished with the same argv and the same code (code_identity), each with `threads` torch threads
 (OMP_NUM_THREADS; default torch's choice); returns each run's seconds. A
     finished run records both in OUT/bench_run.json; a stale or half-finished run starts afresh. jobs > 1 is for a
-    GPU that one tiny run leaves mostly idle (untested here: no GPU)."""
+    GPU that one tiny run leaves mostly idle, or one run per CPU core."""
     code = code_identity(script, root)
     seconds = [finished(argv, code) for argv in argvs]
     todo = [i for i, s in enumerate(seconds) if s is None]

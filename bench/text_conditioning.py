@@ -17,7 +17,7 @@ same amount of text, none of its information). Each EMA tokenizer is evaluated o
 and the train.py outputs in --out/runs/<set>-<variant>-<N>-seed<k>/.
 
     python bench/text_conditioning.py                          # glyphs, toy-mechanism, N = 1 2 4 16: 2 CPU cores
-    python bench/text_conditioning.py --set shape --tokens 1   # the held-out one-object family
+    python bench/text_conditioning.py --set one-shape --tokens 1   # the held-out one-object family
     python bench/text_conditioning.py --device cuda --jobs 6 --seeds 0 1 2   # runs at once on one GPU
     python bench/text_conditioning.py --data DIR --tokens 32 64 128 256 --steps 100000 --batch-size 256 \\
         --preset imagenet256 --perceptual-weight 0.1           # on GPUs; unknown flags go to train.py as-is
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import harness  # noqa: E402
 
 import metrics  # noqa: E402
+import perceptual  # noqa: E402
 from data import make_datasets  # noqa: E402
 from errors import run_main  # noqa: E402
 from files import atomic_write, save_json  # noqa: E402
@@ -59,8 +60,8 @@ OWN_FLAGS = {"--stage", "--num-tokens", "--no-text", "--conditioning", "--out", 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)  # unknown flags go to train.py: never read them as abbreviations
-    p.add_argument("--set", default="glyphs", help="embedded set (train.py --set): glyphs (the default), shape (held "
-                   "out), shapes (1-3 shapes, the old harness)")
+    p.add_argument("--set", default="glyphs", help="embedded set (train.py --set): glyphs (the default), one-shape "
+                   "(held out), shapes (1-3 shapes, the old harness)")
     p.add_argument("--data", default=None, help="JSONL folder (README layout) instead of an embedded set")
     p.add_argument("--val", default=None, help="held-out JSONL folder; default: a fixed, seeded 10%% of --data")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 16], help="token counts N (Table 1)")
@@ -158,7 +159,7 @@ def main(argv=None):
     else:
         seconds = harness.train_runs(argvs, jobs=args.jobs, threads=args.threads if args.device == "cpu" else None)
 
-    lpips_model = harness.load_optional(lambda: metrics.load_lpips("alex", device), "LPIPS")
+    lpips_model = harness.load_optional(lambda: perceptual.load_lpips("alex", device), "LPIPS")
     inception = harness.load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
     classifier = harness.set_classifier(args, device)
     runs, recons, swaps, curves, reference = [], {}, {}, {}, {}

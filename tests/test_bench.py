@@ -9,9 +9,10 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import domain  # noqa: E402
 import harness  # noqa: E402
 from harness import mean_over_seeds, recon_class_accuracy  # noqa: E402
+
+import domain  # noqa: E402
 
 
 def test_mean_over_seeds_groups_averages_and_keeps_labels():

@@ -166,7 +166,7 @@ def test_one_object_caption_styles_and_class_pool_name_the_class():
             name = OBJECT_SETS[family][label]
             assert all(f" {name} " in c or f" {name}," in c for c in captions), (label, captions)
     with pytest.raises(InputError, match="8 classes, not 9"):
-        class_caption_pool(None, num_classes=9, family="shape")
+        class_caption_pool(None, num_classes=9, family="one-shape")
 
 
 def test_shuffled_captions_move_every_caption_the_same_way_each_time():

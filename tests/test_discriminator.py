@@ -8,14 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from discriminator import (
-    BlurPool2d,
-    LeCAM,
-    StyleGANDiscriminator,
-    discriminator_loss,
-    generator_loss,
-    r1_penalty,
-)
+from discriminator import BlurPool2d, LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty
 
 
 def _num_params(module):

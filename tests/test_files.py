@@ -12,13 +12,9 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from checkpoint import save_checkpoint
-
 from errors import InputError
-
 from files import atomic_write
-
 from images import save_image_grid
-
 from run import Run
 
 

@@ -16,6 +16,7 @@ import sample
 import train
 from dit import DiT
 
+
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {0: (210, 40, 40), 1: (40, 60, 210)}  # class 0 red, class 1 blue
 

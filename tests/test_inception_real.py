@@ -13,6 +13,7 @@ from PIL import Image
 import inception
 import metrics
 
+
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 SIZES = {32: PHOTOS, 64: PHOTOS, 299: PHOTOS[:3]}  # input sizes: upsampled, and as is
 REL = 1e-5  # features: max |ours - oracle| / max |oracle|

@@ -16,6 +16,7 @@ from test_caption import remote_code_copy, save_tiny_vlm
 
 import caption
 import metrics
+import perceptual
 import sample
 import train
 from config import DiTTrainConfig, to_dict
@@ -244,7 +245,7 @@ def _inception(write):
 
 def _lpips_trunk(write):
     def make(tmp, models):
-        path = tmp / "torch_home" / "hub" / "checkpoints" / metrics.LPIPS_TRUNKS["alex"]
+        path = tmp / "torch_home" / "hub" / "checkpoints" / perceptual.LPIPS_TRUNKS["alex"]
         path.parent.mkdir(parents=True)
         write(path)
         return "metrics", ["--tokenizer", str(models / "tok_class"), "--num-images", "4", "--batch-size", "4",

@@ -1,4 +1,4 @@
-"""metrics.load_lpips reads the torchvision trunk in the torch hub cache weights-only, after checking its SHA-256
+"""perceptual.load_lpips reads the torchvision trunk in the torch hub cache weights-only, after checking its SHA-256
 against its name: a pickle planted there never runs, and a random trunk gives what lpips' own loading gives."""
 import hashlib
 import warnings
@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-import metrics
+import perceptual
 from errors import InputError
 
 
@@ -42,15 +42,15 @@ def test_a_pickle_planted_as_the_trunk_never_runs(checkpoints, monkeypatch, name
     weights-only unpickler does. Either way one line naming the file, and the marker is never made."""
     marker = checkpoints / "ran"
     if name == "torchvision's":
-        path = checkpoints / metrics.LPIPS_TRUNKS["alex"]
+        path = checkpoints / perceptual.LPIPS_TRUNKS["alex"]
         torch.save(Planted(marker), path)
         problem = "does not match the 7be5be79 in its name"
     else:
         path = torchvision_file(Planted(marker), checkpoints, "alexnet-planted")
-        monkeypatch.setitem(metrics.LPIPS_TRUNKS, "alex", path.name)
+        monkeypatch.setitem(perceptual.LPIPS_TRUNKS, "alex", path.name)
         problem = "not a weights-only PyTorch file"
     with pytest.raises(InputError) as err:
-        metrics.load_lpips("alex")
+        perceptual.load_lpips("alex")
     assert not marker.exists()
     message = str(err.value)
     assert message.startswith(f"{path}: ") and problem in message and "\n" not in message, message
@@ -58,10 +58,10 @@ def test_a_pickle_planted_as_the_trunk_never_runs(checkpoints, monkeypatch, name
 
 def test_a_trunk_with_other_keys_is_one_line(checkpoints, monkeypatch):
     path = torchvision_file({"features.0.weight": torch.zeros(3)}, checkpoints, "alexnet-other")
-    monkeypatch.setitem(metrics.LPIPS_TRUNKS, "alex", path.name)
+    monkeypatch.setitem(perceptual.LPIPS_TRUNKS, "alex", path.name)
     with pytest.raises(InputError, match=r"alexnet-other-\w{8}.pth: not torchvision's alexnet weights \(10 problems: "
                                          r"missing features.0.bias; missing features.3.weight;"):
-        metrics.load_lpips("alex")
+        perceptual.load_lpips("alex")
 
 
 @pytest.mark.filterwarnings("ignore:.*(pretrained|weights).*:UserWarning")  # lpips calls torchvision's old API
@@ -73,8 +73,8 @@ def test_a_random_alexnet_trunk_gives_lpips_own_result(checkpoints, monkeypatch)
     torch.manual_seed(0)
     alexnet = torchvision.models.alexnet()
     path = torchvision_file(alexnet.state_dict(), checkpoints, "alexnet-random")
-    monkeypatch.setitem(metrics.LPIPS_TRUNKS, "alex", path.name)
-    model = metrics.load_lpips("alex")
+    monkeypatch.setitem(perceptual.LPIPS_TRUNKS, "alex", path.name)
+    model = perceptual.load_lpips("alex")
     monkeypatch.setattr(lpips.pretrained_networks.tv, "alexnet", lambda **kwargs: alexnet)
     reference = lpips.LPIPS(net="alex", verbose=False).eval()
     assert model.state_dict().keys() == reference.state_dict().keys()
@@ -94,7 +94,7 @@ def test_vgg16_features_map_into_lpips_slices():
         warnings.simplefilter("ignore")
         net = lpips.pretrained_networks.vgg16(pretrained=False)
         state = torchvision.models.vgg16().state_dict()
-    mapped = metrics.lpips_trunk(net, state, "vgg16.pth")
+    mapped = perceptual.lpips_trunk(net, state, "vgg16.pth")
     features = {k for k in state if k.startswith("features.")}
     assert mapped.keys() == net.state_dict().keys() and len(mapped) == len(features) == 26
     assert {id(v) for v in mapped.values()} == {id(state[k]) for k in features}

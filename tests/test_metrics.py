@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import inception
 import metrics
+import npz_batch
+import perceptual
 
 
 def random_spd(rng, d, cond=10.0):
@@ -203,7 +205,7 @@ def test_lpips_distance_with_a_random_backbone():
 def test_lpips_without_cached_backbone_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
-        metrics.load_lpips("alex")
+        perceptual.load_lpips("alex")
 
 
 # --- Inception --------------------------------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ def images(n=6, size=20, seed=8):
 def test_npz_images_stream_in_batches(tmp_path, save):
     x = images(7)
     save(tmp_path / "ref.npz", x, np.arange(7))
-    batch, stats = metrics.read_npz_batch(tmp_path / "ref.npz")
+    batch, stats = npz_batch.read_npz_batch(tmp_path / "ref.npz")
     assert stats is None and len(batch) == 7
     parts = list(batch.batches(3))
     assert [len(p) for p in parts] == [3, 3, 1]
@@ -330,9 +332,9 @@ def test_npz_images_stream_in_batches(tmp_path, save):
 
 def test_npz_precomputed_statistics_are_read(tmp_path):
     rng = np.random.default_rng(9)
-    stats = {k: rng.random(shape) for k, shape in metrics.STAT_SHAPES.items()}
+    stats = {k: rng.random(shape) for k, shape in npz_batch.STAT_SHAPES.items()}
     np.savez(tmp_path / "ref.npz", images(), **stats)
-    _, read = metrics.read_npz_batch(tmp_path / "ref.npz")
+    _, read = npz_batch.read_npz_batch(tmp_path / "ref.npz")
     for key, value in stats.items():
         np.testing.assert_array_equal(read[key], value)
 
@@ -414,6 +416,7 @@ def test_tokenizer_report_without_weights_gives_psnr_ssim_and_names_what_was_ski
     """No Inception and no LPIPS backbone: PSNR and SSIM are reported, one line names rFID, rIS and LPIPS with the
     missing files; --strict refuses in one line instead."""
     from conftest import tiny_config
+
     from textok import TexTok
     without_packaged_inception(monkeypatch, tmp_path / "torch_home")
     torch.manual_seed(0)
@@ -434,6 +437,7 @@ def test_tokenizer_is_scored_on_the_set_it_was_trained_on(tmp_path, monkeypatch)
     """`--tokenizer OUT/tokenizer` reads OUT/config.json: a tokenizer trained on glyphs is scored on glyph images (its
     PSNR is that of glyph reconstructions), not on the shapes set."""
     from conftest import tiny_config
+
     from embedded_sets import ObjectDataset
     from files import save_json
     from images import to_uint8
@@ -456,6 +460,7 @@ def test_tokenizer_report_with_inception_weights_without_output_layer_gives_rfid
                                                                                                capsys):
     """Weights like default_1.pt (no 1008-way output layer): rFID is reported, rIS named as skipped with why."""
     from conftest import tiny_config
+
     from textok import TexTok
     without_packaged_inception(monkeypatch, tmp_path / "torch_home")
     torch.manual_seed(0)

@@ -1,8 +1,8 @@
 """A tiny TexTok must really overfit: >= 28 dB PSNR on a fixed batch of 8 embedded images within 700 steps (it
 reaches about 29 dB at step 600 and 30 dB at step 700; about a minute on one CPU thread)."""
 import torch
-
 from conftest import tiny_config
+
 from textok import TexTok
 
 

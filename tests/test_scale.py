@@ -7,8 +7,6 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-import distributed
-import rowstore
 import numpy as np
 import pytest
 import torch
@@ -16,6 +14,8 @@ from PIL import Image
 from conftest import tiny_config
 from test_train import ROOT, free_port
 
+import distributed
+import rowstore
 import train
 from conditions import Conditioned, collate
 from config import OFFLINE_TEXT_ENCODER

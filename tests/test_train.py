@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import metrics
+import perceptual
 import train
 from errors import InputError
 from files import load_tensors
@@ -195,7 +195,7 @@ def test_perceptual_loss_runs_with_local_vgg_weights(tmp_path, text_cache, monke
     from test_lpips import torchvision_file
     home = tmp_path / "torch_home"
     path = torchvision_file(torchvision.models.vgg16().state_dict(), home / "hub" / "checkpoints", "vgg16-random")
-    monkeypatch.setitem(metrics.LPIPS_TRUNKS, "vgg", path.name)
+    monkeypatch.setitem(perceptual.LPIPS_TRUNKS, "vgg", path.name)
     monkeypatch.setenv("TORCH_HOME", str(home))
     out = tmp_path / "run"
     train.main(base_args(out, text_cache, "--max-steps", "1", "--perceptual-weight", "0.1"))
@@ -322,7 +322,7 @@ def test_sample_refuses_bad_values_and_missing_class_captions(tmp_path, monkeypa
     dit = SimpleNamespace(meta={"task": "class", "num_classes": 2, "split": {"data": str(tmp_path), "captions": "full"}})
     tok = SimpleNamespace(cfg=SimpleNamespace(conditioning="text"))
     with pytest.raises(InputError, match=r"class_captions.jsonl: no held-out caption for class 1"):
-        sample.conditions(dit, tok, SimpleNamespace(data=None, seed=0), 4)
+        sample.labels_and_captions(dit, tok, SimpleNamespace(data=None, seed=0), 4)
 
 
 def test_sampling_reads_the_held_out_captions_of_the_dits_one_object_set():
@@ -335,16 +335,16 @@ def test_sampling_reads_the_held_out_captions_of_the_dits_one_object_set():
     split = {"data": None, "val": None, "num_images": 64, "captions": "full", "set": "glyphs"}
     tok = SimpleNamespace(cfg=SimpleNamespace(conditioning="text", image_size=32))
     args = SimpleNamespace(data=None, seed=0, prompts=None)
-    labels, captions = sample.conditions(SimpleNamespace(meta={"task": "class", "num_classes": 36, "split": split}),
+    labels, captions = sample.labels_and_captions(SimpleNamespace(meta={"task": "class", "num_classes": 36, "split": split}),
                                          tok, args, 40)
     assert labels == [i % 36 for i in range(40)]
     assert all(f" {GLYPHS[c]} " in text for c, text in zip(labels, captions)), captions
-    _, captions = sample.conditions(SimpleNamespace(meta={"task": "t2i", "split": split}), tok, args, 5)
+    _, captions = sample.labels_and_captions(SimpleNamespace(meta={"task": "t2i", "split": split}), tok, args, 5)
     assert set(captions) <= set(ObjectDataset("glyphs", "val", 32, 64).captions)
-    for preset, set_, classes in (("toy-mechanism", "shape", 8), ("toy-mechanism", "glyphs", 36), ("tiny", "shapes", 8)):
+    for preset, set_, classes in (("toy-mechanism", "one-shape", 8), ("toy-mechanism", "glyphs", 36), ("tiny", "shapes", 8)):
         args = train.parse_args(["--stage", "tokenizer", "--preset", preset, "--set", set_])
         assert train.run_configs(args)[0].num_classes == classes
-    args = train.parse_args(["--stage", "tokenizer", "--preset", "toy-mechanism", "--set", "shape", "--num-classes", "3"])
+    args = train.parse_args(["--stage", "tokenizer", "--preset", "toy-mechanism", "--set", "one-shape", "--num-classes", "3"])
     assert train.run_configs(args)[0].num_classes == 3
 
 
