@@ -1,5 +1,5 @@
-"""A batch's condition (§3.2) and the caption's one path to it: `Conditions` gives each image its class label and its
-caption's frozen embeddings (the input of T = Linear(embeddings)), from the on-disk store or encoded on the fly."""
+"""A batch's condition (§3.2) and the caption's one path to it: `Conditioned` gives each image its class label and
+its caption's frozen embeddings (the input of T = Linear(embeddings)), from the on-disk store or encoded on the fly."""
 from pathlib import Path
 from typing import NamedTuple
 

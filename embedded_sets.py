@@ -3,7 +3,7 @@
 shapes (the default): deterministic scenes of one to three shapes with colour, size and position on a background,
 described in a caption (like the paper's descriptive captions, App. D). Each image also holds detail its caption does
 not state (position jitter, rotation, shading, texture, noise), so the tokens still have work to do. The class label is
-the shape of the first object. glyphs and shape: one large object per image (a letter or digit; a shape), the
+the shape of the first object. glyphs and one-shape: one large object per image (a letter or digit; a shape), the
 token-limited setting of the mechanism harness. Each class has a pool of held-out captions (for class-conditional
 sampling, §3.2); `ShuffledCaptions` is the shuffled-caption control. Splits draw from disjoint seed streams, so train,
 validation and the caption pool never share a seed.
