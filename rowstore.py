@@ -16,14 +16,23 @@ class NpyRows:
     a process's memory does not grow with the rows it touches. Picklable (each process opens its own descriptor)."""
 
     def __init__(self, path, writable: bool = False):
-        self.path, self.writable = Path(path), writable
+        self.path, self.writable, self._fd, self._pid = Path(path), writable, None, None
         try:
-            header = np.load(self.path, mmap_mode="r")  # reads the header; maps no page
+            with open(self.path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_2_0 if version == (2, 0) else \
+                    np.lib.format.read_array_header_1_0  # np.save writes 1.0 (2.0 for huge headers)
+                self.shape, fortran, self.dtype = read_header(f)
+                self.offset, size = f.tell(), os.fstat(f.fileno()).st_size
         except (OSError, ValueError) as e:
-            raise InputError(f"{self.path}: not a readable .npy file ({e})") from None
-        self.shape, self.dtype, self.offset = header.shape, header.dtype, header.offset
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._fd = self._pid = None
+            raise InputError(f"{self.path}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+        if self.dtype.hasobject or fortran or not self.shape:
+            raise InputError(f"{self.path}: not an array of rows (dtype {self.dtype}, shape {self.shape}, "
+                             f"{'Fortran' if fortran else 'C'} order)")
+        self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        need = self.offset + self.shape[0] * self.row_bytes
+        if size < need:
+            raise InputError(f"{self.path}: {size:,} bytes where its header needs {need:,} (truncated)")
 
     @classmethod
     def create(cls, path, shape, dtype) -> "NpyRows":
@@ -68,9 +77,27 @@ class NpyRows:
         if self._fd is not None:
             os.fsync(self._fd)
 
-    def __del__(self):
+    def __del__(self):  # also after a failed __init__: _fd is set first
         if self._fd is not None and self._pid == os.getpid():
             os.close(self._fd)
+
+
+def open_built(folder, arrays: dict) -> dict:
+    """{name: NpyRows} of a built folder, each file checked against `arrays` ({name: (shape, dtype)}, None in a shape
+    matching any size): one that is missing, unreadable, truncated or of another shape or dtype is an InputError that
+    says to delete the folder."""
+    folder, files = Path(folder), {}
+    for name, (shape, dtype) in arrays.items():
+        try:
+            rows = NpyRows(folder / f"{name}.npy")
+        except InputError as e:
+            raise InputError(f"{e}; delete {folder} to recompute it") from None
+        fits = len(rows.shape) == len(shape) and all(s in (None, r) for s, r in zip(shape, rows.shape))
+        if not fits or rows.dtype != np.dtype(dtype):
+            raise InputError(f"{rows.path}: {rows.dtype} {rows.shape}, expected {np.dtype(dtype)} {tuple(shape)}; "
+                             f"delete {folder} to recompute it")
+        files[name] = rows
+    return files
 
 
 def build_once(folder, arrays: dict, fill, rank: int = 0, world: int = 1, what: str = "cache", advice: str = "") -> Path:
@@ -81,6 +108,7 @@ def build_once(folder, arrays: dict, fill, rank: int = 0, world: int = 1, what: 
     prints the disk it needs first; too little free space is an InputError (ending with `advice`) on every rank."""
     folder = Path(folder)
     if folder.is_dir():
+        open_built(folder, arrays)
         return folder
     tmp = folder.with_name(f".{folder.name}.tmp")
     folder.parent.mkdir(parents=True, exist_ok=True)

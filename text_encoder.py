@@ -18,7 +18,7 @@ from config import OFFLINE_TEXT_ENCODER
 from distributed import autocast, rank_share
 from errors import InputError
 from files import load_json
-from rowstore import NpyRows, build_once
+from rowstore import build_once, open_built
 
 # The files whose `auto_map` makes transformers' Auto classes import Python code from the model folder.
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
@@ -146,4 +146,5 @@ def cached_text_embeddings(name: str, max_length: int, captions: list[str], cach
         build_once(folder, {"emb": ((M, max_length, C), np.float16), "mask": ((M, max_length), np.bool_)}, fill,
                    rank, world, f"text embeddings ({M:,} captions x {max_length} tokens x {C} channels, fp16, + mask)",
                    advice=", or encode on the fly (--text-cache off)")
-    return NpyRows(folder / "emb.npy"), NpyRows(folder / "mask.npy")
+    files = open_built(folder, {"emb": ((M, max_length, None), np.float16), "mask": ((M, max_length), np.bool_)})
+    return files["emb"], files["mask"]
