@@ -31,8 +31,8 @@ def pretrained_folder(name_or_path, files=("config.json", "model.safetensors"), 
                                "network, or give a local folder") from None
         raise MissingInput(f"{name}: no such folder, and {name!r} is not in the local Hugging Face cache "
                            f"({hub.get('cache_dir') or huggingface_hub.constants.HF_HUB_CACHE}); download it with "
-                           f"`hf download {name}` where there is network, pass --download (download=True) to fetch it now, or give "
-                           "a local folder") from None
+                           f"`hf download {name}` where there is network, pass --download (download=True) to fetch "
+                           "it now, or give a local folder") from None
     except (EntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise MissingInput(f"{name}: no such folder, and the Hugging Face model repo {name!r} could not be had "
                            f"({type(e).__name__}); download it with `hf download {name}` (or "

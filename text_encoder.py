@@ -104,8 +104,8 @@ def not_found(name: str, download: bool = False):
             from huggingface_hub.constants import HF_HUB_CACHE
             raise InputError(f"text encoder {name!r}: not a folder, and not in the local Hugging Face cache "
                              f"({HF_HUB_CACHE}); download it where there is network (hf download {name}), pass "
-                             f"--download (download=True) to fetch it now, or give a folder; offline, use {OFFLINE_TEXT_ENCODER!r}") \
-                from None
+                             f"--download (download=True) to fetch it now, or give a folder; offline, use "
+                             f"{OFFLINE_TEXT_ENCODER!r}") from None
         raise InputError(
             f"text encoder {name!r}: weights not found locally and the download failed "
             f"({str(e).strip().splitlines()[0]}). "
