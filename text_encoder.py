@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from config import OFFLINE_TEXT_ENCODER
-from distributed import autocast, rank_share
+from distributed import autocast
 from errors import InputError, MissingInput
 from files import load_json
 from rowstore import build_once, open_built
@@ -140,8 +140,9 @@ def cached_text_embeddings(name: str, max_length: int, captions, cache_dir, batc
 
     The key is the encoder name, the length and the caption list itself, so another encoder or another caption set
     never reads a stale store. With `world` ranks (all must call it), each encodes a contiguous share of the batches
-    and writes it chunk by chunk: memory does not grow with M, and the store is the same whatever the number of ranks.
-    The store is written in a temporary folder, renamed when every rank is done (`rowstore.build_once`)."""
+    and writes it batch by batch: memory does not grow with M, and the store is the same whatever the number of ranks.
+    The store is written in a temporary folder, renamed when every rank is done (`rowstore.build_once`); a killed
+    build resumes at the batches it had not finished (each batch is a chunk of the build)."""
     h = hashlib.sha1(f"{name}\n{max_length}".encode())
     for c in captions:  # the sha1 of "\n".join([name, length, *captions]), without building that string
         h.update(b"\n" + c.encode())
@@ -151,16 +152,17 @@ def cached_text_embeddings(name: str, max_length: int, captions, cache_dir, batc
         check_captions(captions)  # on every rank, before anyone waits for a rank that stopped
         C = width(encoder_config(name, download))
 
-        def fill(files):
+        def fill(files, batches):
             from tqdm import tqdm
-            encoder = TextEncoder(name, max_length, device, download)
-            for b in tqdm(rank_share(-(-M // batch_size), rank, world), desc=f"text embeddings ({name})",
-                          disable=not progress or rank != 0):
-                e, m = encoder(captions[b * batch_size: (b + 1) * batch_size])
-                files["emb"].write(b * batch_size, e.half().cpu().numpy())
-                files["mask"].write(b * batch_size, m.cpu().numpy())
+            encoder = TextEncoder(name, max_length, device, download) if len(batches) else None
+            for b in tqdm(batches, desc=f"text embeddings ({name})", disable=not progress or rank != 0):
+                rows = batches.rows(b)
+                e, m = encoder(captions[rows.start: rows.stop])
+                files["emb"].write(rows.start, e.half().cpu().numpy())
+                files["mask"].write(rows.start, m.cpu().numpy())
+                batches.done(b)
         build_once(folder, {"emb": ((M, max_length, C), np.float16), "mask": ((M, max_length), np.bool_)}, fill,
                    rank, world, f"text embeddings ({M:,} captions x {max_length} tokens x {C} channels, fp16, + mask)",
-                   advice=", or encode on the fly (--text-cache off)")
+                   advice=", or encode on the fly (--text-cache off)", chunk_rows=batch_size)
     files = open_built(folder, {"emb": ((M, max_length, None), np.float16), "mask": ((M, max_length), np.bool_)})
     return files["emb"], files["mask"]

@@ -13,7 +13,7 @@ from conditions import Conditioned
 from config import OFFLINE_TEXT_ENCODER
 from embedded_sets import ShapesDataset
 from errors import InputError
-from rowstore import NpyRows
+from rowstore import NpyRows, build_once
 from text_encoder import cached_text_embeddings
 from textok import TexTok
 
@@ -70,3 +70,72 @@ def test_a_corrupt_latent_cache_is_one_line_that_says_to_delete_it(tmp_path, dam
     message = raises_one_line(r"Z\.npy: ", train.encode_latents, tok, data, torch.device("cpu"), "fp32",
                               tmp_path / "Z", batch_size=4)
     assert "delete" in message and str(tmp_path / "Z") in message
+
+
+ARRAYS = {"x": ((10, 2), np.float32), "y": ((10,), np.int64)}  # 4 chunks of 3 rows
+
+
+def fill_rows(computed, kill_at=None, half=False):
+    """A build's fill: each chunk's rows as their index (x: 2 per row), recorded in `computed`; a KeyboardInterrupt
+    when chunk `kill_at` is reached (with `half`, after writing part of it, before recording it)."""
+    def fill(files, chunks):
+        for c in chunks:
+            rows = chunks.rows(c)
+            if c == kill_at and not half:
+                raise KeyboardInterrupt
+            files["x"].write(rows.start, np.arange(2 * rows.start, 2 * rows.stop).reshape(-1, 2))
+            if c == kill_at:
+                raise KeyboardInterrupt
+            files["y"].write(rows.start, np.arange(rows.start, rows.stop))
+            computed.append(c)
+            chunks.done(c)
+    return fill
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["between chunks", "inside a chunk"])
+def test_a_killed_build_resumes_at_the_chunks_it_had_not_finished(tmp_path, half):
+    computed = []
+    with pytest.raises(KeyboardInterrupt):
+        build_once(tmp_path / "store", ARRAYS, fill_rows(computed, kill_at=2, half=half), chunk_rows=3)
+    assert computed == [0, 1] and not (tmp_path / "store").exists()
+    computed.clear()
+    folder = build_once(tmp_path / "store", ARRAYS, fill_rows(computed), chunk_rows=3)
+    assert computed == [2, 3]  # only the chunks the killed build had not recorded
+    whole = build_once(tmp_path / "whole", ARRAYS, fill_rows([]), chunk_rows=3)
+    for name in ARRAYS:
+        assert np.array_equal(np.load(folder / f"{name}.npy"), np.load(whole / f"{name}.npy"))
+    assert sorted(p.name for p in folder.iterdir()) == ["x.npy", "y.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store", "whole"]
+
+
+def test_a_killed_build_of_other_arrays_or_chunks_starts_afresh(tmp_path):
+    computed = []
+    with pytest.raises(KeyboardInterrupt):
+        build_once(tmp_path / "store", ARRAYS, fill_rows(computed, kill_at=2), chunk_rows=3)
+    computed.clear()
+    build_once(tmp_path / "store", ARRAYS, fill_rows(computed), chunk_rows=2)  # other chunks: rows 0-5 redone
+    assert computed == [0, 1, 2, 3, 4]
+
+
+def test_a_killed_text_store_build_encodes_only_the_missing_batches(tmp_path, monkeypatch):
+    """cached_text_embeddings killed after 2 of 4 batches: the rebuild encodes batches 3 and 4 only, and the store
+    equals one built without a kill."""
+    import text_encoder
+    captions = [f"a {c} {s}" for c in ("red", "blue", "green", "grey") for s in ("circle", "star")]  # 8: 4 batches
+    encoded, real = [], text_encoder.TextEncoder.__call__
+
+    def encode(self, batch, *args, kill_after=None):
+        if len(encoded) == kill_after:
+            raise KeyboardInterrupt
+        encoded.append(list(batch))
+        return real(self, batch, *args)
+    monkeypatch.setattr(text_encoder.TextEncoder, "__call__", lambda self, b, *a: encode(self, b, *a, kill_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        cached_text_embeddings(OFFLINE_TEXT_ENCODER, 8, captions, tmp_path / "killed", batch_size=2)
+    assert encoded == [captions[0:2], captions[2:4]]
+    encoded.clear()
+    monkeypatch.setattr(text_encoder.TextEncoder, "__call__", encode)
+    emb, mask = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 8, captions, tmp_path / "killed", batch_size=2)
+    assert encoded == [captions[4:6], captions[6:8]]
+    emb2, mask2 = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 8, captions, tmp_path / "whole", batch_size=2)
+    assert np.array_equal(emb.read(0, 8), emb2.read(0, 8)) and np.array_equal(mask.read(0, 8), mask2.read(0, 8))
