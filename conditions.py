@@ -62,7 +62,7 @@ class Conditioned(Dataset):
         if text_encoder is not None and text_cache == "off":
             self.on_the_fly = (text_encoder, text_len, device, precision, download)
         elif text_encoder is not None:
-            self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, list(captions), Path(cache_dir) / "text",
+            self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, captions, Path(cache_dir) / "text",
                                                          device=device, progress=True, rank=rank, world=world,
                                                          download=download)
             empty = first_empty_row(self.mask)  # DiT's attention needs one real token per caption
