@@ -61,6 +61,7 @@ def parse_args(argv=None):
                    help="M values of the loader-memory table (e.g. 20000 200000; none: skipped)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (loader-memory table)")
     p.add_argument("--loader-batch", type=int, default=256, help="images per batch (loader-memory table)")
+    p.add_argument("--loader-steps", type=int, default=0, help="steps per row (default 0: one full pass)")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one, removed at the end)")
     p.add_argument("--worker", choices=["store", "baseline", "latents", "loader"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--M", type=int, default=0, help=argparse.SUPPRESS)
@@ -197,7 +198,7 @@ def worker_loader(args) -> dict:
     start = rank_memory()
     train, _ = make_datasets(args.out, size=8)
     data = Conditioned(train, train.captions, train.labels)  # class labels: no text store, workers read images
-    built, steps = rank_memory(), len(train) // (args.loader_batch * world)
+    built, steps = rank_memory(), args.loader_steps or len(train) // (args.loader_batch * world)
     first = peak = None
     t0 = time.perf_counter()
     for step, _ in enumerate(step_loader(data, args.loader_batch, rank, world, 0, 0, steps, args.workers)):
@@ -225,17 +226,18 @@ def jsonl_folder(folder: Path, M: int, files: int = 16) -> float:
 
 
 def loader_table(args, work: Path) -> list:
-    lines = [f"Loader memory: one rank, {args.workers} DataLoader workers, batch {args.loader_batch}, a full pass "
+    steps = f"{args.loader_steps} steps" if args.loader_steps else "a full pass"
+    lines = [f"Loader memory: one rank, {args.workers} DataLoader workers, batch {args.loader_batch}, {steps} "
              "(PSS summed over the rank's process and its workers; MiB):", "",
              "| M captions | mean caption (B) | data set in the rank (PSS) | rank at the first batch | rank, peak over "
-             "the pass | rank's process at the peak | workers seen | largest worker USS at the peak | pass wall (s) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "the pass | rank's process at the peak | workers seen | largest worker USS at the peak | steps | wall (s) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for M in args.loader_captions:
         mean = jsonl_folder(work / f"jsonl-{M}", M)
         r = launch(args, "loader", M, 1, work / f"jsonl-{M}")[0]
         lines.append(f"| {M:,} | {mean:.0f} | {r['data']:.0f} | {r['first']['pss']:.0f} | {r['peak']['pss']:.0f} | "
                      f"{r['peak']['main_pss']:.0f} | {r['peak']['workers']} | {r['peak']['worker_uss']:.0f} | "
-                     f"{r['seconds']:.1f} |")
+                     f"{r['steps']} | {r['seconds']:.1f} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -251,7 +253,8 @@ def launch(args, kind: str, M: int, world: int, out: Path) -> list:
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, __file__, "--worker", kind, "--M", str(M), "--out", str(out),
                "--text-len", str(args.text_len), "--batch-size", str(args.batch_size), "--samples", str(args.samples),
-               "--workers", str(args.workers), "--loader-batch", str(args.loader_batch)]
+               "--workers", str(args.workers), "--loader-batch", str(args.loader_batch),
+               "--loader-steps", str(args.loader_steps)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for p in procs:

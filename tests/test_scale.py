@@ -179,5 +179,6 @@ def test_the_loader_memory_bench_measures_a_rank_with_its_workers(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     row = next(line for line in out.stdout.splitlines() if line.startswith("| 600 |"))
-    data, first, peak, main, workers, worker_uss = map(float, [c.strip() for c in row.strip("|").split("|")][2:8])
-    assert workers == 2 and 0 < worker_uss and main < peak and data < 10  # MiB
+    cells = [float(c) for c in row.strip("|").split("|")[2:9]]
+    data, first, peak, main, workers, worker_uss, steps = cells  # MiB but for the counts
+    assert workers == 2 and 0 < worker_uss and main < peak and data < 10 and steps == 540 // 64  # one pass
