@@ -272,3 +272,12 @@ def test_captions_round_trip_any_text(tmp_path):
     ds = JsonlDataset(tmp_path, 8)
     assert list(ds.captions) == texts and ds.captions == texts and ds.labels.tolist() == [-1] * 4
     assert ds.captions[1:3] == texts[1:3] and ds.captions[np.array([3, 0])] == [texts[3], texts[0]]
+
+
+def test_shuffled_captions_of_a_jsonl_set_stay_packed(tmp_path):
+    many_lines(tmp_path, 40)
+    plain, _ = make_datasets(tmp_path, size=8)
+    shuffled, _ = make_datasets(tmp_path, size=8, shuffle_captions=True)
+    assert type(shuffled.captions) is type(plain.captions)  # a view of the same buffer, no list of strings
+    assert sorted(shuffled.captions) == sorted(plain.captions) and shuffled.captions != plain.captions
+    assert all(shuffled.captions[i] == plain.captions[j] for i, j in enumerate(shuffled.perm))
