@@ -268,7 +268,7 @@ def test_captions_round_trip_any_text(tmp_path):
     texts = ["café au lait", "line\u2028separator", "lone \ud800 surrogate", "日本語のキャプション"]
     with open(tmp_path / "captions.jsonl", "w") as f:
         for t in texts:
-            f.write(json.dumps({"image": f"img/0.png", "caption": t}) + "\n")
+            f.write(json.dumps({"image": "img/0.png", "caption": t}) + "\n")
     ds = JsonlDataset(tmp_path, 8)
     assert list(ds.captions) == texts and ds.captions == texts and ds.labels.tolist() == [-1] * 4
     assert ds.captions[1:3] == texts[1:3] and ds.captions[np.array([3, 0])] == [texts[3], texts[0]]
