@@ -54,15 +54,17 @@ class Conditioned(Dataset):
     with the store); `batch(indices)` is the completed `Cond` of those items."""
 
     def __init__(self, items, captions, labels, text_encoder=None, text_len: int = 128, cache_dir="cache",
-                 device="cpu", text_cache: str = "on", precision: str = "auto", rank: int = 0, world: int = 1):
+                 device="cpu", text_cache: str = "on", precision: str = "auto", rank: int = 0, world: int = 1,
+                 download: bool = False):
         self.items, self.captions, self.labels = items, captions, labels
         self.label_tensor = torch.as_tensor(labels, dtype=torch.long)
         self.emb = self.mask = self.on_the_fly = self.encoder = None
         if text_encoder is not None and text_cache == "off":
-            self.on_the_fly = (text_encoder, text_len, device, precision)
+            self.on_the_fly = (text_encoder, text_len, device, precision, download)
         elif text_encoder is not None:
-            self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, list(captions), Path(cache_dir) / "text",
-                                                         device=device, progress=True, rank=rank, world=world)
+            self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, captions, Path(cache_dir) / "text",
+                                                         device=device, progress=True, rank=rank, world=world,
+                                                         download=download)
             empty = first_empty_row(self.mask)  # DiT's attention needs one real token per caption
             if empty is not None:
                 raise InputError(f"{cache_dir}/text: caption {empty} has no text token in its mask "
@@ -70,12 +72,13 @@ class Conditioned(Dataset):
 
     @classmethod
     def for_model(cls, dataset, cfg, cache_dir="cache", device="cpu", text_cache: str = "on", precision: str = "auto",
-                  rank: int = 0, world: int = 1) -> "Conditioned":
+                  rank: int = 0, world: int = 1, download: bool = False) -> "Conditioned":
         """`dataset` with the conditions a TexTok of config `cfg` reads: caption embeddings (when `cfg.conditioning`
-        is "text") and labels. With `world` ranks, all must call it (they build the embedding store together)."""
+        is "text") and labels. With `world` ranks, all must call it (they build the embedding store together).
+        `download`: a hub encoder not in the local cache is fetched (else refused)."""
         encoder = cfg.text_encoder if cfg.conditioning == "text" else None
         return cls(dataset, dataset.captions, dataset.labels, encoder, cfg.text_len, cache_dir, device, text_cache,
-                   precision, rank, world)
+                   precision, rank, world, download)
 
     def __len__(self):
         return len(self.labels)
@@ -104,9 +107,9 @@ class Conditioned(Dataset):
         autocast on CUDA with precision "auto")."""
         if self.on_the_fly is None:
             return batch
-        name, text_len, device, precision = self.on_the_fly
+        name, text_len, device, precision, download = self.on_the_fly
         if self.encoder is None:
-            self.encoder = TextEncoder(name, text_len, device)
+            self.encoder = TextEncoder(name, text_len, device, download)
         emb, mask = self.encoder([self.captions[int(i)] for i in batch["index"]], precision)
         return {**batch, "cond": Cond(emb.half().float(), mask, batch["cond"].label)}  # fp16-rounded, as the store
 

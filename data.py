@@ -11,8 +11,11 @@ training steps start..stop.
 """
 import hashlib
 import json
+from array import array
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +27,6 @@ from conditions import collate
 from distributed import rank_share
 from embedded_sets import ObjectDataset, SPLITS, ShapesDataset, ShuffledCaptions, embedded_caption_pool
 from errors import InputError, MissingInput
-from files import read_lines
 from images import to_tensor
 
 
@@ -71,11 +73,35 @@ def _is_label(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def read_jsonl(path) -> list:
-    """(line number, object) for each non-blank line of a JSONL file (UTF-8, lines split on "\\n" only); a line that is
-    not a JSON object is an error naming it."""
-    rows = []
-    for n, line in enumerate(read_lines(path), 1):
+def utf8_lines(path, digest=None):
+    """The lines of a UTF-8 text file, one at a time (memory does not grow with the file): a leading BOM dropped,
+    split on "\\n" only, each without its "\\r\\n" or "\\n" (as files.read_lines). Bytes that are not UTF-8 are an
+    error naming the line; `digest` (a hashlib object) is fed the file's bytes."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise MissingInput(f"{path}: file not found") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the file ({e.strerror})") from None
+    with f:
+        at = 0
+        for n, raw in enumerate(f, 1):  # binary lines end at b"\n" only
+            if digest is not None:
+                digest.update(raw)
+            raw = raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {at + e.start})") \
+                    from None
+            at += len(raw)
+            yield text.removesuffix("\n").removesuffix("\r")
+
+
+def read_jsonl(path, digest=None):
+    """(line number, object) for each non-blank line of a JSONL file (UTF-8, lines split on "\\n" only), read a line
+    at a time; a line that is not a JSON object is an error naming it. `digest` is fed the file's bytes."""
+    for n, line in enumerate(utf8_lines(path, digest), 1):
         if not line.strip():
             continue
         try:
@@ -85,35 +111,103 @@ def read_jsonl(path) -> list:
         if not isinstance(row, dict):
             kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(row), "a number")
             raise InputError(f"{path}:{n}: expected a JSON object, got {kind}")
-        rows.append((n, row))
-    return rows
+        yield n, row
+
+
+class Strings(Sequence):
+    """Many strings held as one UTF-8 byte buffer with each one's (start, end) offsets, all numpy arrays: a million
+    captions or paths are three arrays, not a million Python objects that every DataLoader worker would copy page by
+    page as it touches their reference counts (copy-on-read, pytorch/pytorch#13246). `s[i]` decodes one (a Path
+    under `root` when given); `s[a:b]` and `s[index_array]` are views sharing the buffer."""
+
+    def __init__(self, buffer: np.ndarray, starts: np.ndarray, ends: np.ndarray, root: Path | None = None):
+        self.buffer, self.starts, self.ends, self.root = buffer, starts, ends, root
+
+    @classmethod
+    def pack(cls, buffer: bytearray, ends: array, root: Path | None = None) -> "Strings":
+        """The strings whose encodings end at `ends` in `buffer` (both kept, not copied)."""
+        ends = np.frombuffer(ends, np.int64)
+        return cls(np.frombuffer(buffer, np.uint8), np.concatenate([[0], ends[:-1]]).astype(np.int64), ends, root)
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, (slice, np.ndarray, list)):
+            return Strings(self.buffer, self.starts[i], self.ends[i], self.root)
+        text = self.buffer[self.starts[i]: self.ends[i]].tobytes().decode("utf-8", "surrogatepass")
+        return text if self.root is None else self.root / text
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __eq__(self, other):  # as a list compares
+        return isinstance(other, Sequence) and not isinstance(other, str) and list(self) == list(other)
+
+    __hash__ = None
+
+
+class JsonlTable(NamedTuple):
+    """captions.jsonl read once: its path and sha1, and per listed image its line, path (a Path under the folder),
+    caption and label (-1: none)."""
+    path: Path
+    sha1: str
+    lines: np.ndarray
+    images: Strings
+    captions: Strings
+    labels: np.ndarray
+
+
+def read_captions_jsonl(root) -> JsonlTable:
+    """`root`/captions.jsonl (module docstring) read once, a line at a time, into packed arrays; a line without an
+    image path or a caption, or with a label that is not an integer >= 0, is an error naming it."""
+    path = Path(root) / "captions.jsonl"
+    if not path.is_file():
+        raise MissingInput(f"{path}: not found; --data DIR needs DIR/captions.jsonl (see README)")
+    digest, lines, labels = hashlib.sha1(), array("q"), array("q")
+    text, ends = {"image": bytearray(), "caption": bytearray()}, {"image": array("q"), "caption": array("q")}
+    for n, row in read_jsonl(path, digest):
+        if not isinstance(row.get("image"), str):
+            raise InputError(f"{path}:{n}: missing \"image\" path")
+        if not isinstance(row.get("caption"), str) or not row["caption"].strip():
+            raise InputError(f"{path}:{n}: missing or empty caption for {row['image']}")
+        if "label" in row and not _is_label(row["label"]):
+            raise InputError(f"{path}:{n}: \"label\" must be an integer >= 0, got {row['label']!r}")
+        if row.get("label", 0) >= 2 ** 63:
+            raise InputError(f"{path}:{n}: \"label\" {row['label']} is too large for a class index")
+        for key in text:
+            text[key] += row[key].encode("utf-8", "surrogatepass")
+            ends[key].append(len(text[key]))
+        lines.append(n)
+        labels.append(row.get("label", -1))
+    if not lines:
+        raise InputError(f"{path}: no images listed")
+    return JsonlTable(path, digest.hexdigest(), np.frombuffer(lines, np.int64),
+                      Strings.pack(text["image"], ends["image"], Path(root)),
+                      Strings.pack(text["caption"], ends["caption"]), np.frombuffer(labels, np.int64))
+
+
+def _hash_list(h, values: np.ndarray, chunk: int = 65536) -> None:
+    """Feeds `h` the text of the Python list of the integers `values` ("[0, 1, 2]"), a chunk at a time."""
+    h.update(b"[")
+    for at in range(0, len(values), chunk):
+        h.update(((", " if at else "") + ", ".join(map(str, values[at: at + chunk].tolist()))).encode())
+    h.update(b"]")
 
 
 class JsonlDataset(Dataset):
-    """A folder with `captions.jsonl` (module docstring); `indices` selects a subset (for the held-out split)."""
+    """A folder with `captions.jsonl` (module docstring); `indices` selects a subset (for the held-out split), of
+    `table` when the file was read already (read_captions_jsonl). Paths, captions, lines and labels are packed
+    arrays (`Strings`, numpy int64; label -1: none), so DataLoader workers copy nothing as they read them."""
 
-    def __init__(self, root, size: int, indices=None):
+    def __init__(self, root, size: int, indices=None, table: JsonlTable | None = None):
         self.root, self.size = Path(root), size
-        path = self.root / "captions.jsonl"
-        if not path.is_file():
-            raise MissingInput(f"{path}: not found; --data DIR needs DIR/captions.jsonl (see README)")
-        rows = read_jsonl(path)
-        for n, row in rows:
-            if not isinstance(row.get("image"), str):
-                raise InputError(f"{path}:{n}: missing \"image\" path")
-            if not isinstance(row.get("caption"), str) or not row["caption"].strip():
-                raise InputError(f"{path}:{n}: missing or empty caption for {row['image']}")
-            if "label" in row and not _is_label(row["label"]):
-                raise InputError(f"{path}:{n}: \"label\" must be an integer >= 0, got {row['label']!r}")
-        if not rows:
-            raise InputError(f"{path}: no images listed")
-        self.jsonl, self.jsonl_sha1 = path, hashlib.sha1(path.read_bytes()).hexdigest()
-        self.indices = list(range(len(rows))) if indices is None else list(indices)
-        self.lines = [rows[i][0] for i in self.indices]  # captions.jsonl line of each selected image
-        rows = [rows[i][1] for i in self.indices]
-        self.files = [self.root / r["image"] for r in rows]
-        self.captions = [r["caption"] for r in rows]
-        self.labels = [r.get("label", -1) for r in rows]  # -1: no label
+        table = table or read_captions_jsonl(self.root)
+        self.jsonl, self.jsonl_sha1 = table.path, table.sha1
+        self.indices = np.arange(len(table.lines)) if indices is None else np.asarray(indices, np.int64)
+        self.lines = table.lines[self.indices]  # captions.jsonl line of each selected image
+        self.files, self.captions = table.images[self.indices], table.captions[self.indices]
+        self.labels = table.labels[self.indices]
 
     def __len__(self):
         return len(self.files)
@@ -146,7 +240,9 @@ class JsonlDataset(Dataset):
     def identity(self) -> str:
         """A hash of what determines the items: captions.jsonl's content, the selected rows, the resolution, and each
         image file's size and modification time (a replaced image changes it)."""
-        h = hashlib.sha1(f"{self.jsonl_sha1}|{self.indices}|{self.size}".encode())
+        h = hashlib.sha1(f"{self.jsonl_sha1}|".encode())
+        _hash_list(h, self.indices)
+        h.update(f"|{self.size}".encode())
         for f, st in zip(self.files, parallel_map(Path.stat, self.files)):  # many stat calls in flight (NFS)
             h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
         return f"{self.root.name}-{h.hexdigest()[:16]}"
@@ -157,9 +253,10 @@ def check_labels(dataset, num_classes: int, needed_by: str) -> None:
     naming its captions.jsonl line; `needed_by` says what reads the labels."""
     if num_classes < 1:
         raise InputError(f"--num-classes {num_classes}: {needed_by} needs at least 1 class")
-    bad = [i for i, label in enumerate(dataset.labels) if not 0 <= label < num_classes]
-    if bad:
-        i, label = bad[0], dataset.labels[bad[0]]
+    labels = np.asarray(dataset.labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        i, label = bad[0], labels[bad[0]]
         where = f"{dataset.jsonl}:{dataset.lines[i]}" if isinstance(dataset, JsonlDataset) else \
             f"embedded set {dataset.identity()}, image {i}"
         found = "no \"label\"" if label < 0 else f"label {label}"
@@ -167,7 +264,7 @@ def check_labels(dataset, num_classes: int, needed_by: str) -> None:
                          f"({len(bad)} of {len(dataset.labels)} are not; --num-classes states the count)")
 
 
-def parallel_map(fn, items: list, threads: int = 16, chunk: int = 4096):
+def parallel_map(fn, items, threads: int = 16, chunk: int = 4096):
     """fn over items in `threads` threads, in order; a chunk at a time, so a million items never wait as futures."""
     with ThreadPoolExecutor(threads) as pool:
         for i in range(0, len(items), chunk):
@@ -203,9 +300,9 @@ def make_datasets(data=None, val=None, size: int = 32, num_images: int = 4096, s
                 ShapesDataset("val", size, max(64, num_images // 16), seed, captions))
     if val is not None:
         return JsonlDataset(data, size), JsonlDataset(val, size)
-    n = len(JsonlDataset(data, size))
-    train_idx, val_idx = split_indices(n, 0.1, seed)
-    return JsonlDataset(data, size, train_idx), JsonlDataset(data, size, val_idx)
+    table = read_captions_jsonl(data)  # read once, for both splits
+    train_idx, val_idx = split_indices(len(table.lines), 0.1, seed)
+    return JsonlDataset(data, size, train_idx, table), JsonlDataset(data, size, val_idx, table)
 
 
 def class_caption_pool(data=None, num_classes: int = 8, per_class: int = 32, seed: int = 0, captions: str = "full",

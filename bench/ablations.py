@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
 from harness import (default_jobs, evaluate, last_step, load_optional, machine, mean_over_seeds,  # noqa: E402
-                     schedule_epochs, set_classifier, train_runs)
+                     require, schedule_epochs, set_classifier, train_runs)
 
 import metrics  # noqa: E402
 import perceptual  # noqa: E402
@@ -143,6 +143,7 @@ def markdown_table(rows: list) -> str:
 
 def main(argv=None):
     args, extra = parse_args(argv)
+    require("matplotlib", "bench/ablations.py plots its bar chart with it")  # before the first run
     torch.set_num_threads(args.threads)  # the evaluation's, and what the report's machine line names
     args.out = str(Path(args.out) / (Path(args.data).name if args.data else args.set))
     out = Path(args.out)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
 from domain import object_sample_report  # noqa: E402
-from harness import line_plot, machine, schedule_epochs, tokenizer_argv, train_run  # noqa: E402
+from harness import line_plot, machine, require, schedule_epochs, tokenizer_argv, train_run  # noqa: E402
 
 import domain  # noqa: E402
 from data import make_datasets  # noqa: E402
@@ -95,6 +95,7 @@ def markdown_table(rows: list) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    require("matplotlib", "bench/generation.py plots its FID curves with it")  # before the first run
     args.out = str(Path(args.out) / (Path(args.data).name if args.data else args.set))
     out = Path(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

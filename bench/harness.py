@@ -6,6 +6,7 @@ A benchmark script puts the repository root on sys.path (one line) and imports t
 """
 import ast
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -28,9 +29,19 @@ import domain  # noqa: E402
 import metrics  # noqa: E402
 from conditions import Conditioned, collate  # noqa: E402
 from data import make_datasets  # noqa: E402
+from errors import InputError  # noqa: E402
 from files import atomic_write, load_json, save_json  # noqa: E402
 from images import to_uint8  # noqa: E402
 from textok import TexTok  # noqa: E402
+
+
+def require(module: str, why: str) -> None:
+    """Stops a bench before its first run when a module it needs (bench/requirements.txt) is not installed: one
+    InputError, where the import would fail after the runs."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise InputError(f"{module}: not installed, and {why}; pip install -r bench/requirements.txt") from None
 
 
 def machine(device: torch.device) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from errors import InputError, run_main  # noqa: E402
 from files import atomic_write  # noqa: E402
+from harness import require  # noqa: E402
 
 
 LOSSES = ("l2", "vq", "perceptual", "gan", "d_loss", "r1", "lecam", "loss")  # train.py's loss terms, both stages
@@ -85,6 +86,7 @@ def main(argv=None):
     p.add_argument("run", help="a train.py output folder (holding log.jsonl)")
     p.add_argument("--out", default=None, help="PNG path (default: RUN/curves.png)")
     args = p.parse_args(argv)
+    require("matplotlib", "bench/plot_run.py draws the curves with it")  # before the first run
     run = Path(args.run)
     out = plot(read_log(run / "log.jsonl"), Path(args.out) if args.out else run / "curves.png", str(run))
     print(f"written: {out}")

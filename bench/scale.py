@@ -5,6 +5,7 @@ encoder at a short --text-len.
     python bench/scale.py                              # M = 20k and 200k synthetic captions, 1 and 2 ranks
     python bench/scale.py --captions 1280000           # ImageNet's 1.28M (hours on a CPU: ~2-4 ms per caption)
     python bench/scale.py --captions 20000 --ranks 2 --no-latents --no-step-cost   # one quick row
+    python bench/scale.py --captions --no-latents --no-step-cost --loader-captions 20000 200000   # loader memory
 
 Each rank is its own process (torchrun's environment, gloo) with one thread, as one device per rank. Per rank: the
 peak resident memory (VmHWM) of the whole process while it builds the store, against a baseline process that imports,
@@ -13,7 +14,12 @@ input, in RAM as in training) and the whole array the old cache held in RAM; the
 while the rank reads its share back row by row through conditions.Conditioned (the training read path). Targets: peak RSS
 less the baseline flat in M, 2 ranks <= 0.6x the wall of 1 rank (the CPU seconds per rank show the split where the
 machine is loaded), sampled rows equal to a direct encoding. Then: stage-2 latents Z from 2 ranks against 1 rank's,
-and the per-step cost of --text-cache off against the store on the tiny preset. Prints markdown tables.
+and the per-step cost of --text-cache off against the store on the tiny preset. Last, the loader's memory: one rank
+reads a full pass of a captions.jsonl folder of M lines (synthetic 8 px images, many lines to a file) through the
+training loader (data.make_datasets, data.step_loader) with --workers DataLoader workers, and the rank's memory is
+the sum over its process and its workers of PSS (proportional set size: each page shared by k processes counts 1/k)
+from /proc/PID/smaps_rollup, with each worker's USS (its private pages: what copy-on-read copies). Target: flat in M
+but for the data itself (held once). Prints markdown tables.
 """
 import argparse
 import json
@@ -51,8 +57,13 @@ def parse_args(argv=None):
     p.add_argument("--latents", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--step-cost", action=argparse.BooleanOptionalAction, default=True,
                    help="--text-cache off against the store, per step, on the tiny preset")
+    p.add_argument("--loader-captions", type=int, nargs="*", default=[],
+                   help="M values of the loader-memory table (e.g. 20000 200000; none: skipped)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (loader-memory table)")
+    p.add_argument("--loader-batch", type=int, default=256, help="images per batch (loader-memory table)")
+    p.add_argument("--loader-steps", type=int, default=0, help="steps per row (default 0: one full pass)")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one, removed at the end)")
-    p.add_argument("--worker", choices=["store", "baseline", "latents"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["store", "baseline", "latents", "loader"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--M", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -75,6 +86,38 @@ def memory() -> dict:
     """VmRSS and VmHWM of this process, MiB."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     return {k: int(status[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM")}
+
+
+def smaps(pid) -> dict:
+    """Rss, Pss and USS (Private_Clean + Private_Dirty) of process `pid`, MiB (/proc/PID/smaps_rollup)."""
+    rows = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    kib = {k: int(v.split()[0]) for k, v in rows.items()}
+    return {"rss": kib["Rss"] / 1024, "pss": kib["Pss"] / 1024,
+            "uss": (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024}
+
+
+def children(pid: int) -> list:
+    """The pids whose parent is `pid` (here: the DataLoader workers)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            pass
+    return kids
+
+
+def rank_memory() -> dict:
+    """This rank's memory with its workers: PSS summed over them all, this process's PSS, the workers' largest USS."""
+    main, workers = smaps("self"), []
+    for pid in children(os.getpid()):
+        try:
+            workers.append(smaps(pid))
+        except OSError:
+            pass
+    return {"pss": main["pss"] + sum(w["pss"] for w in workers), "main_pss": main["pss"], "workers": len(workers),
+            "worker_uss": max((w["uss"] for w in workers), default=0.0)}
 
 
 def reset_peak() -> None:
@@ -145,6 +188,60 @@ def worker_latents(args) -> dict:
     return dict(rank=rank, seconds=time.perf_counter() - t0)
 
 
+def worker_loader(args) -> dict:
+    """One rank's full pass over the JSONL folder `args.out` through the training loader; its memory sampled on the
+    way (rank_memory), before the data set, after it, at the first batch and at the pass's peak."""
+    from conditions import Conditioned
+    from data import make_datasets, step_loader
+    from distributed import setup_distributed
+    rank, world, _ = setup_distributed(3600)
+    start = rank_memory()
+    train, _ = make_datasets(args.out, size=8)
+    data = Conditioned(train, train.captions, train.labels)  # class labels: no text store, workers read images
+    built, steps = rank_memory(), args.loader_steps or len(train) // (args.loader_batch * world)
+    first = peak = None
+    t0 = time.perf_counter()
+    for step, _ in enumerate(step_loader(data, args.loader_batch, rank, world, 0, 0, steps, args.workers)):
+        if step % 10 == 0 or step == steps - 1:
+            m = rank_memory()
+            first = first or m
+            peak = m if peak is None or m["pss"] > peak["pss"] else peak
+    return dict(rank=rank, start=start["pss"], data=built["pss"] - start["pss"], first=first, peak=peak,
+                steps=steps, seconds=time.perf_counter() - t0)
+
+
+def jsonl_folder(folder: Path, M: int, files: int = 16) -> float:
+    """A captions.jsonl of M synthetic captions over `files` tiny PNGs (line i shows image i % files); the mean
+    caption length in bytes."""
+    from PIL import Image
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        Image.new("RGB", (8, 8), (16 * k, 255 - 16 * k, 90)).save(folder / "img" / f"n{k:08d}_{k}.png")
+    captions = synthetic_captions(M)
+    with open(folder / "captions.jsonl", "w") as f:
+        for i, c in enumerate(captions):
+            f.write(json.dumps({"image": f"img/n{i % files:08d}_{i % files}.png", "caption": c, "label": i % 1000})
+                    + "\n")
+    return sum(len(c.encode()) for c in captions) / M
+
+
+def loader_table(args, work: Path) -> list:
+    steps = f"{args.loader_steps} steps" if args.loader_steps else "a full pass"
+    lines = [f"Loader memory: one rank, {args.workers} DataLoader workers, batch {args.loader_batch}, {steps} "
+             "(PSS summed over the rank's process and its workers; MiB):", "",
+             "| M captions | mean caption (B) | data set in the rank (PSS) | rank at the first batch | rank, peak over "
+             "the pass | rank's process at the peak | workers seen | largest worker USS at the peak | steps | wall (s) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for M in args.loader_captions:
+        mean = jsonl_folder(work / f"jsonl-{M}", M)
+        r = launch(args, "loader", M, 1, work / f"jsonl-{M}")[0]
+        lines.append(f"| {M:,} | {mean:.0f} | {r['data']:.0f} | {r['first']['pss']:.0f} | {r['peak']['pss']:.0f} | "
+                     f"{r['peak']['main_pss']:.0f} | {r['peak']['workers']} | {r['peak']['worker_uss']:.0f} | "
+                     f"{r['steps']} | {r['seconds']:.1f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def launch(args, kind: str, M: int, world: int, out: Path) -> list:
     """`world` rank processes of this script's `--worker kind`; their JSON results."""
     with socket.socket() as s:
@@ -155,7 +252,9 @@ def launch(args, kind: str, M: int, world: int, out: Path) -> list:
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         cmd = [sys.executable, __file__, "--worker", kind, "--M", str(M), "--out", str(out),
-               "--text-len", str(args.text_len), "--batch-size", str(args.batch_size), "--samples", str(args.samples)]
+               "--text-len", str(args.text_len), "--batch-size", str(args.batch_size), "--samples", str(args.samples),
+               "--workers", str(args.workers), "--loader-batch", str(args.loader_batch),
+               "--loader-steps", str(args.loader_steps)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for p in procs:
@@ -267,7 +366,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         torch.set_num_threads(1)  # one device per rank
-        print(json.dumps({"store": worker_store, "baseline": worker_baseline, "latents": worker_latents}[args.worker](args)))
+        kinds = {"store": worker_store, "baseline": worker_baseline, "latents": worker_latents, "loader": worker_loader}
+        print(json.dumps(kinds[args.worker](args)))
         return
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="textok-scale-"))
     lines = [f"bench/scale.py {' '.join(sys.argv[1:])}: {platform.processor() or platform.machine()}, "
@@ -280,6 +380,8 @@ def main(argv=None):
         print(lines[-1], flush=True)
     if args.step_cost:
         lines += [""] + step_cost_table(work)
+    if args.loader_captions:
+        lines += [""] + loader_table(args, work)
     print("\n".join(lines))
     if not args.out:
         import shutil

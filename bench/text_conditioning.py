@@ -137,6 +137,7 @@ def markdown_table(rows: list) -> str:
 
 def main(argv=None):
     args, extra = parse_args(argv)
+    harness.require("matplotlib", "bench/text_conditioning.py plots its metrics and curves with it")  # before the first run
     torch.set_num_threads(args.threads)
     name = Path(args.data).name if args.data else args.set
     out = Path(args.out) / name

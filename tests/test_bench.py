@@ -136,3 +136,21 @@ def test_object_sample_report_scores_class_caption_and_distance(monkeypatch):
     report = domain.object_sample_report(samples, "glyphs", labels, [object_caption(s) for s in scenes])
     assert report["Class accuracy"] == report["Caption object accuracy"] == 0.75
     assert report["Object FID"] > 0
+
+
+@pytest.mark.parametrize("bench", ["text_conditioning", "ablations", "generation", "plot_run"])
+def test_a_bench_without_matplotlib_stops_in_one_line_before_its_first_run(bench, monkeypatch, tmp_path):
+    """A bench that plots checks for matplotlib first: one InputError, no training run started, no data built."""
+    import importlib
+
+    import data
+    from errors import InputError
+    module = importlib.import_module(bench)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, installed or not
+    for owner in (module, harness, data):  # what would start work
+        for name in ("train_runs", "train_run", "make_datasets", "read_log"):
+            if hasattr(owner, name):
+                monkeypatch.setattr(owner, name, lambda *a, name=name, **k: pytest.fail(f"{name} called"))
+    with pytest.raises(InputError, match=rf"^matplotlib: not installed, and bench/{bench}.py .*; pip install") as err:
+        module.main([str(tmp_path)] if bench == "plot_run" else ["--out", str(tmp_path)])
+    assert "\n" not in str(err.value)

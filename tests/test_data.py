@@ -65,7 +65,7 @@ def write_folder(root, rows, size=(40, 30)):
 def test_jsonl_layout_center_crops_and_resizes(tmp_path):
     write_folder(tmp_path, [{"image": f"img/{i}.png", "caption": f"gray {i}", "label": i} for i in range(3)])
     ds = JsonlDataset(tmp_path, 16)
-    assert ds.captions == ["gray 0", "gray 1", "gray 2"] and ds.labels == [0, 1, 2]
+    assert ds.captions == ["gray 0", "gray 1", "gray 2"] and ds.labels.tolist() == [0, 1, 2]
     assert ds[1]["image"].shape == (3, 16, 16)
     assert torch.allclose(ds[1]["image"], torch.full((3, 16, 16), 40 / 127.5 - 1))
 
@@ -102,7 +102,7 @@ def test_offline_text_encoder_is_real_and_per_token():
 
 
 def test_missing_weights_give_one_clear_error():
-    with pytest.raises(InputError, match="weights not found locally.*huggingface-cli download"):
+    with pytest.raises(InputError, match=r"^text encoder '/nonexistent/t5-v1_1-xl': no such folder$"):
         TextEncoder("/nonexistent/t5-v1_1-xl")
 
 
@@ -183,3 +183,101 @@ def test_shuffled_captions_move_every_caption_the_same_way_each_time():
     assert again.captions == s_train.captions  # seeded: the same pairing in every run
     assert not np.array_equal(s_train.perm[:64], s_val.perm)  # each split has its own permutation
     assert s_train.identity() != train.identity()  # never shares a latent cache with the real pairing
+
+
+def many_lines(root, M, files=4):
+    """A JSONL folder of M lines over `files` tiny images (line i shows image i % files), labels i % 10."""
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    for k in range(files):
+        Image.new("RGB", (8, 8), (60 * k, 0, 0)).save(root / "img" / f"{k}.png")
+    with open(root / "captions.jsonl", "w") as f:
+        for i in range(M):
+            f.write(json.dumps({"image": f"img/{i % files}.png", "caption": f"caption number {i}", "label": i % 10})
+                    + "\n")
+
+
+def held_by(build):
+    """(Python objects the garbage collector tracks, bytes allocated) that `build()`'s result holds."""
+    import gc
+    import tracemalloc
+    gc.collect()
+    before = len(gc.get_objects())
+    tracemalloc.start()
+    kept = build()
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return len(gc.get_objects()) - before, held, kept
+
+
+def test_a_jsonl_set_holds_no_python_object_per_line(tmp_path):
+    """Paths, captions, lines and labels are packed arrays: the objects and bytes the two splits hold do not grow
+    per line beyond the caption and path text (a DataLoader worker that reads them copies nothing)."""
+    many_lines(tmp_path / "small", 200)
+    many_lines(tmp_path / "large", 4200)
+    small, large = (held_by(lambda: make_datasets(tmp_path / name, size=8)) for name in ("small", "large"))
+    assert large[0] - small[0] < 50  # Python objects: not one per line
+    text = sum(len(f"img/{i % 4}.png caption number {i}") for i in range(200, 4200))
+    assert large[1] - small[1] < text + 4000 * 8 * 8  # the text, and 7 int64 per line (index, line, label, offsets)
+    train, val = large[2]
+    assert isinstance(train.labels, np.ndarray) and train.labels.dtype == np.int64 and len(train) + len(val) == 4200
+    i = int(train.indices[7])
+    assert train.captions[7] == f"caption number {i}" and train.files[7] == tmp_path / "large" / f"img/{i % 4}.png"
+    assert train.labels[7] == i % 10 and train.lines[7] == i + 1
+
+
+def test_captions_jsonl_is_read_once_for_both_splits(tmp_path, monkeypatch):
+    import builtins
+    import io
+    many_lines(tmp_path, 30)
+    opened, real = [], io.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file).endswith("captions.jsonl"):
+            opened.append(file)
+        return real(file, *args, **kwargs)
+    monkeypatch.setattr(io, "open", counting_open)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    train, val = make_datasets(tmp_path, size=8)
+    assert len(opened) == 1 and len(train) == 27 and len(val) == 3
+
+
+def test_jsonl_identity_is_the_hash_it_always_was(tmp_path):
+    """identity() (the latent cache's key) keeps its value: the sha1 of captions.jsonl's sha1, the selected rows as a
+    Python list, the size, and each image's path, size and mtime."""
+    import hashlib
+    many_lines(tmp_path, 12)
+    path = tmp_path / "captions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+
+    def old_identity(indices, size):
+        h = hashlib.sha1(f"{hashlib.sha1(path.read_bytes()).hexdigest()}|{indices}|{size}".encode())
+        for i in indices:
+            f = tmp_path / rows[i]["image"]
+            h.update(f"|{f}|{f.stat().st_size}|{f.stat().st_mtime_ns}".encode())
+        return f"{tmp_path.name}-{h.hexdigest()[:16]}"
+    train, val = make_datasets(tmp_path, size=8)
+    assert train.identity() == old_identity(split_indices(12)[0], 8)
+    assert val.identity() == old_identity(split_indices(12)[1], 8)
+    assert JsonlDataset(tmp_path, 16).identity() == old_identity(list(range(12)), 16)
+
+
+def test_captions_round_trip_any_text(tmp_path):
+    """Captions and paths come back as written: non-ASCII, U+2028, a lone surrogate escaped in JSON."""
+    many_lines(tmp_path, 1)
+    texts = ["café au lait", "line\u2028separator", "lone \ud800 surrogate", "日本語のキャプション"]
+    with open(tmp_path / "captions.jsonl", "w") as f:
+        for t in texts:
+            f.write(json.dumps({"image": "img/0.png", "caption": t}) + "\n")
+    ds = JsonlDataset(tmp_path, 8)
+    assert list(ds.captions) == texts and ds.captions == texts and ds.labels.tolist() == [-1] * 4
+    assert ds.captions[1:3] == texts[1:3] and ds.captions[np.array([3, 0])] == [texts[3], texts[0]]
+
+
+def test_shuffled_captions_of_a_jsonl_set_stay_packed(tmp_path):
+    many_lines(tmp_path, 40)
+    plain, _ = make_datasets(tmp_path, size=8)
+    shuffled, _ = make_datasets(tmp_path, size=8, shuffle_captions=True)
+    assert type(shuffled.captions) is type(plain.captions)  # a view of the same buffer, no list of strings
+    assert sorted(shuffled.captions) == sorted(plain.captions) and shuffled.captions != plain.captions
+    assert all(shuffled.captions[i] == plain.captions[j] for i, j in enumerate(shuffled.perm))

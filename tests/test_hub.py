@@ -99,3 +99,61 @@ def test_sample_takes_a_dit_repo_id(tmp_path, monkeypatch):
     npz = sample.main(["--dit", "user/dit", "--num-samples", "2", "--batch-size", "2", "--out", str(tmp_path / "out"),
                        "--cache-dir", str(tmp_path / "cache")])
     assert np.load(npz)["arr_0"].shape == (2, 32, 32, 3)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to reach a host, recorded and refused at once (as on a machine without network)."""
+    import socket
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[:2])
+        raise OSError("network is unreachable (test)")
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return attempts
+
+
+@pytest.mark.parametrize("cls", [TexTok, DiT])
+def test_a_repo_id_not_in_the_cache_fails_at_once_without_the_network(tmp_path, cls, no_network):
+    """Without download=True, a repo id is looked up in the local cache only: one line, no network retries."""
+    import time
+    t0 = time.perf_counter()
+    with pytest.raises(MissingInput) as err:
+        cls.from_pretrained("user/not-downloaded", cache_dir=tmp_path)
+    message = str(err.value)
+    assert no_network == [] and time.perf_counter() - t0 < 2
+    assert message.startswith("user/not-downloaded: no such folder") and "not in the local Hugging Face cache" in message
+    assert "--download" in message and "hf download user/not-downloaded" in message and "\n" not in message
+
+
+def test_download_true_asks_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    asked = []
+
+    def fake_download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename, kwargs.get("local_files_only")))
+        (tmp_path / "snapshot").mkdir(exist_ok=True)
+        return str(tmp_path / "snapshot" / filename)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    from hub import pretrained_folder
+    assert pretrained_folder("user/tiny", download=True) == tmp_path / "snapshot"
+    assert asked == [("user/tiny", "config.json", False), ("user/tiny", "model.safetensors", False)]
+
+
+@pytest.mark.parametrize("load", ["config", "encoder"])
+def test_a_text_encoder_not_in_the_cache_fails_at_once_without_the_network(load, no_network):
+    """`--text-encoder google/t5-v1_1-xl` on a machine that never downloaded it: one line, no network retries."""
+    import time
+
+    from errors import InputError
+    from text_encoder import TextEncoder, encoder_config
+    t0 = time.perf_counter()
+    with pytest.raises(InputError) as err:
+        encoder_config("user/t5-not-downloaded") if load == "config" else TextEncoder("user/t5-not-downloaded")
+    message = str(err.value)
+    assert no_network == [] and time.perf_counter() - t0 < 5
+    assert message.startswith("text encoder 'user/t5-not-downloaded': not a folder, and not in the local Hugging Face "
+                              "cache") and "--download" in message and "\n" not in message

@@ -98,7 +98,7 @@ def test_a_caption_with_a_line_separator_is_accepted(tmp_path):
     (tmp_path / "class_captions.jsonl").write_text(json.dumps({"label": 1, "caption": text}, ensure_ascii=False)
                                                    + "\n", encoding="utf-8")
     ds = JsonlDataset(tmp_path, 8)
-    assert ds.captions == [text, "two"] and ds.lines == [1, 2] and ds.labels == [1, -1]
+    assert ds.captions == [text, "two"] and ds.lines.tolist() == [1, 2] and ds.labels.tolist() == [1, -1]
     assert class_caption_pool(tmp_path, 2)[1] == [text]
 
 

@@ -54,7 +54,7 @@ def test_idx_mode_reads_back_through_the_loader(tmp_path, gz):
                        str(write_idx(tmp_path / f"lab-idx1-ubyte{suffix}", labels, gz)), str(tmp_path / "out"),
                        "--class-names", "fashion-mnist"])
     ds = JsonlDataset(tmp_path / "out", 28)
-    assert len(ds) == 7 and ds.labels == labels.tolist()
+    assert len(ds) == 7 and ds.labels.tolist() == labels.tolist()
     assert ds.captions[0] == "An image of an ankle boot." and ds.captions[2] == "An image of a sneaker."
     for i in range(7):  # greyscale as stored, 3 equal channels at the stored size
         x = ((ds[i]["image"] + 1) * 127.5).round().numpy()
@@ -106,7 +106,7 @@ def test_folder_mode_recursive_captions_in_place_and_elsewhere(tmp_path):
         assert ds.captions == [f"caption {i} second line" for i in (0, 1, 2)]  # sorted paths, hidden left out
         assert [f.resolve() for f in ds.files] == [(src / n).resolve() for n in ("a/b/img001.jpg", "a/img002.PNG",
                                                                                   "top.webp")]
-        assert ds.labels == [-1] * 3 and ds[2]["image"].shape == (3, 16, 16)
+        assert ds.labels.tolist() == [-1] * 3 and ds[2]["image"].shape == (3, 16, 16)
     rows = (tmp_path / "elsewhere" / "out" / "captions.jsonl").read_text()
     assert '"image": "../../src/a/b/img001.jpg"' in rows  # relative to OUT, as the loader resolves it
 

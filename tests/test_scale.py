@@ -169,3 +169,16 @@ def test_stage1_runs_with_text_cache_off(tmp_path):
                          "--text-cache", "off"))
     assert [r["step"] for r in log_rows(tmp_path / "run")] == [1, 1] and "val_psnr_uint8" in log_rows(tmp_path / "run")[1]
     assert not (tmp_path / "cache" / "text").exists()
+
+
+def test_the_loader_memory_bench_measures_a_rank_with_its_workers(tmp_path):
+    """bench/scale.py's loader-memory row at a small M (docs/RESULTS.md §11 has 20k and 200k): a full pass through
+    the training loader with 2 workers, the rank's PSS summed over its process and both workers."""
+    out = subprocess.run([sys.executable, "bench/scale.py", "--captions", "--no-latents", "--no-step-cost",
+                          "--loader-captions", "600", "--workers", "2", "--loader-batch", "64", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| 600 |"))
+    cells = [float(c) for c in row.strip("|").split("|")[2:9]]
+    data, first, peak, main, workers, worker_uss, steps = cells  # MiB but for the counts
+    assert workers == 2 and 0 < worker_uss and main < peak and data < 10 and steps == 540 // 64  # one pass
