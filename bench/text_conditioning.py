@@ -115,11 +115,12 @@ def cell(r: dict, key: str, base: dict | None) -> str:
     return text
 
 
-def markdown_table(rows: list) -> str:
+def markdown_table(rows: list, images: int = None) -> str:
     """Table 1 analogue; TexTok and shuffled rows add the change against the Baseline with the same number of
-    tokens."""
+    tokens. `images`: the held-out images the metrics (rFID among them) are computed over, named in rFID's header."""
     shown = [m for m in METRICS if any(r.get(m[0]) is not None for r in rows)]
-    head = ["Tokenizer", "seeds"] + [f"{label} {'↑' if up else '↓'}" for _, label, up in shown]
+    head = ["Tokenizer", "seeds"] + [f"{label}{f' ({images} images)' if key == 'rfid' and images else ''} "
+                                     f"{'↑' if up else '↓'}" for key, label, up in shown]
     head += ["PSNR, swapped caption", "last quarter (dB)", "steps", "train time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = {r["tokens"]: r for r in rows if r["variant"] == "baseline"}
@@ -178,7 +179,8 @@ def main(argv=None):
                 swaps[tokens] = (rec[: args.grid_images], swap[: args.grid_images])
         nan = float("nan")
         print(f"{VARIANTS[variant].format(n=tokens)}, seed {seed}: PSNR {row['psnr']:.2f} dB, object PSNR "
-              f"{row['object_psnr'] or nan:.2f}, class acc. {row['class_acc'] or nan:.3f}")
+              f"{row['object_psnr'] or nan:.2f}, class acc. {row['class_acc'] or nan:.3f}, rFID "
+              f"{row['rfid'] or nan:.2f} ({len(real)} images)")
     for tokens in sorted({n for n, _, _ in plan}):
         thumb = harness.thumbnail(real, tokens)
         runs.append({"variant": "thumbnail", "tokens": tokens, "seed": None, "psnr": metrics.psnr(real, thumb),
@@ -217,7 +219,7 @@ def main(argv=None):
                                             {LABELS[v].format(n=n): (*curves[v, n], None) for v in args.variants
                                              if (v, n) in curves}) for n in tokens], xlabel="step", log2_x=False)
 
-    table = markdown_table(rows)
+    table = markdown_table(rows, len(val_set))
     report = f"""# Text conditioning: TexTok vs Baseline (w/o text) vs TexTok with shuffled captions
 
 Command: `{command}`
