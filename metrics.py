@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from config import Range, check_flags
 from errors import InputError, MissingInput
 from files import load_json
 from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, NO_LOGITS,  # noqa: F401 (re-exported)
@@ -541,6 +542,7 @@ def main(argv=None):
                      "python domain.py SAMPLE.npz)")
     skipped = None if args.strict else []
     try:
+        check_flags(args, {"num_images": Range(2), "batch_size": Range(1)})  # rFID: a covariance needs 2 images
         if args.tokenizer:
             report = evaluate_reconstruction(args.tokenizer, args.data, args.split, args.num_images, args.batch_size,
                                              args.inception, args.lpips_net, args.cache_dir, args.device,

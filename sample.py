@@ -23,13 +23,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from conditions import Conditioned
-from config import DiTTrainConfig, from_dict
+from config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, DiTTrainConfig, check_flags, from_dict
 from data import class_caption_pool, make_datasets
 from diffusion import Diffusion, cfg_scale
 from distributed import autocast, setup_distributed
 from dit import DiT
 from errors import InputError, run_main
-from files import atomic_write, load_json, read_lines
+from files import atomic_write, check_folder, load_json, read_lines
 from hub import pretrained_folder
 from images import save_image_grid, to_uint8
 from textok import TexTok
@@ -88,15 +88,12 @@ def conditions(dit: DiT, tokenizer: TexTok, args, n: int):
 
 
 def check_args(args, num_timesteps: int) -> None:
-    """Refuses values that cannot be meant (rather than silently replacing them)."""
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise InputError(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) must be >= 1")
+    """Refuses values that cannot be meant (rather than silently replacing them), and an --out that is a file."""
+    check_flags(args, {"num_samples": AT_LEAST_1, "batch_size": AT_LEAST_1, "cfg_scale": AT_LEAST_0,
+                       "cfg_power": POSITIVE, "seed": SEED})
     if args.steps is not None and not 1 <= args.steps <= num_timesteps:
-        raise InputError(f"--steps {args.steps}: DDIM needs 1 to {num_timesteps} steps")
-    if args.cfg_scale is not None and args.cfg_scale < 0:
-        raise InputError(f"--cfg-scale {args.cfg_scale}: the guidance scale must be >= 0")
-    if args.cfg_power is not None and args.cfg_power <= 0:
-        raise InputError(f"--cfg-power {args.cfg_power}: MDT's scale_pow must be > 0")
+        raise InputError(f"--steps: DDIM needs 1 to {num_timesteps} steps, got {args.steps}")
+    check_folder(args.out, "--out")
 
 
 def main(argv=None):
@@ -118,7 +115,7 @@ def main(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA graphs for the DiT forward (default: on CUDA only)")
     p.add_argument("--out", default="samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise of sample i seeded by (seed, i); 0 to 2**32 - 1")
     args = p.parse_args(argv)
 
     rank, world, device = setup_distributed()

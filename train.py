@@ -27,20 +27,22 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from conditions import Conditioned, collate
-from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
-                    get_preset, given_flags, to_dict)
+from config import (AT_LEAST_0, AT_LEAST_1, POSITIVE, ConfigError, DiTTrainConfig, MODEL_PRESETS, TexTokConfig,
+                    TokenizerTrainConfig, add_flags, check_config, check_flags, get_preset, given_flags, to_dict)
 from data import check_labels, make_datasets, step_loader
 from diffusion import Diffusion
 from discriminator import LeCAM, StyleGANDiscriminator
 from distributed import autocast, rank_share, setup_distributed
-from dit import build_dit
+from dit import DIT_SIZES, build_dit
 from embedded_sets import CAPTION_STYLES, OBJECT_SETS, SHAPES
 from errors import InputError, run_main
+from files import check_folder, file_sha1, writing
 from images import save_image_grid, to_uint8
 from metrics import load_lpips, psnr
 from rowstore import build_once
 from run import Run
-from steps import accumulate, discriminator_step, ema_update, generator_step, lr_lambda, split_batch, step_seed
+from steps import (accumulate, discriminator_step, ema_update, generator_step, lr_lambda, schedule, split_batch,
+                   step_seed)
 from textok import TexTok
 
 
@@ -70,7 +72,8 @@ def parse_args(argv=None):
     again.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     again.add_argument("--overwrite", action="store_true",
                        help="delete the run in OUT (checkpoints, log, grids, exported model) before training")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps, at least 1 (schedule unchanged; without it: the whole schedule)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch is per step, total)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls are slower on CPU here)")
@@ -115,23 +118,28 @@ def run_configs(args):
     train = preset.train if args.stage == "tokenizer" else preset.dit
     try:
         train = dataclasses.replace(train, **given_flags(args, type(train)))
-        return dataclasses.replace(preset.model, **overrides), train, preset.note
-    except ValueError as e:  # a config's own check (__post_init__)
-        raise InputError(str(e)) from None
+        model = dataclasses.replace(preset.model, **overrides)
+    except ConfigError as e:  # a config's own check (__post_init__), in the flags' names
+        raise InputError(e.as_flags()) from None
+    blocks = len(getattr(train, "disc_multipliers", ()))  # each discriminator block halves the image
+    if args.stage == "tokenizer" and model.image_size % 2 ** blocks:
+        raise InputError(f"--disc-multipliers: {blocks} multipliers halve the image {blocks} times, and 2**{blocks} "
+                         f"does not divide --image-size {model.image_size}")
+    if args.stage == "dit" and train.model not in DIT_SIZES:
+        raise InputError(f"--model: expected one of {sorted(DIT_SIZES)}, got {train.model!r}")
+    return model, train, preset.note
+
+
+def check_args(args) -> None:
+    """Refuses flags outside the configs that cannot be meant, and an --out or --cache-dir that is a file; before
+    anything is read or written (the configs' own fields: `run_configs`)."""
+    counts = ("max_steps", "grad_accum", "log_every", "eval_every", "ckpt_every", "num_images")
+    check_flags(args, {**dict.fromkeys(counts, AT_LEAST_1), "workers": AT_LEAST_0, "dist_timeout": POSITIVE})
+    check_folder(args.out or f"runs/{args.stage}", "--out")
+    check_folder(args.cache_dir, "--cache-dir")
 
 
 # ----------------------------------------------------------------------------- what both stages' steps share
-def schedule(num_items: int, batch_size: int, epochs: int, max_steps, grad_accum: int, world: int):
-    """(total, stop, micro): the schedule's length in steps, where --max-steps stops it, and the per-rank micro-batch
-    of one accumulation step; a batch that does not split over ranks x accumulation steps is refused."""
-    total = max(1, num_items // batch_size) * epochs
-    micro = batch_size // (world * grad_accum)
-    if micro * world * grad_accum != batch_size:
-        raise InputError(f"--batch-size {batch_size} is not divisible by {world} ranks x {grad_accum} accumulation "
-                         "steps")
-    return total, (min(total, max_steps) if max_steps else total), micro
-
-
 def make_model_and_ema(build, device):
     """(model, its EMA copy): two `build()`s, the EMA frozen in eval mode with the model's initial weights."""
     model = build().to(device)
@@ -373,6 +381,7 @@ def to_device(batch: dict, device) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     rank, world, device = setup_distributed(args.dist_timeout)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

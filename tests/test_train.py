@@ -312,11 +312,12 @@ def test_sample_refuses_bad_values_and_missing_class_captions(tmp_path, monkeypa
     from types import SimpleNamespace
 
     import sample
-    args = SimpleNamespace(num_samples=4, batch_size=2, steps=0, cfg_scale=None, cfg_power=None)
-    with pytest.raises(InputError, match="--steps 0: DDIM needs 1 to 1000 steps"):
+    args = SimpleNamespace(num_samples=4, batch_size=2, steps=0, cfg_scale=None, cfg_power=None, seed=0,
+                           out=str(tmp_path / "samples"))
+    with pytest.raises(InputError, match="--steps: DDIM needs 1 to 1000 steps, got 0"):
         sample.check_args(args, 1000)
     args.steps, args.cfg_power = None, 0.0
-    with pytest.raises(InputError, match="--cfg-power 0.0"):
+    with pytest.raises(InputError, match=r"--cfg-power: must be > 0, got 0.0"):
         sample.check_args(args, 1000)
     (tmp_path / "class_captions.jsonl").write_text('{"label": 0, "caption": "a dog"}\n')
     dit = SimpleNamespace(meta={"task": "class", "num_classes": 2, "split": {"data": str(tmp_path), "captions": "full"}})
