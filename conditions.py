@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from errors import InputError
+from files import writing
 from text_encoder import TextEncoder, cached_text_embeddings
 
 
@@ -61,8 +62,10 @@ class Conditioned(Dataset):
         if text_encoder is not None and text_cache == "off":
             self.on_the_fly = (text_encoder, text_len, device, precision)
         elif text_encoder is not None:
-            self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, list(captions), Path(cache_dir) / "text",
-                                                         device=device, progress=True, rank=rank, world=world)
+            store = Path(cache_dir) / "text"
+            with writing(store, " (--cache-dir must be a writable folder)"):
+                self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, list(captions), store,
+                                                             device=device, progress=True, rank=rank, world=world)
             empty = first_empty_row(self.mask)  # DiT's attention needs one real token per caption
             if empty is not None:
                 raise InputError(f"{cache_dir}/text: caption {empty} has no text token in its mask "

@@ -10,7 +10,8 @@ Every field of the configs (config.py, Appendix C line by line) is a flag: `--lr
 Outputs in --out: `log.jsonl`, `config.json`, checkpoints `step-XXXXXXX/` (safetensors; `latest` names the newest),
 PNG grids, and the EMA model in `save_pretrained` form (`tokenizer/` or `dit/`). `--resume` continues exactly:
 the data order and every random draw are functions of (seed, step, rank), so N + N steps equal 2N steps. An --out
-that holds another run is refused unless --resume, or --overwrite (which deletes that run first).
+that holds another run is refused unless --resume, or --overwrite (which deletes that run first), and so is one a
+live run holds (OUT/.lock). Values that cannot be meant (--batch-size 0, ...) are refused before anything is written.
 """
 import argparse
 import dataclasses
@@ -246,14 +247,15 @@ def train_tokenizer(args, rank, world, device):
             done = step + 1
             run.log(done, {**terms, "lr": lr}, tc.batch_size)
             if done % args.eval_every == 0 or done == stop:
-                val_psnr = evaluate_tokenizer(ema, val_batch, run.out / f"recon-{done:07d}.png", rank, device,
-                                              args.precision)
+                with run.writing(run.out / f"recon-{done:07d}.png"):
+                    val_psnr = evaluate_tokenizer(ema, val_batch, run.out / f"recon-{done:07d}.png", rank, device,
+                                                  args.precision)
                 run.write_log({"step": done, "val_psnr_uint8": val_psnr})
                 run.bar.write(f"step {done}: validation PSNR {val_psnr:.2f} dB (EMA, uint8)") if rank == 0 else None
             # 5. Checkpoint every --ckpt-every steps and at the last (rank 0).
             run.checkpoint(done, objects)
+        run.export_model(ema)  # OUT is still this run's
     if rank == 0:
-        ema.save_pretrained(run.out / "tokenizer")
         print(f"done: EMA tokenizer in {run.out / 'tokenizer'}, log {run.out / 'log.jsonl'}")
     return run.out
 
@@ -280,8 +282,9 @@ def encode_latents(tokenizer: TexTok, dataset, device, precision, cache: Path, b
                 Z = tokenizer.encode(batch["image"].to(device), batch["cond"].to(device)).float().cpu()
             files["Z"].write(at, Z.numpy())
             at += len(Z)
-    folder = build_once(cache, {"Z": ((M, cfg.num_tokens, cfg.token_dim), np.float32)}, fill, rank, world,
-                        f"latents Z ({M:,} x {cfg.num_tokens} x {cfg.token_dim}, float32)")
+    with writing(cache.parent, " (--cache-dir must be a writable folder)"):
+        folder = build_once(cache, {"Z": ((M, cfg.num_tokens, cfg.token_dim), np.float32)}, fill, rank, world,
+                            f"latents Z ({M:,} x {cfg.num_tokens} x {cfg.token_dim}, float32)")
     return torch.from_numpy(np.load(folder / "Z.npy"))
 
 
@@ -369,8 +372,8 @@ def train_dit(args, rank, world, device):
             run.log(step + 1, {**terms, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}, dc.batch_size,
                     "latents_per_s")
             run.checkpoint(step + 1, objects)
+        run.export_model(ema, {k: v for k, v in run_config.items() if k != "stage"})  # OUT is still this run's
     if rank == 0:
-        ema.save_pretrained(run.out / "dit", {k: v for k, v in run_config.items() if k != "stage"})
         print(f"done: EMA DiT in {run.out / 'dit'}; sample with `python sample.py --dit {run.out / 'dit'}`")
     return run.out
 

@@ -115,7 +115,7 @@ def test_second_run_in_same_out_is_refused_resume_and_overwrite_work(tmp_path, t
     (out / ".tmp-step-0000010").mkdir()  # a killed checkpoint write
     (out / "notes.txt").write_text("mine")
     train.main(base_args(out, text_cache, "--max-steps", "1", "--overwrite"))
-    assert sorted(os.listdir(out)) == ["config.json", "latest", "log.jsonl", "notes.txt", "recon-0000001.png",
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "latest", "log.jsonl", "notes.txt", "recon-0000001.png",
                                        "step-0000001", "tokenizer"]
     assert [r["step"] for r in log_rows(out)] == [1, 1]  # the losses and the validation PSNR of step 1
 
@@ -129,7 +129,7 @@ def test_folder_with_a_runs_files_but_no_latest_is_refused(tmp_path, text_cache,
     with pytest.raises(InputError, match=re.escape(f"{out}: holds a run's files ({what}) but no latest checkpoint; "
                                                    "start over with --overwrite")):
         train.main(base_args(out, text_cache, "--max-steps", "1"))
-    assert sorted(os.listdir(out)) == [held.rstrip("/")]
+    assert sorted(os.listdir(out)) == [".lock", held.rstrip("/")]  # the lock file: OUT was looked at under it
 
 
 def test_disk_full_while_checkpointing_is_one_line(tmp_path, text_cache, monkeypatch):
