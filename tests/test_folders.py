@@ -199,3 +199,24 @@ def test_a_full_disk_at_the_start_or_at_a_log_row_is_one_line(tmp_path, text_cac
                                        [".lock", "config.json", "latest", "log.jsonl", "step-0000002"])
     if at == "log.jsonl":
         assert (out / "latest").read_text() == "step-0000002\n" and len(log_rows(out)) == 2
+
+
+# ------------------------------------------------------------------------------------- a state.json edited by hand
+@pytest.mark.parametrize("edit, problem", [
+    (lambda s: s.pop("step"), "KeyError: 'step'"),
+    (lambda s: s.update(step="two"), "ValueError: step 'two' is not a step number"),
+    (lambda s: s["state"]["model"].update({"tokenizer.L": {"__tensor__": "s.nothing"}}), "KeyError: 's.nothing'"),
+    (lambda s: s["state"].pop("opt"), "KeyError: 'opt'"),
+])
+def test_resume_from_an_edited_state_json_is_one_line(tmp_path, text_cache, edit, problem):
+    out = tmp_path / "run"
+    train.main(base_args(out, text_cache, "--max-steps", "1"))
+    path = out / "step-0000001" / "state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    before = listing(out)
+    with pytest.raises(InputError) as err:
+        train.main(base_args(out, text_cache, "--max-steps", "2", "--resume"))
+    assert str(err.value) == f"{path}: not a training state this run can resume from ({problem})"
+    assert listing(out) == before
