@@ -11,7 +11,8 @@ config, so they are never training captions). Caption embeddings come from the s
 Sample i starts from noise seeded by (--seed, i) and reads caption i, so any number of ranks writes the same images:
 rank r draws samples r, r + K, ...; rank 0 gathers them into OUT/samples_NxHxWx3.npz (`arr_0` uint8 [N, H, W, 3],
 the ADM evaluator's layout) and OUT/samples.png. An OUT that holds samples is refused unless --overwrite, and one
-that another live run holds (OUT/.lock) is refused.
+that another live run holds (OUT/.lock) is refused. The tokenizer must be the one the DiT's tokens came from (the
+SHA-1 of its weights, recorded by train.py) unless --allow-other-tokenizer.
 """
 import argparse
 import math
@@ -99,6 +100,40 @@ def check_args(args, num_timesteps: int) -> None:
     check_folder(args.out, "--out")
 
 
+DIT_META = {"tokenizer": str, "task": str, "split": dict, "train": dict}  # what sampling reads from config.json
+SPLIT = ("data", "val", "num_images", "captions")  # the DiT's training data, whose held-out part sampling reads
+
+
+def check_dit_meta(meta, path) -> None:
+    """Refuses a DiT config.json without what sampling reads: the tokenizer, the task (with its class count), the
+    training data's split and the training config."""
+    if not isinstance(meta, dict) or "tokenizer" not in meta:
+        raise InputError(f"{path}: not a DiT folder written by train.py --stage dit")
+    for key, kind in DIT_META.items():
+        if key not in meta:
+            raise InputError(f"{path}: no \"{key}\"; not a DiT folder written by train.py --stage dit")
+        if not isinstance(meta[key], kind):
+            raise InputError(f"{path}: \"{key}\" is {meta[key]!r}, not a {kind.__name__}")
+    if meta["task"] not in ("class", "t2i"):
+        raise InputError(f"{path}: \"task\" must be \"class\" or \"t2i\", got {meta['task']!r}")
+    missing = [k for k in SPLIT if k not in meta["split"]]
+    if missing:
+        raise InputError(f"{path}: \"split\" has no {missing[0]!r} (the DiT's training data)")
+    classes = meta.get("num_classes")
+    if meta["task"] == "class" and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
+        raise InputError(f"{path}: \"num_classes\" must be an integer >= 1, got {classes!r}")
+
+
+def check_tokenizer(meta, tokenizer: Path, path, allow_other: bool) -> None:
+    """Refuses a tokenizer (folder) whose weights are not those the DiT's tokens came from: the SHA-1 that train.py
+    recorded in the DiT's config.json `path` (a DiT without the record is not checked), unless `allow_other`."""
+    recorded = meta.get("tokenizer_sha1")
+    found = file_sha1(tokenizer / "model.safetensors") if recorded and not allow_other else recorded
+    if found != recorded:
+        raise InputError(f"{tokenizer}: not the tokenizer this DiT was trained over (its model.safetensors has SHA-1 "
+                         f"{found}..., {path} records {recorded}...); pass --allow-other-tokenizer to decode with it")
+
+
 def sample_files(out: Path) -> list:
     """The files a sampling run leaves in `out`."""
     return sorted(out.glob("samples_*.npz")) + [p for p in (out / "samples.png", out / "captions.txt") if p.exists()]
@@ -132,6 +167,8 @@ def main(argv=None):
                    help="CUDA graphs for the DiT forward (default: on CUDA only)")
     p.add_argument("--out", default="samples")
     p.add_argument("--overwrite", action="store_true", help="replace the samples an --out holds")
+    p.add_argument("--allow-other-tokenizer", action="store_true",
+                   help="decode with a --tokenizer whose weights are not those the DiT was trained over")
     p.add_argument("--seed", type=int, default=0, help="noise of sample i seeded by (seed, i); 0 to 2**32 - 1")
     args = p.parse_args(argv)
 
@@ -146,10 +183,10 @@ def main(argv=None):
 def sample(args, rank, world, device):
     folder = pretrained_folder(args.dit)  # a folder, or a Hugging Face repo id
     meta = load_json(folder / "config.json")
-    if not isinstance(meta, dict) or "tokenizer" not in meta:
-        raise InputError(f"{folder / 'config.json'}: not a DiT folder written by train.py --stage dit")
-    tokenizer = TexTok.from_pretrained(args.tokenizer or meta["tokenizer"])
-    tokenizer = tokenizer.to(device).eval()
+    check_dit_meta(meta, folder / "config.json")
+    tok_folder = pretrained_folder(args.tokenizer or meta["tokenizer"])
+    tokenizer = TexTok.from_pretrained(tok_folder).to(device).eval()
+    check_tokenizer(meta, tok_folder, folder / "config.json", args.allow_other_tokenizer)
     dit = DiT.from_pretrained(folder, tokenizer.cfg, map_location=device)  # refuses another tokenizer's DiT
     cfg, train = tokenizer.cfg, from_dict(DiTTrainConfig, dit.meta["train"], folder / "config.json")
     check_args(args, train.diffusion_steps)

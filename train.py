@@ -15,7 +15,6 @@ live run holds (OUT/.lock). Values that cannot be meant (--batch-size 0, ...) ar
 """
 import argparse
 import dataclasses
-import hashlib
 import sys
 from functools import partial
 from pathlib import Path
@@ -301,12 +300,10 @@ def load_frozen_tokenizer(args, device):
     return tokenizer, path
 
 
-def stage2_latents(args, tokenizer, tok_path, train_set, device, rank, world):
-    """Stage 2's training set: the tokens Z of every training image (cached, keyed by the tokenizer's weights and
-    the data's identity: never stale, never shared by two data sets), normalised per channel, with each image's
-    condition (DiT-T2I: the same caption embeddings the tokenizer read); and Z's (mean, std)."""
-    with open(tok_path / "model.safetensors", "rb") as f:
-        weights = hashlib.file_digest(f, "sha1").hexdigest()[:16]
+def stage2_latents(args, tokenizer, weights: str, train_set, device, rank, world):
+    """Stage 2's training set: the tokens Z of every training image (cached, keyed by the tokenizer's `weights`
+    hash and the data's identity: never stale, never shared by two data sets), normalised per channel, with each
+    image's condition (DiT-T2I: the same caption embeddings the tokenizer read); and Z's (mean, std)."""
     cache = Path(args.cache_dir) / "latents" / f"{weights}-{train_set.items.identity()}"
     Z = encode_latents(tokenizer, train_set, device, args.precision, cache, rank=rank, world=world,
                        workers=args.workers)
@@ -331,12 +328,13 @@ def train_dit(args, rank, world, device):
     train_set, _ = datasets_for(args, cfg, device, rank, world, classes)
     split = {"data": args.data, "val": args.val, "num_images": args.num_images, "captions": args.captions,
              "set": args.set, "shuffle_captions": args.shuffle_captions}
+    weights = file_sha1(tok_path / "model.safetensors")  # sample.py checks it: the tokens are this tokenizer's
     run_config = {"stage": "dit", "preset": args.preset, "note": note, "task": args.task, "split": split,
-                  "tokenizer": str(tok_path.resolve()), "num_classes": num_classes, "tokenizer_config": to_dict(cfg),
-                  "train": to_dict(dc)}
+                  "tokenizer": str(tok_path.resolve()), "tokenizer_sha1": weights, "num_classes": num_classes,
+                  "tokenizer_config": to_dict(cfg), "train": to_dict(dc)}
     total, stop, micro = schedule(len(train_set), dc.batch_size, dc.epochs, args.max_steps, args.grad_accum, world)
     with make_run(args, run_config, stop, rank, world, device) as run:
-        latents, mean, std = stage2_latents(args, tokenizer, tok_path, train_set, device, rank, world)
+        latents, mean, std = stage2_latents(args, tokenizer, weights, train_set, device, rank, world)
         torch.manual_seed(dc.seed)
         model, ema = make_model_and_ema(lambda: build_dit(dc.model, dc.class_dropout, cfg, args.task, num_classes,
                                                           mean, std), device)

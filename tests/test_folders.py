@@ -112,6 +112,27 @@ def test_sampling_into_a_folder_with_samples_needs_overwrite(tmp_path, text_cach
     assert sorted(os.listdir(out)) == [".lock", "captions.txt", "samples.png", "samples_3x32x32x3.npz"]
 
 
+def test_sampling_refuses_a_tokenizer_with_other_weights(tmp_path, text_cache, models):  # noqa: F811
+    """The DiT records its tokenizer's weights (SHA-1): a tokenizer of the same config but other weights is refused
+    in one line, unless --allow-other-tokenizer; the recorded one samples."""
+    recorded = file_sha1(models / "tok" / "model.safetensors")
+    dit = edited_copy(models / "dit_class", tmp_path / "dit", "config.json", lambda c: c.update(tokenizer_sha1=recorded))
+    torch.manual_seed(1)
+    TexTok(tiny_config()).save_pretrained(tmp_path / "other")
+    argv = lambda name, *extra: ["--dit", str(dit), "--tokenizer", str(tmp_path / name), "--out",
+                                 str(tmp_path / f"out-{name}{len(extra)}"), "--num-samples", "2", "--cache-dir",
+                                 str(text_cache), *extra]
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'other'}: not the tokenizer this DiT was trained over .*"
+                                         rf"{dit / 'config.json'} records {recorded}\.\.\.\); pass "
+                                         "--allow-other-tokenizer"):
+        sample.main(argv("other"))
+    assert not (tmp_path / "out-other0").exists()
+    assert sample.main(argv("other", "--allow-other-tokenizer")).is_file()
+    own = argv("other")
+    del own[2:4]  # no --tokenizer: the DiT's own, which its config.json names
+    assert sample.main(own).is_file()
+
+
 # ------------------------------------------------------------------------------ a killed write's temporary files
 KILL_AT_LATEST = """
 import os, signal, sys, train

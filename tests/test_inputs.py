@@ -423,6 +423,8 @@ BAD_INPUTS = [
      "DiTConfig.depth: expected int, got 4.0 (float)"),
     ("dit-train-config-wrong-type", _dit_config(lambda c: c["train"].update(cfg_scale="1.5")),
      "DiTTrainConfig.cfg_scale: expected float, got '1.5' (str)"),
+    ("dit-config-no-split", _dit_config(lambda c: c.pop("split") and None), "no \"split\"; not a DiT folder written by train.py"),
+    ("dit-config-no-task", _dit_config(lambda c: c.pop("task") and None), "no \"task\"; not a DiT folder written by train.py"),
     ("dit-config-zero-heads", _dit_config(lambda c: c["dit"].update(num_heads=0)),
      "DiTConfig.num_heads: must be >= 1, got 0"),
     # numbers that make no sense, refused before anything runs

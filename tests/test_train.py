@@ -295,6 +295,9 @@ def test_stage2_and_sampling_end_to_end(tmp_path, text_cache, task):
                 "--cache-dir", str(tmp_path / "cache"), "--num-images", "32", "--batch-size", "8", "--workers", "0",
                 "--max-steps", "3", "--log-every", "1", "--warmup-steps", "1"])
     assert [r["step"] for r in log_rows(dit)] == [1, 2, 3] and all(r["loss"] > 0 for r in log_rows(dit))
+    from files import file_sha1
+    assert json.loads((dit / "dit" / "config.json").read_text())["tokenizer_sha1"] == \
+        file_sha1(tok / "tokenizer" / "model.safetensors")  # sample.py checks the tokenizer against it
     npz = sample.main(["--dit", str(dit / "dit"), "--num-samples", "5", "--batch-size", "4", "--steps", "3",
                        "--cfg-scale", "1.5", "--out", str(tmp_path / "samples"), "--seed", "1"])
     arr = np.load(npz)["arr_0"]
