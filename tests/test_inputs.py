@@ -15,6 +15,7 @@ from conftest import tiny_config
 from test_caption import remote_code_copy, save_tiny_vlm
 
 import caption
+import domain
 import metrics
 import sample
 import train
@@ -344,6 +345,21 @@ def _a_file_as(flag, entry="train"):
     return make
 
 
+def _domain(write=None, captions=None, *flags):
+    """domain.py on 4 random 16 px samples (`write(path)` adds arrays to the .npz), with `captions` bytes as
+    --captions; the file the line names is the .npz, or the captions file."""
+    def make(tmp, models):
+        path = tmp / "samples.npz"
+        arrays = write() if write else {}
+        np.savez(path, images(), **arrays)
+        argv = [str(path), *flags]
+        if captions is not None:
+            (tmp / "captions.txt").write_bytes(captions)
+            argv += ["--captions", str(tmp / "captions.txt")]
+        return "domain", argv, tmp / "captions.txt" if captions is not None else path
+    return make
+
+
 BAD_INPUTS = [
     # captions.jsonl
     ("captions-not-utf8", _captions(raw=b'{"image": "0.png", "caption": "caf\xe9"}\n'), "not UTF-8 text (byte 0xe9"),
@@ -455,6 +471,16 @@ BAD_INPUTS = [
     ("train-out-a-file", _a_file_as("--out"), "a file, not a folder (--out)"),
     ("train-cache-dir-a-file", _a_file_as("--cache-dir"), "a file, not a folder (--cache-dir)"),
     ("sample-out-a-file", _a_file_as("--out", "sample"), "a file, not a folder (--out)"),
+    # domain.py
+    ("domain-labels-out-of-range", _domain(lambda: {"labels": np.array([0, 1, 50, -3])}),
+     "labels [50, -3] are not classes of the shapes set (0..7)"),
+    ("domain-labels-object", _domain(lambda: {"labels": np.array([0, "a", None, 1], dtype=object)}),
+     "labels is an object array (pickled Python objects), not integer class labels"),
+    ("domain-labels-float", _domain(lambda: {"labels": np.array([0.0, 1.5, 2.0, 3.0])}),
+     "labels has dtype float64, not integer class labels"),
+    ("domain-captions-not-utf8", _domain(captions=b"a red circle\n\xff\n"), "not UTF-8 text (byte 0xff"),
+    ("domain-captions-not-the-sets", _domain(captions=b"a\nb\nc\nd\n"),
+     "1: caption names no object as the embedded set does"),
 ]
 
 
@@ -474,7 +500,8 @@ def npz_huge_member(path, key):
     return path
 
 
-ENTRY = {"train": train.main, "sample": sample.main, "metrics": metrics.main, "caption": caption.main}
+ENTRY = {"train": train.main, "sample": sample.main, "metrics": metrics.main, "caption": caption.main,
+         "domain": domain.main}
 
 
 @pytest.mark.parametrize("make,problem", [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
@@ -482,6 +509,7 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, models, capsys, make, prob
     """The entry point exits 1 with one line `error: <file>: ...` stating the problem, and writes nothing."""
     monkeypatch.setenv("TEXTOK_INCEPTION", str(tmp_path / "no-inception-weights.pth"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(domain, "load_classifier", lambda *a, **k: pytest.fail("the inputs are checked first"))
     entry, argv, file = make(tmp_path, models)
     with pytest.raises(SystemExit) as err:
         run_main(lambda: ENTRY[entry](argv))
