@@ -412,6 +412,10 @@ def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, de
     list `skipped` with why, or with `skipped=None` that is an error."""
     ref, ref_stats = read_npz_batch(ref_path)
     sample, sample_stats = read_npz_batch(sample_path)
+    if ref.shape[1:3] != sample.shape[1:3]:  # the evaluator compares them all the same
+        print(f"warning: {ref_path} holds {ref.shape[1]}x{ref.shape[2]} images and {sample_path} "
+              f"{sample.shape[1]}x{sample.shape[2]}; both are resized to 299x299 as the ADM evaluator does",
+              file=sys.stderr)
     model = load_inception(inception, device, preprocess)
     _check_logits(model, "Inception Score", skipped)
     ref_features = compute_features(model, ref, batch_size, desc="reference batch")
