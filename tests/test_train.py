@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import metrics
+import steps
 import train
 from errors import InputError
 from files import load_tensors
@@ -176,8 +177,8 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint(tmp_path, text_cache, mon
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, text_cache, monkeypatch):
     out = tmp_path / "run"
-    real = train.F.mse_loss
-    monkeypatch.setattr(train.F, "mse_loss", lambda a, b: real(a, b) * float("nan"))
+    real = steps.F.mse_loss
+    monkeypatch.setattr(steps.F, "mse_loss", lambda a, b: real(a, b) * float("nan"))
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0: l2=nan.*last good checkpoint: none"):
         train.main(base_args(out, text_cache, "--max-steps", "2"))
 
