@@ -67,13 +67,21 @@ def load_checkpoint(out: Path, objects: dict, check_config, map_location) -> int
     ckpt = latest_checkpoint(out, check_config)
     meta = load_json(ckpt / "state.json")
     tensors = {k: v.to(map_location) for k, v in load_tensors(ckpt / "state.safetensors").items()}
-    states = _unpack(meta["state"], tensors)
-    for name, obj in objects.items():
-        if isinstance(obj, torch.nn.Module):
-            load_state(obj, states[name], f"{ckpt}: {name}")
-        else:
-            obj.load_state_dict(states[name])
-    return meta["step"]
+    try:  # a state.json edited by hand, or of another program: one line, not a KeyError
+        step, states = meta["step"], _unpack(meta["state"], tensors)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step {step!r} is not a step number")
+        for name, obj in objects.items():
+            if isinstance(obj, torch.nn.Module):
+                load_state(obj, states[name], f"{ckpt}: {name}")
+            else:
+                obj.load_state_dict(states[name])
+    except InputError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"{ckpt / 'state.json'}: not a training state this run can resume from "
+                         f"({type(e).__name__}: {e})") from None
+    return step
 
 
 def latest_checkpoint(out: Path, check_config) -> Path:

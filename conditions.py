@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from errors import InputError
+from files import writing
 from text_encoder import TextEncoder, cached_text_embeddings
 
 
@@ -30,6 +31,19 @@ class Cond(NamedTuple):
     def stack(conds) -> "Cond":
         """One batch from per-item conditions."""
         return Cond(*(None if v[0] is None else torch.stack(v) for v in zip(*conds)))
+
+
+def label_tensor(labels, items=None) -> torch.Tensor:
+    """The labels [M] as a long tensor; a label past int64 (a captions.jsonl label of 10**30) is an InputError naming
+    its line of `items`' captions.jsonl (a data.JsonlDataset), else its index."""
+    try:
+        return torch.as_tensor(labels, dtype=torch.long)
+    except (OverflowError, ValueError):  # torch says "Overflow when unpacking long long" with a ValueError
+        big = [i for i, v in enumerate(labels) if not -2 ** 63 <= v < 2 ** 63]
+        if not big:
+            raise
+        where = f"{items.jsonl}:{items.lines[big[0]]}" if hasattr(items, "jsonl") else f"label {big[0]}"
+        raise InputError(f"{where}: \"label\" {labels[big[0]]} is not a class index (too large)") from None
 
 
 def first_empty_row(mask, chunk: int = 65536):
@@ -57,14 +71,15 @@ class Conditioned(Dataset):
                  device="cpu", text_cache: str = "on", precision: str = "auto", rank: int = 0, world: int = 1,
                  download: bool = False):
         self.items, self.captions, self.labels = items, captions, labels
-        self.label_tensor = torch.as_tensor(labels, dtype=torch.long)
+        self.label_tensor = label_tensor(labels, items)
         self.emb = self.mask = self.on_the_fly = self.encoder = None
         if text_encoder is not None and text_cache == "off":
             self.on_the_fly = (text_encoder, text_len, device, precision, download)
         elif text_encoder is not None:
-            self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, captions, Path(cache_dir) / "text",
-                                                         device=device, progress=True, rank=rank, world=world,
-                                                         download=download)
+            store = Path(cache_dir) / "text"
+            with writing(store, " (--cache-dir must be a writable folder)"):
+                self.emb, self.mask = cached_text_embeddings(text_encoder, text_len, captions, store, device=device,
+                                                             progress=True, rank=rank, world=world, download=download)
             empty = first_empty_row(self.mask)  # DiT's attention needs one real token per caption
             if empty is not None:
                 raise InputError(f"{cache_dir}/text: caption {empty} has no text token in its mask "

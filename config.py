@@ -5,6 +5,7 @@ Every default is the paper's value and names its source. Presets are dicts of ov
 """
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -41,15 +42,14 @@ class TexTokConfig:
     commitment: float = 0.25         # VQ-VAE commitment cost beta (App. A does not state it; VQ-VAE default)
 
     def __post_init__(self):
-        choices = {"conditioning": ("text", "class", "none"), "cond_arch": ("in-context", "cross-attention"),
-                   "cond_location": ("tokenizer", "detokenizer", "both")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"TexTokConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"TexTokConfig: image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-        if self.width % self.heads:
-            raise ValueError(f"TexTokConfig: width {self.width} is not divisible by heads {self.heads}")
+        """Refuses values that cannot be meant (a ConfigError naming the field), before any layer is built."""
+        check_choices(self, {"conditioning": ("text", "class", "none"), "cond_arch": ("in-context", "cross-attention"),
+                             "cond_location": ("tokenizer", "detokenizer", "both")})
+        sizes = ("image_size", "patch_size", "width", "enc_layers", "dec_layers", "heads", "mlp_dim", "num_tokens",
+                 "token_dim", "text_dim", "text_len", "num_classes", "codebook_size")
+        check_ranges(self, {**dict.fromkeys(sizes, AT_LEAST_1), "commitment": AT_LEAST_0})
+        check_divides(self, "patch_size", "image_size")
+        check_divides(self, "heads", "width")
 
     @property
     def grid(self) -> int:
@@ -84,6 +84,19 @@ class TokenizerTrainConfig:
     grad_clip: float = 1.0           # not in the paper: global-norm clipping, a common stabiliser
     seed: int = 0
 
+    def __post_init__(self):
+        """Refuses values that cannot be meant (a ConfigError naming the field)."""
+        counts = ("batch_size", "epochs", "r1_every", "disc_channels")
+        weights = ("warmup_steps", "recon_weight", "perceptual_weight", "gan_weight", "lecam_weight", "r1_cost",
+                   "disc_start")
+        check_ranges(self, {**dict.fromkeys(counts, AT_LEAST_1), **dict.fromkeys(weights, AT_LEAST_0),
+                            **dict.fromkeys(("beta1", "beta2", "ema_decay", "lecam_decay"), FRACTION),
+                            "lr": POSITIVE, "grad_clip": POSITIVE, "disc_multipliers": POSITIVE, "seed": SEED})
+        if not self.disc_multipliers or min(self.disc_multipliers) * self.disc_channels < 1:
+            raise ConfigError("TokenizerTrainConfig", "disc_multipliers", "must give every discriminator block at "
+                              f"least 1 channel of {{other}} {self.disc_channels}, got {self.disc_multipliers}",
+                              "disc_channels")
+
 
 @dataclass
 class DiTTrainConfig:
@@ -108,6 +121,93 @@ class DiTTrainConfig:
     class_dropout: float = 0.1       # DiT: label dropout for classifier-free guidance
     grad_clip: float = 1.0           # not in the paper: global-norm clipping
     seed: int = 0
+
+    def __post_init__(self):
+        """Refuses values that cannot be meant (a ConfigError naming the field)."""
+        check_choices(self, {"cfg_schedule": ("power-cosine", "constant")})
+        check_ranges(self, {**dict.fromkeys(("batch_size", "epochs", "diffusion_steps", "sampling_steps"), AT_LEAST_1),
+                            **dict.fromkeys(("beta1", "beta2", "ema_decay"), FRACTION), "class_dropout": Range(0, 1),
+                            **dict.fromkeys(("beta_start", "beta_end"), Range(0, 1, open_low=True, open_high=True)),
+                            "warmup_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0, "cfg_scale": AT_LEAST_0,
+                            "lr": POSITIVE, "cfg_power": POSITIVE, "grad_clip": POSITIVE, "seed": SEED})
+        if self.sampling_steps > self.diffusion_steps:
+            raise ConfigError("DiTTrainConfig", "sampling_steps", f"must be at most {{other}} {self.diffusion_steps}, "
+                              f"got {self.sampling_steps}", "diffusion_steps")
+        if self.beta_start > self.beta_end:
+            raise ConfigError("DiTTrainConfig", "beta_start", f"must be at most {{other}} {self.beta_end}, got "
+                              f"{self.beta_start}", "beta_end")
+
+
+# ----------------------------------------------------------------------------------------------- value checks
+def flag(name: str) -> str:
+    """The command-line flag of a config field: `num_tokens` -> `--num-tokens`."""
+    return "--" + name.replace("_", "-")
+
+
+class ConfigError(ValueError):
+    """A value a config refuses: `field`, and the `problem`, which may name another field as {other}. As text it
+    names the config's fields (`TexTokConfig.heads: must divide width 128, got 3`); `as_flags()` names the flags."""
+
+    def __init__(self, cls: str, field: str, problem: str, other: str | None = None):
+        self.cls, self.field, self.problem, self.other = cls, field, problem, other
+        super().__init__(f"{cls}.{field}: {problem.format(other=other)}")
+
+    def as_flags(self) -> str:
+        return f"{flag(self.field)}: {self.problem.format(other=flag(self.other or ''))}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The finite numbers from `low` to `high`, each end included unless `open_low` / `open_high`."""
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, v) -> bool:
+        return ((isinstance(v, int) or math.isfinite(v)) and (self.low < v if self.open_low else self.low <= v)
+                and (v < self.high if self.open_high else v <= self.high))
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.open_low else '>='} {self.low}"
+        return f"in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
+
+
+AT_LEAST_1, AT_LEAST_0, POSITIVE = Range(1), Range(0), Range(0, open_low=True)
+FRACTION = Range(0, 1, open_high=True)  # a decay or an Adam beta: at 1 the average (or Adam's moment) never moves
+SEED = Range(0, 2 ** 32 - 1)  # numpy's seeds are non-negative; step seeds stay below torch's 2**64
+
+
+def check_ranges(cfg, ranges: dict) -> None:
+    """Refuses a field of config `cfg` outside its `Range` in `ranges` ({field: Range}); a tuple field's every
+    element is checked, a None field (not set) is not."""
+    for name, allowed in ranges.items():
+        value = getattr(cfg, name)
+        if value is not None and not all(v in allowed for v in (value if isinstance(value, tuple) else (value,))):
+            raise ConfigError(type(cfg).__name__, name, f"must be {allowed}, got {value!r}")
+
+
+def check_choices(cfg, choices: dict) -> None:
+    """Refuses a field of config `cfg` that is not one of its `choices` ({field: allowed values})."""
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(type(cfg).__name__, name, f"expected one of {list(allowed)}, got {getattr(cfg, name)!r}")
+
+
+def check_divides(cfg, part: str, whole: str) -> None:
+    """Refuses a field `part` of config `cfg` that does not divide its field `whole` (both already >= 1)."""
+    if getattr(cfg, whole) % getattr(cfg, part):
+        raise ConfigError(type(cfg).__name__, part, f"must divide {{other}} {getattr(cfg, whole)}, got "
+                          f"{getattr(cfg, part)}", whole)
+
+
+def check_flags(args, ranges: dict) -> None:
+    """Refuses a command-line value outside its `Range` ({attribute of args: Range}); None (not given) passes."""
+    for name, allowed in ranges.items():
+        value = getattr(args, name)
+        if value is not None and value not in allowed:
+            raise InputError(f"{flag(name)}: must be {allowed}, got {value!r}")
 
 
 # Table 4e: TexTok model sizes (layers = tokenizer + detokenizer).
@@ -213,7 +313,7 @@ def from_dict(cls, d: dict, path=None):
             raise InputError(f"{where}.{k}: expected {name}, got {v!r} ({type(v).__name__})")
     try:
         return cls(**{k: tuple(v) if hints[k] is tuple else v for k, v in d.items()})
-    except ValueError as e:  # the config's own check (__post_init__)
+    except ConfigError as e:  # the config's own check (__post_init__)
         raise InputError(f"{path}: {e}" if path else str(e)) from None
 
 
@@ -243,12 +343,12 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip=()) -> None:
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        kind = type(f.default)
         if kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{cls.__name__}")
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=cls.__name__)
         else:
             parse = (lambda s: tuple(float(v) for v in s.split(","))) if kind is tuple else kind
-            group.add_argument(flag, type=parse, default=None, metavar=kind.__name__.upper(), help=cls.__name__)
+            group.add_argument(flag(f.name), type=parse, default=None, metavar=kind.__name__.upper(), help=cls.__name__)
 
 
 def given_flags(args: argparse.Namespace, cls) -> dict:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from huggingface_hub import ModelHubMixin
 
 from block import Attention
-from config import check_config, from_dict, to_dict
+from config import (AT_LEAST_1, POSITIVE, ConfigError, Range, check_config, check_divides, check_ranges, from_dict,
+                    to_dict)
 from errors import InputError
 from files import load_json, load_state, load_tensors, save_json, save_tensors
 from hub import pretrained_folder
@@ -39,6 +40,15 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # DiT: label dropout for classifier-free guidance
     num_classes: int = 1000
     text_dim: int | None = None      # None: class-conditional DiT; C: DiT-T2I over C-channel text embeddings
+
+    def __post_init__(self):
+        """Refuses sizes no DiT has (a ConfigError naming the field), before any layer is built."""
+        sizes = ("num_tokens", "in_channels", "hidden_size", "depth", "num_heads", "num_classes", "text_dim")
+        check_ranges(self, {**dict.fromkeys(sizes, AT_LEAST_1), "mlp_ratio": POSITIVE,
+                            "class_dropout_prob": Range(0, 1)})
+        check_divides(self, "num_heads", "hidden_size")
+        if self.hidden_size % 2:  # the sin-cos position embedding: half sines, half cosines
+            raise ConfigError("DiTConfig", "hidden_size", f"must be even, got {self.hidden_size}")
 
 
 def modulate(x, shift, scale):

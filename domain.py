@@ -36,9 +36,9 @@ import torch.nn.functional as F
 import metrics
 import npz_batch
 from distributed import autocast
-from embedded_sets import COLORS, OBJECT_SETS, ObjectDataset, SHAPES, SIZES, ShapesDataset, read_caption, render
-from errors import MissingInput, run_main
-from files import load_state, load_tensors, save_tensors
+from embedded_sets import COLORS, OBJECT_SETS, SHAPES, SIZES, ObjectDataset, ShapesDataset, read_caption, render
+from errors import InputError, MissingInput, run_main
+from files import load_state, load_tensors, read_lines, save_tensors
 
 
 CELLS = 9  # data.make_scene's 3x3 grid, row-major
@@ -218,8 +218,7 @@ def evaluate_domain(ref_path, sample_path, classes_in_turn: bool = False, captio
     if ref.shape[1:] != sample.shape[1:]:
         raise npz_batch.NpzError(f"{ref_path or 'embedded set'}: images of shape {list(ref.shape[1:])}, but the "
                                f"samples' are {list(sample.shape[1:])}")
-    with np.load(sample_path) as arrays:
-        labels = arrays["labels"] if "labels" in arrays.files else None
+    labels = sample_labels(sample_path)
     if labels is None and classes_in_turn:
         labels = np.arange(len(sample)) % len(SHAPES)
     for name, given in [("labels", labels), ("captions", captions)]:
@@ -236,6 +235,43 @@ def evaluate_domain(ref_path, sample_path, classes_in_turn: bool = False, captio
         report["Caption shape accuracy"], report["Caption colour accuracy"] = caption_accuracy(
             features["shape"], features["colour"], captions)
     return report
+
+
+def read_captions(path) -> list:
+    """The captions of --captions `path` (sample.py's captions.txt: one a line, split at "\\n" only), each in the
+    shapes set's style; a caption that is not is an InputError naming its line."""
+    if not Path(path).is_file():
+        raise MissingInput(f"{path}: file not found (--captions)")
+    captions = read_lines(path)
+    captions = captions[:-1] if captions and not captions[-1] else captions  # the last line's newline
+    for n, text in enumerate(captions, 1):
+        try:
+            read_caption(text)
+        except InputError as e:
+            raise InputError(f"{path}:{n}: {e}") from None
+    return captions
+
+
+def sample_labels(path):
+    """The `labels` array of a sample .npz (None without one): integer classes of the shapes set, one per sample;
+    an object array (never unpickled), another dtype or a label outside 0..7 is an InputError naming the file."""
+    try:
+        with np.load(path) as arrays:
+            labels = arrays["labels"] if "labels" in arrays.files else None
+    except ValueError as e:  # numpy refuses to unpickle an object array (allow_pickle=False)
+        problem = "an object array (pickled Python objects)" if "allow_pickle" in str(e) else f"unreadable ({e})"
+        raise InputError(f"{path}: labels is {problem}, not integer class labels") from None
+    if labels is None:
+        return None
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{path}: labels has dtype {labels.dtype}, not integer class labels")
+    if labels.ndim != 1:
+        raise InputError(f"{path}: labels has shape {list(labels.shape)}, not one label per sample")
+    outside = labels[(labels < 0) | (labels >= len(SHAPES))]
+    if len(outside):
+        raise InputError(f"{path}: labels {outside[:8].tolist()} are not classes of the shapes set (0.."
+                         f"{len(SHAPES) - 1})")
+    return labels
 
 
 # ------------------------------------------------------------------ one-object sets (glyphs, shape): the object
@@ -332,9 +368,7 @@ def main(argv=None):
     if args.sample_batch:
         captions = None
         if args.captions:
-            if not Path(args.captions).is_file():
-                raise MissingInput(f"{args.captions}: file not found (--captions)")
-            captions = Path(args.captions).read_text().splitlines()
+            captions = read_captions(args.captions)
         report = evaluate_domain(args.ref, args.sample_batch, args.classes_in_turn, captions, args.batch_size,
                                  args.cache, args.device)
         for name, value in report.items():

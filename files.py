@@ -1,7 +1,12 @@
-"""Reading and writing files safely: atomic writes (never a half file), JSON, UTF-8 lines, safetensors weights."""
+"""Reading and writing files safely: atomic writes (never a half file), an output folder held by one process at a time,
+JSON, UTF-8 lines, safetensors weights."""
+import fcntl
+import hashlib
 import json
 import os
+import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +33,79 @@ def atomic_write(path, write) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def is_temporary(name: str) -> bool:
+    """Whether `name` is one of atomic_write's temporary files (`.NAME.XXXXXXXX` + NAME's suffix, mkstemp's 8
+    characters), which only a process killed between writing and renaming leaves behind."""
+    found = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}(\.[^.]*)?", name)
+    return bool(found) and (found[2] or "") == Path(found[1]).suffix
+
+
+def remove_temporaries(folder) -> list:
+    """Deletes the temporary files killed atomic writes left in `folder` (not in its subfolders); returns them."""
+    stale = [p for p in Path(folder).glob(".*") if p.is_file() and is_temporary(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+@contextmanager
+def writing(path, after: str = ""):
+    """Turns an OSError while writing `path` (read-only, disk full, a file where a folder should be) into one
+    InputError naming `path` and the OS's reason, then `after`."""
+    try:
+        yield
+    except InputError:
+        raise
+    except OSError as e:
+        raise InputError(f"{path}: cannot write ({e.strerror or e}){after}") from None
+
+
+def check_folder(path, flag: str) -> None:
+    """Refuses an output folder `path` (the value of `flag`) that is a file, or lies inside one; writes nothing."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                inside = "" if p == Path(path) else f"; {flag} {path} would be inside it"
+                raise InputError(f"{p}: a file, not a folder ({flag}){inside}")
+            return
+
+
+def lock_folder(folder, flag: str = "--out") -> int:
+    """Holds output folder `folder` for this process: an advisory lock (fcntl.flock) on `folder/.lock`, which holds
+    the pid. Returns its descriptor; closing it, or the process ending in any way (kill -9 too), releases it. A
+    folder another process holds is an InputError naming that pid."""
+    check_folder(folder, flag)
+    with writing(folder, f" ({flag} must be a writable folder)"):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd = os.open(Path(folder) / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise InputError(f"{folder}: in use by another run (pid {holder}); wait for it to end, or choose another "
+                         f"{flag}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+@contextmanager
+def holding(folder, flag: str = "--out"):
+    """A context in which this process holds output folder `folder` (lock_folder)."""
+    fd = lock_folder(folder, flag)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def file_sha1(path, length: int = 16) -> str:
+    """The first `length` hex digits of the SHA-1 of file `path` (a model's weights: its identity)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()[:length]
 
 
 def save_json(obj, path) -> Path:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from config import Range, check_flags
 from errors import InputError
 from files import load_json
 from inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, InceptionFeatures,  # noqa: F401 (re-exported)
@@ -226,6 +227,10 @@ def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, de
     list `skipped` with why, or with `skipped=None` that is an error."""
     ref, ref_stats = read_npz_batch(ref_path)
     sample, sample_stats = read_npz_batch(sample_path)
+    if ref.shape[1:3] != sample.shape[1:3]:  # the evaluator compares them all the same
+        print(f"warning: {ref_path} holds {ref.shape[1]}x{ref.shape[2]} images and {sample_path} "
+              f"{sample.shape[1]}x{sample.shape[2]}; both are resized to 299x299 as the ADM evaluator does",
+              file=sys.stderr)
     model = load_inception(inception, device, preprocess)
     _check_logits(model, "Inception Score", skipped)
     ref_features = compute_features(model, ref, batch_size, desc="reference batch")
@@ -356,6 +361,7 @@ def main(argv=None):
                      "python domain.py SAMPLE.npz)")
     skipped = None if args.strict else []
     try:
+        check_flags(args, {"num_images": Range(2), "batch_size": Range(1)})  # rFID: a covariance needs 2 images
         if args.tokenizer:
             report = evaluate_reconstruction(args.tokenizer, args.data, args.split, args.num_images, args.batch_size,
                                              args.inception, args.lpips_net, args.cache_dir, args.device,

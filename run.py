@@ -1,16 +1,18 @@
 """One training run's folder OUT, as train.py's two loops use it, call by call:
 
-    with Run(out, ...) as run:            # refuses an OUT held by another run; nothing is written yet
+    with Run(out, ...) as run:            # locks OUT (OUT/.lock) until the block ends; refuses an OUT holding a run
         start = run.begin(objects)        # --resume: restore OUT/latest; --overwrite: delete the old run; config.json
         for step, batch in enumerate(run.batches(loader), start):
             ...                           # one training step
             run.log(step + 1, terms)      # JSONL row every log_every steps, progress bar
             run.checkpoint(step + 1, objects)   # when due: every ckpt_every steps and at the last
 
-Leaving the `with` block by Ctrl-C prints one line naming the last good checkpoint (exit code 130).
+Leaving the `with` block by Ctrl-C prints one line naming the last good checkpoint (exit code 130); a write that
+fails (read-only folder, disk full) is one line naming it and the last good checkpoint.
 """
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -22,14 +24,15 @@ from tqdm import tqdm
 from checkpoint import latest_checkpoint, load_checkpoint, remove_run, run_files, save_checkpoint
 from distributed import global_mean
 from errors import InputError, worker_errors
-from files import atomic_write, save_json
+from files import atomic_write, lock_folder, remove_temporaries, save_json, writing
 
 
 class Run:
     """The output folder of one run of `stage` (its EMA model exported to OUT/`export`), training steps 0..`stop`.
-    `check_config(saved, path)` refuses to resume from a checkpoint of another run config. OUT holding another run
-    is refused unless `resume` (continue it) or `overwrite` (delete it first); nothing in OUT changes before
-    `begin`."""
+    Rank 0 holds OUT's lock (files.lock_folder) from here to the end of the `with` block: a second run into OUT is
+    refused while this one lives. `check_config(saved, path)` refuses to resume from a checkpoint of another run
+    config. OUT holding another run is refused unless `resume` (continue it) or `overwrite` (delete it first);
+    nothing in OUT but the lock file changes before `begin`."""
 
     def __init__(self, out, stage: str, export: str, run_config: dict, check_config, stop: int, *, resume: bool,
                  overwrite: bool, log_every: int, ckpt_every: int, rank: int, world: int, device):
@@ -38,15 +41,21 @@ class Run:
         self.log_every, self.ckpt_every = log_every, ckpt_every
         self.rank, self.world, self.device = rank, world, device
         self.last_ckpt, self.ckpts, self.done, self.bar, self.seen = None, [], None, None, 0
-        if resume:  # refused here, before anything is written: no checkpoint, or one of another config
-            self.last_ckpt = latest_checkpoint(self.out, check_config)
-        elif not overwrite:
-            self.refuse_held_run()
+        self.lock = lock_folder(self.out) if rank == 0 else None  # before looking: two runs never both see it free
+        try:
+            if resume:  # refused here, before anything is written: no checkpoint, or one of another config
+                self.last_ckpt = latest_checkpoint(self.out, check_config)
+            elif not overwrite:
+                self.refuse_held_run()
+        except BaseException:
+            self.release()
+            raise
 
     def __enter__(self) -> "Run":
         return self
 
     def __exit__(self, kind, error, tb):
+        self.release()
         if self.bar is not None:
             self.bar.close()
         if kind is KeyboardInterrupt:  # Ctrl-C: one line saying what to resume from, not a traceback
@@ -54,6 +63,16 @@ class Run:
                 print(self.interrupted(), file=sys.stderr)
             raise SystemExit(130) from None
         return False
+
+    def release(self) -> None:
+        """Releases OUT's lock (rank 0)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+    def writing(self, path):
+        """A context in which a failed write of `path` is one InputError naming it and the last good checkpoint."""
+        return writing(path, f"; {self.last_good()}")
 
     def refuse_held_run(self) -> None:
         """Refuses an OUT that holds another run's checkpoints, log or exported model."""
@@ -69,18 +88,19 @@ class Run:
     def begin(self, objects: dict) -> int:
         """The first step: with `resume`, the step of OUT/latest, into which `objects` (modules, optimizers,
         schedulers) are restored and after which the log is trimmed; else 0, after `overwrite` deleted the old run.
-        Writes OUT/config.json and opens the progress bar."""
+        Deletes the temporary files a killed write left in OUT, writes OUT/config.json and opens the progress bar."""
         start = 0
         if self.resume:
             start = load_checkpoint(self.out, objects, self.check_config, self.device)
             self.last_ckpt = self.out / f"step-{start:07d}"
             self.ckpts = [self.last_ckpt]
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            remove_run(self.out, run_files(self.out, self.export) if self.overwrite else [])
-            if self.resume:
-                self.trim_log(start)
-            save_json(self.run_config, self.out / "config.json")
+            with self.writing(self.out):
+                self.remove_stale()
+                remove_run(self.out, run_files(self.out, self.export) if self.overwrite else [])
+                if self.resume:
+                    self.trim_log(start)
+                save_json(self.run_config, self.out / "config.json")
         self.bar = tqdm(total=self.stop, initial=start, disable=self.rank != 0, desc=self.stage, dynamic_ncols=True)
         self.done, self.t0 = start, time.perf_counter()
         return start
@@ -109,8 +129,9 @@ class Run:
         self.bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "step"}, refresh=False)
 
     def write_log(self, row: dict) -> None:
+        """Appends `row` to OUT/log.jsonl (rank 0)."""
         if self.rank == 0:
-            with open(self.out / "log.jsonl", "a") as f:
+            with self.writing(self.out / "log.jsonl"), open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def check_finite(self, step: int, terms: dict) -> None:
@@ -134,6 +155,20 @@ class Run:
         for old in self.ckpts[:-2]:
             shutil.rmtree(old, ignore_errors=True)
         self.ckpts = self.ckpts[-2:]
+
+    def remove_stale(self) -> None:
+        """Deletes what killed writes left in OUT and in its exported model folder: atomic_write's temporary files
+        and unfinished checkpoint folders (OUT is locked: no live run is writing them)."""
+        for folder in (self.out, self.out / self.export):
+            remove_temporaries(folder)
+        for tmp in self.out.glob(".tmp-step-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def export_model(self, model, *meta) -> None:
+        """On rank 0: the EMA model in `save_pretrained` form, OUT/`export` (`meta`: DiT.save_pretrained's)."""
+        if self.rank == 0:
+            with self.writing(self.out / self.export):
+                model.save_pretrained(self.out / self.export, *meta)
 
     def last_good(self) -> str:
         return f"last good checkpoint: {self.last_ckpt or 'none written yet'}"

@@ -10,11 +10,14 @@ config, so they are never training captions). Caption embeddings come from the s
 
 Sample i starts from noise seeded by (--seed, i) and reads caption i, so any number of ranks writes the same images:
 rank r draws samples r, r + K, ...; rank 0 gathers them into OUT/samples_NxHxWx3.npz (`arr_0` uint8 [N, H, W, 3],
-the ADM evaluator's layout) and OUT/samples.png.
+the ADM evaluator's layout) and OUT/samples.png. An OUT that holds samples is refused unless --overwrite, and one
+that another live run holds (OUT/.lock) is refused. The tokenizer must be the one the DiT's tokens came from (the
+SHA-1 of its weights, recorded by train.py) unless --allow-other-tokenizer.
 """
 import argparse
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +26,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from conditions import Conditioned
-from config import DiTTrainConfig, from_dict
+from config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, DiTTrainConfig, check_flags, from_dict
 from data import class_caption_pool, make_datasets
 from diffusion import Diffusion, cfg_scale
 from distributed import autocast, setup_distributed
 from dit import DiT
 from errors import InputError, run_main
-from files import atomic_write, load_json, read_lines
+from files import (atomic_write, check_folder, file_sha1, holding, load_json, read_lines, remove_temporaries,
+                   writing)
 from hub import pretrained_folder
 from images import save_image_grid, to_uint8
 from textok import TexTok
@@ -88,15 +92,59 @@ def labels_and_captions(dit: DiT, tokenizer: TexTok, args, n: int):
 
 
 def check_args(args, num_timesteps: int) -> None:
-    """Refuses values that cannot be meant (rather than silently replacing them)."""
-    if args.num_samples < 1 or args.batch_size < 1:
-        raise InputError(f"--num-samples ({args.num_samples}) and --batch-size ({args.batch_size}) must be >= 1")
+    """Refuses values that cannot be meant (rather than silently replacing them), and an --out that is a file."""
+    check_flags(args, {"num_samples": AT_LEAST_1, "batch_size": AT_LEAST_1, "cfg_scale": AT_LEAST_0,
+                       "cfg_power": POSITIVE, "seed": SEED})
     if args.steps is not None and not 1 <= args.steps <= num_timesteps:
-        raise InputError(f"--steps {args.steps}: DDIM needs 1 to {num_timesteps} steps")
-    if args.cfg_scale is not None and args.cfg_scale < 0:
-        raise InputError(f"--cfg-scale {args.cfg_scale}: the guidance scale must be >= 0")
-    if args.cfg_power is not None and args.cfg_power <= 0:
-        raise InputError(f"--cfg-power {args.cfg_power}: MDT's scale_pow must be > 0")
+        raise InputError(f"--steps: DDIM needs 1 to {num_timesteps} steps, got {args.steps}")
+    check_folder(args.out, "--out")
+
+
+DIT_META = {"tokenizer": str, "task": str, "split": dict, "train": dict}  # what sampling reads from config.json
+SPLIT = ("data", "val", "num_images", "captions")  # the DiT's training data, whose held-out part sampling reads
+
+
+def check_dit_meta(meta, path) -> None:
+    """Refuses a DiT config.json without what sampling reads: the tokenizer, the task (with its class count), the
+    training data's split and the training config."""
+    if not isinstance(meta, dict) or "tokenizer" not in meta:
+        raise InputError(f"{path}: not a DiT folder written by train.py --stage dit")
+    for key, kind in DIT_META.items():
+        if key not in meta:
+            raise InputError(f"{path}: no \"{key}\"; not a DiT folder written by train.py --stage dit")
+        if not isinstance(meta[key], kind):
+            raise InputError(f"{path}: \"{key}\" is {meta[key]!r}, not a {kind.__name__}")
+    if meta["task"] not in ("class", "t2i"):
+        raise InputError(f"{path}: \"task\" must be \"class\" or \"t2i\", got {meta['task']!r}")
+    missing = [k for k in SPLIT if k not in meta["split"]]
+    if missing:
+        raise InputError(f"{path}: \"split\" has no {missing[0]!r} (the DiT's training data)")
+    classes = meta.get("num_classes")
+    if meta["task"] == "class" and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
+        raise InputError(f"{path}: \"num_classes\" must be an integer >= 1, got {classes!r}")
+
+
+def check_tokenizer(meta, tokenizer: Path, path, allow_other: bool) -> None:
+    """Refuses a tokenizer (folder) whose weights are not those the DiT's tokens came from: the SHA-1 that train.py
+    recorded in the DiT's config.json `path` (a DiT without the record is not checked), unless `allow_other`."""
+    recorded = meta.get("tokenizer_sha1")
+    found = file_sha1(tokenizer / "model.safetensors") if recorded and not allow_other else recorded
+    if found != recorded:
+        raise InputError(f"{tokenizer}: not the tokenizer this DiT was trained over (its model.safetensors has SHA-1 "
+                         f"{found}..., {path} records {recorded}...); pass --allow-other-tokenizer to decode with it")
+
+
+def sample_files(out: Path) -> list:
+    """The files a sampling run leaves in `out`."""
+    return sorted(out.glob("samples_*.npz")) + [p for p in (out / "samples.png", out / "captions.txt") if p.exists()]
+
+
+def refuse_samples(out: Path, overwrite: bool) -> None:
+    """Refuses an --out that holds samples, unless `overwrite`."""
+    held = sample_files(out)
+    if held and not overwrite:
+        raise InputError(f"{out}: holds samples ({held[0].name}); replace them with --overwrite, or choose another "
+                         "--out")
 
 
 def main(argv=None):
@@ -118,7 +166,10 @@ def main(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA graphs for the DiT forward (default: on CUDA only)")
     p.add_argument("--out", default="samples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the samples an --out holds")
+    p.add_argument("--allow-other-tokenizer", action="store_true",
+                   help="decode with a --tokenizer whose weights are not those the DiT was trained over")
+    p.add_argument("--seed", type=int, default=0, help="noise of sample i seeded by (seed, i); 0 to 2**32 - 1")
     args = p.parse_args(argv)
 
     rank, world, device = setup_distributed()
@@ -132,13 +183,14 @@ def main(argv=None):
 def sample(args, rank, world, device):
     folder = pretrained_folder(args.dit)  # a folder, or a Hugging Face repo id
     meta = load_json(folder / "config.json")
-    if not isinstance(meta, dict) or "tokenizer" not in meta:
-        raise InputError(f"{folder / 'config.json'}: not a DiT folder written by train.py --stage dit")
-    tokenizer = TexTok.from_pretrained(args.tokenizer or meta["tokenizer"])
-    tokenizer = tokenizer.to(device).eval()
+    check_dit_meta(meta, folder / "config.json")
+    tok_folder = pretrained_folder(args.tokenizer or meta["tokenizer"])
+    tokenizer = TexTok.from_pretrained(tok_folder).to(device).eval()
+    check_tokenizer(meta, tok_folder, folder / "config.json", args.allow_other_tokenizer)
     dit = DiT.from_pretrained(folder, tokenizer.cfg, map_location=device)  # refuses another tokenizer's DiT
     cfg, train = tokenizer.cfg, from_dict(DiTTrainConfig, dit.meta["train"], folder / "config.json")
     check_args(args, train.diffusion_steps)
+    refuse_samples(Path(args.out), args.overwrite)
     steps = train.sampling_steps if args.steps is None else args.steps
     w = train.cfg_scale if args.cfg_scale is None else args.cfg_scale
     schedule = args.cfg_schedule or train.cfg_schedule
@@ -156,40 +208,69 @@ def sample(args, rank, world, device):
         dist.barrier()  # rank 0 filled the embedding cache once; the others read it
         conds = make() if conds is None else conds
 
-    mine = list(range(rank, n, world))  # this rank's samples
-    parts, start = [], time.perf_counter()
-    for at in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0,
-                   desc=f"sampling ({steps} DDIM steps, w={w}, {world} rank(s))"):
-        idx = mine[at: at + args.batch_size]
-        noise = torch.stack([torch.randn(cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(
-            args.seed * 1_000_003 + i)) for i in idx]).to(device)
-        parts.append(to_uint8(generate(dit, tokenizer, diffusion, conds.batch(idx).to(device), noise, steps, w,
-                                       schedule, power, args.precision, compiled)))
-    seconds = time.perf_counter() - start
-    mine_images = np.concatenate(parts) if parts else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
-    out = Path(args.out)
-    if world > 1:  # every rank leaves its part on disk; rank 0 interleaves them back into sample order
-        write_npz(mine_images, out / ".parts" / f"rank{rank}.npz")
-        dist.barrier()
-    if rank != 0:
-        return None
-    images = mine_images
-    if world > 1:
-        images = np.zeros((n, *mine_images.shape[1:]), np.uint8)
-        for r in range(world):
-            path = out / ".parts" / f"rank{r}.npz"
-            images[r::world] = np.load(path)["arr_0"]
-            path.unlink()
-        (out / ".parts").rmdir()
-    npz = write_npz(images, out / f"samples_{'x'.join(map(str, images.shape))}.npz")
-    k = min(len(images), 64)
-    grid = torch.from_numpy(images[:k]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    png = save_image_grid(grid, out / "samples.png", ncol=int(math.ceil(math.sqrt(k))))
-    if captions is not None:
-        atomic_write(out / "captions.txt", lambda tmp: Path(tmp).write_text("\n".join(captions) + "\n"))
+    out, start = Path(args.out), time.perf_counter()
+    with holding(out) if rank == 0 else nullcontext():  # OUT is this run's until its samples are written
+        if rank == 0:
+            refuse_samples(out, args.overwrite)  # again: another run may have written some meanwhile
+        mine = draw(dit, tokenizer, diffusion, conds, args, (steps, w, schedule, power, compiled), rank, world)
+        seconds = time.perf_counter() - start
+        images = gather(mine, out, n, rank, world)
+        if rank != 0:
+            return None
+        npz, png = write_samples(images, captions, out)
     print(f"{n} samples in {seconds:.1f} s ({seconds / max(1, len(mine)) * 1000:.1f} ms/image on rank 0, "
           f"{world} rank(s)) -> {npz}, {png}")
     return npz
+
+
+def draw(dit, tokenizer, diffusion, conds, args, how, rank: int, world: int) -> np.ndarray:
+    """This rank's samples rank, rank + K, ... of --num-samples as uint8 [n_r, H, W, 3], --batch-size at a time, the
+    noise of sample i seeded by (--seed, i); `how`: (DDIM steps, guidance scale, schedule, power, compiled DiT)."""
+    cfg, device = tokenizer.cfg, next(dit.parameters()).device
+    mine, parts = list(range(rank, args.num_samples, world)), []
+    for at in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0,
+                   desc=f"sampling ({how[0]} DDIM steps, w={how[1]}, {world} rank(s))"):
+        idx = mine[at: at + args.batch_size]
+        noise = torch.stack([torch.randn(cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(
+            args.seed * 1_000_003 + i)) for i in idx]).to(device)
+        parts.append(to_uint8(generate(dit, tokenizer, diffusion, conds.batch(idx).to(device), noise, *how[:4],
+                                       args.precision, how[4])))
+    return np.concatenate(parts) if parts else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
+
+
+def gather(mine: np.ndarray, out: Path, n: int, rank: int, world: int):
+    """On rank 0, all n samples in order from every rank's share (with K ranks, through OUT/.parts/); None
+    elsewhere."""
+    if world == 1:
+        return mine
+    with writing(out / ".parts"):  # every rank leaves its part on disk; rank 0 interleaves them back
+        write_npz(mine, out / ".parts" / f"rank{rank}.npz")
+    dist.barrier()
+    if rank != 0:
+        return None
+    images = np.zeros((n, *mine.shape[1:]), np.uint8)
+    for r in range(world):
+        path = out / ".parts" / f"rank{r}.npz"
+        images[r::world] = np.load(path)["arr_0"]
+        path.unlink()
+    (out / ".parts").rmdir()
+    return images
+
+
+def write_samples(images: np.ndarray, captions, out: Path):
+    """Replaces the samples in `out` by `images` (and their `captions`): the ADM .npz, a PNG grid of the first 64,
+    captions.txt. Returns (the .npz, the grid)."""
+    with writing(out):
+        remove_temporaries(out)  # a killed write's
+        for old in sample_files(out):
+            old.unlink()
+        npz = write_npz(images, out / f"samples_{'x'.join(map(str, images.shape))}.npz")
+        k = min(len(images), 64)
+        grid = torch.from_numpy(images[:k]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        png = save_image_grid(grid, out / "samples.png", ncol=int(math.ceil(math.sqrt(k))))
+        if captions is not None:
+            atomic_write(out / "captions.txt", lambda tmp: Path(tmp).write_text("\n".join(captions) + "\n"))
+    return npz, png
 
 
 if __name__ == "__main__":

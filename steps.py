@@ -1,6 +1,6 @@
 """One training step of each stage, as Appendix C states it: stage 1's generator and discriminator updates (train.py
-and the benches call them), the micro-batch accumulation both stages share, the EMA of the weights, the learning-rate
-schedule, and the per-step seed that makes resume exact."""
+and the benches call them), the micro-batch accumulation both stages share, the EMA of the weights, the schedule's
+length and the learning-rate schedule, and the per-step seed that makes resume exact."""
 import math
 from contextlib import nullcontext
 
@@ -11,6 +11,18 @@ from conditions import Cond
 from config import TokenizerTrainConfig
 from discriminator import discriminator_loss, generator_loss, r1_penalty
 from distributed import all_reduce_grads, autocast, global_mean
+from errors import InputError
+
+
+def schedule(num_items: int, batch_size: int, epochs: int, max_steps, grad_accum: int, world: int):
+    """(total, stop, micro): the schedule's length in steps, where --max-steps stops it, and the per-rank micro-batch
+    of one accumulation step; a batch that does not split over ranks x accumulation steps is refused."""
+    total = max(1, num_items // batch_size) * epochs
+    micro = batch_size // (world * grad_accum)
+    if micro * world * grad_accum != batch_size:
+        raise InputError(f"--batch-size {batch_size} is not divisible by {world} ranks x {grad_accum} accumulation "
+                         "steps")
+    return total, (min(total, max_steps) if max_steps else total), micro
 
 
 def lr_lambda(warmup: int, total: int):

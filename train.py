@@ -10,11 +10,11 @@ Every field of the configs (config.py, Appendix C line by line) is a flag: `--lr
 Outputs in --out: `log.jsonl`, `config.json`, checkpoints `step-XXXXXXX/` (safetensors; `latest` names the newest),
 PNG grids, and the EMA model in `save_pretrained` form (`tokenizer/` or `dit/`). `--resume` continues exactly:
 the data order and every random draw are functions of (seed, step, rank), so N + N steps equal 2N steps. An --out
-that holds another run is refused unless --resume, or --overwrite (which deletes that run first).
+that holds another run is refused unless --resume, or --overwrite (which deletes that run first), and so is one a
+live run holds (OUT/.lock). Values that cannot be meant (--batch-size 0, ...) are refused before anything is written.
 """
 import argparse
 import dataclasses
-import hashlib
 import sys
 from functools import partial
 from pathlib import Path
@@ -27,21 +27,23 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from conditions import Conditioned, collate
-from config import (DiTTrainConfig, MODEL_PRESETS, TexTokConfig, TokenizerTrainConfig, add_flags, check_config,
-                    get_preset, given_flags, to_dict)
+from config import (AT_LEAST_0, AT_LEAST_1, POSITIVE, ConfigError, DiTTrainConfig, MODEL_PRESETS, TexTokConfig,
+                    TokenizerTrainConfig, add_flags, check_config, check_flags, get_preset, given_flags, to_dict)
 from data import check_labels, make_datasets, step_loader
 from diffusion import Diffusion
 from discriminator import LeCAM, StyleGANDiscriminator
 from distributed import autocast, rank_share, setup_distributed
-from dit import build_dit
+from dit import DIT_SIZES, build_dit
 from embedded_sets import CAPTION_STYLES, OBJECT_SETS, SHAPES
 from errors import InputError, run_main
+from files import check_folder, file_sha1, writing
 from images import save_image_grid, to_uint8
 from metrics import psnr
 from perceptual import load_lpips
 from rowstore import build_once
 from run import Run
-from steps import accumulate, discriminator_step, ema_update, generator_step, lr_lambda, split_batch, step_seed
+from steps import (accumulate, discriminator_step, ema_update, generator_step, lr_lambda, schedule, split_batch,
+                   step_seed)
 from textok import TexTok
 
 
@@ -71,7 +73,8 @@ def parse_args(argv=None):
     again.add_argument("--resume", action="store_true", help="continue from OUT/latest")
     again.add_argument("--overwrite", action="store_true",
                        help="delete the run in OUT (checkpoints, log, grids, exported model) before training")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (schedule unchanged)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps, at least 1 (schedule unchanged; without it: the whole schedule)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch is per step, total)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU (bf16 matmuls are slower on CPU: README, Measured)")
@@ -116,23 +119,28 @@ def run_configs(args):
     train = preset.train if args.stage == "tokenizer" else preset.dit
     try:
         train = dataclasses.replace(train, **given_flags(args, type(train)))
-        return dataclasses.replace(preset.model, **overrides), train, preset.note
-    except ValueError as e:  # a config's own check (__post_init__)
-        raise InputError(str(e)) from None
+        model = dataclasses.replace(preset.model, **overrides)
+    except ConfigError as e:  # a config's own check (__post_init__), in the flags' names
+        raise InputError(e.as_flags()) from None
+    blocks = len(getattr(train, "disc_multipliers", ()))  # each discriminator block halves the image
+    if args.stage == "tokenizer" and model.image_size % 2 ** blocks:
+        raise InputError(f"--disc-multipliers: {blocks} multipliers halve the image {blocks} times, and 2**{blocks} "
+                         f"does not divide --image-size {model.image_size}")
+    if args.stage == "dit" and train.model not in DIT_SIZES:
+        raise InputError(f"--model: expected one of {sorted(DIT_SIZES)}, got {train.model!r}")
+    return model, train, preset.note
+
+
+def check_args(args) -> None:
+    """Refuses flags outside the configs that cannot be meant, and an --out or --cache-dir that is a file; before
+    anything is read or written (the configs' own fields: `run_configs`)."""
+    counts = ("max_steps", "grad_accum", "log_every", "eval_every", "ckpt_every", "num_images")
+    check_flags(args, {**dict.fromkeys(counts, AT_LEAST_1), "workers": AT_LEAST_0, "dist_timeout": POSITIVE})
+    check_folder(args.out or f"runs/{args.stage}", "--out")
+    check_folder(args.cache_dir, "--cache-dir")
 
 
 # ----------------------------------------------------------------------------- what both stages' steps share
-def schedule(num_items: int, batch_size: int, epochs: int, max_steps, grad_accum: int, world: int):
-    """(total, stop, micro): the schedule's length in steps, where --max-steps stops it, and the per-rank micro-batch
-    of one accumulation step; a batch that does not split over ranks x accumulation steps is refused."""
-    total = max(1, num_items // batch_size) * epochs
-    micro = batch_size // (world * grad_accum)
-    if micro * world * grad_accum != batch_size:
-        raise InputError(f"--batch-size {batch_size} is not divisible by {world} ranks x {grad_accum} accumulation "
-                         "steps")
-    return total, (min(total, max_steps) if max_steps else total), micro
-
-
 def make_model_and_ema(build, device):
     """(model, its EMA copy): two `build()`s, the EMA frozen in eval mode with the model's initial weights."""
     model = build().to(device)
@@ -239,14 +247,15 @@ def train_tokenizer(args, rank, world, device):
             done = step + 1
             run.log(done, {**terms, "lr": lr}, tc.batch_size)
             if done % args.eval_every == 0 or done == stop:
-                val_psnr = evaluate_tokenizer(ema, val_batch, run.out / f"recon-{done:07d}.png", rank, device,
-                                              args.precision)
+                with run.writing(run.out / f"recon-{done:07d}.png"):
+                    val_psnr = evaluate_tokenizer(ema, val_batch, run.out / f"recon-{done:07d}.png", rank, device,
+                                                  args.precision)
                 run.write_log({"step": done, "val_psnr_uint8": val_psnr})
                 run.bar.write(f"step {done}: validation PSNR {val_psnr:.2f} dB (EMA, uint8)") if rank == 0 else None
             # 5. Checkpoint every --ckpt-every steps and at the last (rank 0).
             run.checkpoint(done, objects)
+        run.export_model(ema)  # OUT is still this run's
     if rank == 0:
-        ema.save_pretrained(run.out / "tokenizer")
         print(f"done: EMA tokenizer in {run.out / 'tokenizer'}, log {run.out / 'log.jsonl'}")
     return run.out
 
@@ -273,8 +282,9 @@ def encode_latents(tokenizer: TexTok, dataset, device, precision, cache: Path, b
                 Z = tokenizer.encode(batch["image"].to(device), batch["cond"].to(device)).float().cpu()
             files["Z"].write(at, Z.numpy())
             at += len(Z)
-    folder = build_once(cache, {"Z": ((M, cfg.num_tokens, cfg.token_dim), np.float32)}, fill, rank, world,
-                        f"latents Z ({M:,} x {cfg.num_tokens} x {cfg.token_dim}, float32)")
+    with writing(cache.parent, " (--cache-dir must be a writable folder)"):
+        folder = build_once(cache, {"Z": ((M, cfg.num_tokens, cfg.token_dim), np.float32)}, fill, rank, world,
+                            f"latents Z ({M:,} x {cfg.num_tokens} x {cfg.token_dim}, float32)")
     return torch.from_numpy(np.load(folder / "Z.npy"))
 
 
@@ -291,12 +301,10 @@ def load_frozen_tokenizer(args, device):
     return tokenizer, path
 
 
-def stage2_latents(args, tokenizer, tok_path, train_set, device, rank, world):
-    """Stage 2's training set: the tokens Z of every training image (cached, keyed by the tokenizer's weights and
-    the data's identity: never stale, never shared by two data sets), normalised per channel, with each image's
-    condition (DiT-T2I: the same caption embeddings the tokenizer read); and Z's (mean, std)."""
-    with open(tok_path / "model.safetensors", "rb") as f:
-        weights = hashlib.file_digest(f, "sha1").hexdigest()[:16]
+def stage2_latents(args, tokenizer, weights: str, train_set, device, rank, world):
+    """Stage 2's training set: the tokens Z of every training image (cached, keyed by the tokenizer's `weights`
+    hash and the data's identity: never stale, never shared by two data sets), normalised per channel, with each
+    image's condition (DiT-T2I: the same caption embeddings the tokenizer read); and Z's (mean, std)."""
     cache = Path(args.cache_dir) / "latents" / f"{weights}-{train_set.items.identity()}"
     Z = encode_latents(tokenizer, train_set, device, args.precision, cache, rank=rank, world=world,
                        workers=args.workers)
@@ -321,12 +329,13 @@ def train_dit(args, rank, world, device):
     train_set, _ = datasets_for(args, cfg, device, rank, world, classes)
     split = {"data": args.data, "val": args.val, "num_images": args.num_images, "captions": args.captions,
              "set": args.set, "shuffle_captions": args.shuffle_captions}
+    weights = file_sha1(tok_path / "model.safetensors")  # sample.py checks it: the tokens are this tokenizer's
     run_config = {"stage": "dit", "preset": args.preset, "note": note, "task": args.task, "split": split,
-                  "tokenizer": str(tok_path.resolve()), "num_classes": num_classes, "tokenizer_config": to_dict(cfg),
-                  "train": to_dict(dc)}
+                  "tokenizer": str(tok_path.resolve()), "tokenizer_sha1": weights, "num_classes": num_classes,
+                  "tokenizer_config": to_dict(cfg), "train": to_dict(dc)}
     total, stop, micro = schedule(len(train_set), dc.batch_size, dc.epochs, args.max_steps, args.grad_accum, world)
     with make_run(args, run_config, stop, rank, world, device) as run:
-        latents, mean, std = stage2_latents(args, tokenizer, tok_path, train_set, device, rank, world)
+        latents, mean, std = stage2_latents(args, tokenizer, weights, train_set, device, rank, world)
         torch.manual_seed(dc.seed)
         model, ema = make_model_and_ema(lambda: build_dit(dc.model, dc.class_dropout, cfg, args.task, num_classes,
                                                           mean, std), device)
@@ -362,8 +371,8 @@ def train_dit(args, rank, world, device):
             run.log(step + 1, {**terms, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}, dc.batch_size,
                     "latents_per_s")
             run.checkpoint(step + 1, objects)
+        run.export_model(ema, {k: v for k, v in run_config.items() if k != "stage"})  # OUT is still this run's
     if rank == 0:
-        ema.save_pretrained(run.out / "dit", {k: v for k, v in run_config.items() if k != "stage"})
         print(f"done: EMA DiT in {run.out / 'dit'}; sample with `python sample.py --dit {run.out / 'dit'}`")
     return run.out
 
@@ -374,6 +383,7 @@ def to_device(batch: dict, device) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     rank, world, device = setup_distributed(args.dist_timeout)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -15,6 +15,7 @@ from conftest import tiny_config
 from test_caption import remote_code_copy, save_tiny_vlm
 
 import caption
+import domain
 import metrics
 import perceptual
 import sample
@@ -314,6 +315,52 @@ def _savez_flipped(save, at=0.5):
     return lambda path: flipped(save(path, x) or path, at)
 
 
+FAST = ("--num-images", "16", "--batch-size", "8", "--epochs", "1")  # were the flag taken: a 2-step schedule
+
+
+def _flag(flag, value, stage="tokenizer"):
+    """train.py with a flag value that makes no sense, given last (after a short schedule it would otherwise run)."""
+    def make(tmp, models):
+        tokenizer = ["--tokenizer", str(models / "tok")] if stage == "dit" else []
+        return "train", ["--stage", stage, *tokenizer, *_train(tmp), *FAST, flag, value], flag
+    return make
+
+
+def _entry_flag(entry, flag, value):
+    """sample.py or metrics.py (on the tiny models) with `flag value`."""
+    def make(tmp, models):
+        argv = {"sample": ["--dit", str(models / "dit_class"), "--out", str(tmp / "out"), "--num-samples", "2"],
+                "metrics": ["--tokenizer", str(models / "tok"), "--batch-size", "4", "--cache-dir", str(tmp / "cache"),
+                            "--device", "cpu"]}[entry]
+        return entry, [*argv, flag, value], flag
+    return make
+
+
+def _a_file_as(flag, entry="train"):
+    """`flag` (--out or --cache-dir) naming a file."""
+    def make(tmp, models):
+        (tmp / "a-file").write_text("notes\n")
+        argv = ["--stage", "tokenizer", *_train(tmp)] if entry == "train" else \
+            ["--dit", str(models / "dit_class"), "--out", str(tmp / "out"), "--num-samples", "2"]
+        return entry, [*argv, flag, str(tmp / "a-file")], tmp / "a-file"
+    return make
+
+
+def _domain(write=None, captions=None, *flags):
+    """domain.py on 4 random 16 px samples (`write(path)` adds arrays to the .npz), with `captions` bytes as
+    --captions; the file the line names is the .npz, or the captions file."""
+    def make(tmp, models):
+        path = tmp / "samples.npz"
+        arrays = write() if write else {}
+        np.savez(path, images(), **arrays)
+        argv = [str(path), *flags]
+        if captions is not None:
+            (tmp / "captions.txt").write_bytes(captions)
+            argv += ["--captions", str(tmp / "captions.txt")]
+        return "domain", argv, tmp / "captions.txt" if captions is not None else path
+    return make
+
+
 BAD_INPUTS = [
     # captions.jsonl
     ("captions-not-utf8", _captions(raw=b'{"image": "0.png", "caption": "caf\xe9"}\n'), "not UTF-8 text (byte 0xe9"),
@@ -326,6 +373,8 @@ BAD_INPUTS = [
      "\"label\" must be an integer >= 0, got -2"),
     ("captions-label-bool", _captions([{"image": "1.png", "caption": "b", "label": True}]),
      "\"label\" must be an integer >= 0, got True"),
+    ("captions-label-huge", _captions([{"image": "1.png", "caption": "b", "label": 10 ** 30}]),
+     "\"label\" 1000000000000000000000000000000 is not a class index (too large)"),
     # labels against the class count
     ("stage1-label-out-of-range", _labels("tokenizer", 8),
      "label 8; --conditioning class needs a label in 0..7 for every image (1 of 2 are not"),
@@ -380,7 +429,11 @@ BAD_INPUTS = [
     ("config-wrong-type", _tok_config(lambda c: c.update(image_size="32")),
      "TexTokConfig.image_size: expected int, got '32' (str)"),
     ("config-unknown-field", _tok_config(lambda c: c.update(colour="red")), "TexTokConfig: unknown fields ['colour']"),
-    ("config-refused-value", _tok_config(lambda c: c.update(patch_size=7)), "image_size 32 is not divisible by"),
+    ("config-refused-value", _tok_config(lambda c: c.update(patch_size=7)),
+     "TexTokConfig.patch_size: must divide image_size 32, got 7"),
+    ("config-zero-heads", _tok_config(lambda c: c.update(heads=0)), "TexTokConfig.heads: must be >= 1, got 0"),
+    ("config-negative-tokens", _tok_config(lambda c: c.update(num_tokens=-4)),
+     "TexTokConfig.num_tokens: must be >= 1, got -4"),
     ("config-not-utf8", _tok_config_bytes(b'{"image_size": 32, "text_encoder": "caf\xe9"}'),
      "not UTF-8 text (byte 0xe9 at offset 39)"),
     ("config-not-an-object", _tok_config_bytes(b'[32, 8]'), "TexTokConfig: expected a JSON object of fields, got list"),
@@ -389,6 +442,48 @@ BAD_INPUTS = [
      "DiTConfig.depth: expected int, got 4.0 (float)"),
     ("dit-train-config-wrong-type", _dit_config(lambda c: c["train"].update(cfg_scale="1.5")),
      "DiTTrainConfig.cfg_scale: expected float, got '1.5' (str)"),
+    ("dit-config-no-split", _dit_config(lambda c: c.pop("split") and None), "no \"split\"; not a DiT folder written by train.py"),
+    ("dit-config-no-task", _dit_config(lambda c: c.pop("task") and None), "no \"task\"; not a DiT folder written by train.py"),
+    ("dit-config-zero-heads", _dit_config(lambda c: c["dit"].update(num_heads=0)),
+     "DiTConfig.num_heads: must be >= 1, got 0"),
+    # numbers that make no sense, refused before anything runs
+    ("max-steps-0", _flag("--max-steps", "0"), "must be >= 1, got 0"),
+    ("max-steps-negative", _flag("--max-steps", "-3"), "must be >= 1, got -3"),
+    ("epochs-0", _flag("--epochs", "0"), "must be >= 1, got 0"),
+    ("ema-decay-2", _flag("--ema-decay", "2"), "must be in [0, 1), got 2.0"),
+    ("num-tokens-0", _flag("--num-tokens", "0"), "must be >= 1, got 0"),
+    ("ckpt-every-0", _flag("--ckpt-every", "0"), "must be >= 1, got 0"),
+    ("log-every-0", _flag("--log-every", "0"), "must be >= 1, got 0"),
+    ("eval-every-0", _flag("--eval-every", "0"), "must be >= 1, got 0"),
+    ("batch-size-0", _flag("--batch-size", "0"), "must be >= 1, got 0"),
+    ("heads-0", _flag("--heads", "0"), "must be >= 1, got 0"),
+    ("heads-not-dividing", _flag("--heads", "3"), "must divide --width 128, got 3"),
+    ("patch-size-0", _flag("--patch-size", "0"), "must be >= 1, got 0"),
+    ("workers-negative", _flag("--workers", "-1"), "must be >= 0, got -1"),
+    ("lr-negative", _flag("--lr", "-1"), "must be > 0, got -1.0"),
+    ("lr-nan", _flag("--lr", "nan"), "must be > 0, got nan"),
+    ("disc-multipliers-too-many", _flag("--disc-multipliers", "1,1,1,1,1,1"),
+     "6 multipliers halve the image 6 times, and 2**6 does not divide --image-size 32"),
+    ("dit-ema-decay-2", _flag("--ema-decay", "2", stage="dit"), "must be in [0, 1), got 2.0"),
+    ("dit-sampling-steps", _flag("--sampling-steps", "2000", stage="dit"),
+     "must be at most --diffusion-steps 1000, got 2000"),
+    ("dit-model-unknown", _flag("--model", "DiT-Q", stage="dit"), "expected one of"),
+    ("sample-seed-negative", _entry_flag("sample", "--seed", "-1"), "must be in [0, 4294967295], got -1"),
+    ("metrics-num-images-0", _entry_flag("metrics", "--num-images", "0"), "must be >= 2, got 0"),
+    # --out and --cache-dir naming a file
+    ("train-out-a-file", _a_file_as("--out"), "a file, not a folder (--out)"),
+    ("train-cache-dir-a-file", _a_file_as("--cache-dir"), "a file, not a folder (--cache-dir)"),
+    ("sample-out-a-file", _a_file_as("--out", "sample"), "a file, not a folder (--out)"),
+    # domain.py
+    ("domain-labels-out-of-range", _domain(lambda: {"labels": np.array([0, 1, 50, -3])}),
+     "labels [50, -3] are not classes of the shapes set (0..7)"),
+    ("domain-labels-object", _domain(lambda: {"labels": np.array([0, "a", None, 1], dtype=object)}),
+     "labels is an object array (pickled Python objects), not integer class labels"),
+    ("domain-labels-float", _domain(lambda: {"labels": np.array([0.0, 1.5, 2.0, 3.0])}),
+     "labels has dtype float64, not integer class labels"),
+    ("domain-captions-not-utf8", _domain(captions=b"a red circle\n\xff\n"), "not UTF-8 text (byte 0xff"),
+    ("domain-captions-not-the-sets", _domain(captions=b"a\nb\nc\nd\n"),
+     "1: caption names no object as the embedded set does"),
 ]
 
 
@@ -408,7 +503,8 @@ def npz_huge_member(path, key):
     return path
 
 
-ENTRY = {"train": train.main, "sample": sample.main, "metrics": metrics.main, "caption": caption.main}
+ENTRY = {"train": train.main, "sample": sample.main, "metrics": metrics.main, "caption": caption.main,
+         "domain": domain.main}
 
 
 @pytest.mark.parametrize("make,problem", [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
@@ -416,6 +512,7 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, models, capsys, make, prob
     """The entry point exits 1 with one line `error: <file>: ...` stating the problem, and writes nothing."""
     monkeypatch.setenv("TEXTOK_INCEPTION", str(tmp_path / "no-inception-weights.pth"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(domain, "load_classifier", lambda *a, **k: pytest.fail("the inputs are checked first"))
     entry, argv, file = make(tmp_path, models)
     with pytest.raises(SystemExit) as err:
         run_main(lambda: ENTRY[entry](argv))

@@ -404,6 +404,22 @@ def test_cli_prints_the_adm_report(tmp_path, monkeypatch, capsys):
     assert report["Recall"] < 0.1
 
 
+def test_batches_of_two_sizes_are_compared_with_a_one_line_warning(tmp_path, monkeypatch, capsys):
+    """16 px references and 32 px samples: both are resized to 299 px, as the ADM evaluator does, and a warning says
+    the sizes differ."""
+    rng = np.random.default_rng(11)
+    np.savez(tmp_path / "ref.npz", rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "sample.npz", rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+    monkeypatch.setattr(metrics, "load_inception", lambda *a, **k: inception.InceptionFeatures())
+    monkeypatch.setattr(metrics, "compute_features", lambda model, batch, *a, **k: {
+        "pool": np.concatenate(list(batch.batches(8))).reshape(len(batch), -1)[:, :4].astype(np.float32),
+        "spatial": np.zeros((len(batch), 8), np.float32)})
+    metrics.main([str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")])
+    assert capsys.readouterr().err == (f"warning: {tmp_path / 'ref.npz'} holds 16x16 images and "
+                                       f"{tmp_path / 'sample.npz'} 32x32; both are resized to 299x299 as the ADM "
+                                       "evaluator does\n")
+
+
 def test_cli_without_inception_weights_points_to_the_domain_metrics(tmp_path, monkeypatch):
     without_packaged_inception(monkeypatch, tmp_path)
     np.savez(tmp_path / "ref.npz", images())

@@ -130,7 +130,7 @@ def test_bad_inputs_give_clear_errors(batch):
         model.encode(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"expected Z \[B, 8, 8\]"):
         model.decode(torch.zeros(1, 4, 8), batch["cond"].part(slice(0, 1)))
-    with pytest.raises(ValueError, match="image_size 30 is not divisible by patch_size 4"):
+    with pytest.raises(ValueError, match="TexTokConfig.patch_size: must divide image_size 30, got 4"):
         tiny_config(image_size=30)
-    with pytest.raises(ValueError, match="cond_arch='film'"):
+    with pytest.raises(ValueError, match="TexTokConfig.cond_arch: expected one of .*, got 'film'"):
         tiny_config(cond_arch="film")

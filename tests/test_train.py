@@ -116,7 +116,7 @@ def test_second_run_in_same_out_is_refused_resume_and_overwrite_work(tmp_path, t
     (out / ".tmp-step-0000010").mkdir()  # a killed checkpoint write
     (out / "notes.txt").write_text("mine")
     train.main(base_args(out, text_cache, "--max-steps", "1", "--overwrite"))
-    assert sorted(os.listdir(out)) == ["config.json", "latest", "log.jsonl", "notes.txt", "recon-0000001.png",
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "latest", "log.jsonl", "notes.txt", "recon-0000001.png",
                                        "step-0000001", "tokenizer"]
     assert [r["step"] for r in log_rows(out)] == [1, 1]  # the losses and the validation PSNR of step 1
 
@@ -130,7 +130,7 @@ def test_folder_with_a_runs_files_but_no_latest_is_refused(tmp_path, text_cache,
     with pytest.raises(InputError, match=re.escape(f"{out}: holds a run's files ({what}) but no latest checkpoint; "
                                                    "start over with --overwrite")):
         train.main(base_args(out, text_cache, "--max-steps", "1"))
-    assert sorted(os.listdir(out)) == [held.rstrip("/")]
+    assert sorted(os.listdir(out)) == [".lock", held.rstrip("/")]  # the lock file: OUT was looked at under it
 
 
 def test_disk_full_while_checkpointing_is_one_line(tmp_path, text_cache, monkeypatch):
@@ -296,6 +296,9 @@ def test_stage2_and_sampling_end_to_end(tmp_path, text_cache, task):
                 "--cache-dir", str(tmp_path / "cache"), "--num-images", "32", "--batch-size", "8", "--workers", "0",
                 "--max-steps", "3", "--log-every", "1", "--warmup-steps", "1"])
     assert [r["step"] for r in log_rows(dit)] == [1, 2, 3] and all(r["loss"] > 0 for r in log_rows(dit))
+    from files import file_sha1
+    assert json.loads((dit / "dit" / "config.json").read_text())["tokenizer_sha1"] == \
+        file_sha1(tok / "tokenizer" / "model.safetensors")  # sample.py checks the tokenizer against it
     npz = sample.main(["--dit", str(dit / "dit"), "--num-samples", "5", "--batch-size", "4", "--steps", "3",
                        "--cfg-scale", "1.5", "--out", str(tmp_path / "samples"), "--seed", "1"])
     arr = np.load(npz)["arr_0"]
@@ -313,11 +316,12 @@ def test_sample_refuses_bad_values_and_missing_class_captions(tmp_path, monkeypa
     from types import SimpleNamespace
 
     import sample
-    args = SimpleNamespace(num_samples=4, batch_size=2, steps=0, cfg_scale=None, cfg_power=None)
-    with pytest.raises(InputError, match="--steps 0: DDIM needs 1 to 1000 steps"):
+    args = SimpleNamespace(num_samples=4, batch_size=2, steps=0, cfg_scale=None, cfg_power=None, seed=0,
+                           out=str(tmp_path / "samples"))
+    with pytest.raises(InputError, match="--steps: DDIM needs 1 to 1000 steps, got 0"):
         sample.check_args(args, 1000)
     args.steps, args.cfg_power = None, 0.0
-    with pytest.raises(InputError, match="--cfg-power 0.0"):
+    with pytest.raises(InputError, match=r"--cfg-power: must be > 0, got 0.0"):
         sample.check_args(args, 1000)
     (tmp_path / "class_captions.jsonl").write_text('{"label": 0, "caption": "a dog"}\n')
     dit = SimpleNamespace(meta={"task": "class", "num_classes": 2, "split": {"data": str(tmp_path), "captions": "full"}})
