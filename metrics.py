@@ -275,7 +275,8 @@ def training_data(tokenizer) -> dict:
 @torch.inference_mode()
 def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_images: int = 50_000,
                             batch_size: int = 64, inception=None, lpips_net: str = "alex", cache_dir="cache",
-                            device="cpu", preprocess: str = "tf", skipped: list | None = None) -> dict:
+                            device="cpu", preprocess: str = "tf", skipped: list | None = None,
+                            download: bool = False) -> dict:
     """Encodes and decodes `num_images` images with a TexTok checkpoint: of `data`, else of the data it was trained
     on (`training_data`); rFID compares the Inception statistics of reconstructions and originals, rIS is the IS of
     the reconstructions. Missing weights (Inception, the LPIPS backbone) are an error; with a list `skipped`, their
@@ -294,12 +295,12 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
             skipped.append(f"{names} ({e})")
             return None
 
-    tok = TexTok.from_pretrained(tokenizer, map_location=device).eval()
+    tok = TexTok.from_pretrained(tokenizer, map_location=device, download=download).eval()
     cfg = tok.cfg
     trained_on = training_data(tokenizer)
     data = trained_on.pop("data", None) if data is None else data
     dataset = make_datasets(data, size=cfg.image_size, num_images=num_images, **trained_on)[split == "val"]
-    dataset = Conditioned.for_model(dataset, cfg, cache_dir, device)  # the cache train.py fills
+    dataset = Conditioned.for_model(dataset, cfg, cache_dir, device, download=download)  # the cache train.py fills
     dataset = torch.utils.data.Subset(dataset, range(min(num_images, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1),
                                          collate_fn=collate)
@@ -340,6 +341,8 @@ def main(argv=None):
     parser.add_argument("--data", help="JSONL image folder for --tokenizer (default: the data it was trained on)")
     parser.add_argument("--split", default="train", choices=["train", "val"], help="§4.2 uses training images")
     parser.add_argument("--num-images", type=int, default=50_000, help="§4.2: 50K images")
+    parser.add_argument("--download", action="store_true",
+                        help="--tokenizer: fetch a hub tokenizer or text encoder missing from the local cache")
     parser.add_argument("--cache-dir", "--text-cache", dest="cache_dir", default="cache",
                         help="--tokenizer: the cache folder train.py filled (--text-cache: its old name, for one "
                              "release)")
@@ -365,7 +368,7 @@ def main(argv=None):
         if args.tokenizer:
             report = evaluate_reconstruction(args.tokenizer, args.data, args.split, args.num_images, args.batch_size,
                                              args.inception, args.lpips_net, args.cache_dir, args.device,
-                                             args.preprocess, skipped)
+                                             args.preprocess, skipped, args.download)
         else:
             report = evaluate_npz(args.ref_batch, args.sample_batch, args.inception, args.batch_size, args.device,
                                   args.preprocess, skipped)

@@ -156,6 +156,8 @@ def main(argv=None):
                    "DiT's training data)")
     p.add_argument("--prompts", default=None, help="T2I: a text file with one caption per line")
     p.add_argument("--cache-dir", default="cache", help="text-embedding cache (shared with train.py)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch a hub model or text encoder missing from the local Hugging Face cache (else one line)")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the DiT config, App. C: 250)")
@@ -181,10 +183,10 @@ def main(argv=None):
 
 
 def sample(args, rank, world, device):
-    folder = pretrained_folder(args.dit)  # a folder, or a Hugging Face repo id
+    folder = pretrained_folder(args.dit, download=args.download)  # a folder, or a Hugging Face repo id
     meta = load_json(folder / "config.json")
     check_dit_meta(meta, folder / "config.json")
-    tok_folder = pretrained_folder(args.tokenizer or meta["tokenizer"])
+    tok_folder = pretrained_folder(args.tokenizer or meta["tokenizer"], download=args.download)
     tokenizer = TexTok.from_pretrained(tok_folder).to(device).eval()
     check_tokenizer(meta, tok_folder, folder / "config.json", args.allow_other_tokenizer)
     dit = DiT.from_pretrained(folder, tokenizer.cfg, map_location=device)  # refuses another tokenizer's DiT
@@ -202,7 +204,8 @@ def sample(args, rank, world, device):
     n = args.num_samples
     labels, captions = labels_and_captions(dit, tokenizer, args, n)
     text = cfg.text_encoder if captions is not None else None
-    make = lambda: Conditioned(None, captions, labels, text, cfg.text_len, args.cache_dir, device)
+    make = lambda: Conditioned(None, captions, labels, text, cfg.text_len, args.cache_dir, device,
+                               download=args.download)
     conds = make() if rank == 0 else None
     if world > 1:
         dist.barrier()  # rank 0 filled the embedding cache once; the others read it

@@ -64,6 +64,8 @@ def parse_args(argv=None):
                    help="control: captions permuted across images (seeded; train and validation alike)")
     p.add_argument("--out", default=None, help="output folder (default runs/<stage>)")
     p.add_argument("--cache-dir", default="cache", help="text-embedding and latent caches")
+    p.add_argument("--download", action="store_true",
+                   help="fetch a hub model or text encoder missing from the local Hugging Face cache (else one line)")
     p.add_argument("--text-cache", choices=["on", "off"], default="on",
                    help="on: caption embeddings encoded once into --cache-dir (its size is printed first); off: the "
                         "frozen text encoder runs on each batch (no disk, more compute per step)")
@@ -115,7 +117,7 @@ def run_configs(args):
         overrides["num_classes"] = len(OBJECT_SETS.get(args.set, SHAPES))
     if args.text_encoder is not None and args.text_dim is None:  # the encoder's config.json, not its weights
         from text_encoder import encoder_config, width
-        overrides["text_dim"] = width(encoder_config(args.text_encoder))
+        overrides["text_dim"] = width(encoder_config(args.text_encoder, args.download))
     train = preset.train if args.stage == "tokenizer" else preset.dit
     try:
         train = dataclasses.replace(train, **given_flags(args, type(train)))
@@ -182,7 +184,8 @@ def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, world: int = 1,
     if args.data:
         train.scan(rank=rank, world=world)
         val.scan(rank=rank, world=world)
-    return tuple(Conditioned.for_model(ds, cfg, args.cache_dir, device, args.text_cache, args.precision, rank, world)
+    return tuple(Conditioned.for_model(ds, cfg, args.cache_dir, device, args.text_cache, args.precision, rank, world,
+                                       args.download)
                  for ds in (train, val))
 
 
@@ -294,7 +297,7 @@ def load_frozen_tokenizer(args, device):
     if not path.is_dir():
         raise InputError(f"{path}: no TexTok folder; run `python train.py --stage tokenizer` first or pass "
                          "--tokenizer DIR")
-    tokenizer = TexTok.from_pretrained(path).to(device).eval().requires_grad_(False)
+    tokenizer = TexTok.from_pretrained(path, download=args.download).to(device).eval().requires_grad_(False)
     if args.task == "t2i" and tokenizer.cfg.conditioning == "class":  # Table 3 pairs DiT-T2I with TexTok or Baseline
         raise InputError(f"{path}: a class-conditioned TexTok cannot decode text-to-image samples (it needs "
                          "labels); use a text-conditioned TexTok or the Baseline (conditioning none)")
@@ -313,7 +316,7 @@ def stage2_latents(args, tokenizer, weights: str, train_set, device, rank, world
     cfg = tokenizer.cfg
     text = cfg.text_encoder if args.task == "t2i" else None
     latents = Conditioned(Z, train_set.captions, train_set.labels, text, cfg.text_len, args.cache_dir, device,
-                          args.text_cache, args.precision, rank, world)
+                          args.text_cache, args.precision, rank, world, args.download)
     return latents, mean, std
 
 
