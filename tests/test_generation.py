@@ -96,7 +96,7 @@ def test_two_gloo_ranks_sample_what_one_rank_samples(two_colour_dit, tmp_path):
     two = tmp_path / "two" / Path(one).name
     a, b = np.load(one)["arr_0"], np.load(two)["arr_0"]
     assert a.shape == (5, 32, 32, 3) and np.array_equal(a, b)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["samples.png", two.name]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [".lock", "samples.png", two.name]  # rank 0's lock
 
 
 @pytest.mark.slow
