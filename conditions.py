@@ -33,19 +33,6 @@ class Cond(NamedTuple):
         return Cond(*(None if v[0] is None else torch.stack(v) for v in zip(*conds)))
 
 
-def label_tensor(labels, items=None) -> torch.Tensor:
-    """The labels [M] as a long tensor; a label past int64 (a captions.jsonl label of 10**30) is an InputError naming
-    its line of `items`' captions.jsonl (a data.JsonlDataset), else its index."""
-    try:
-        return torch.as_tensor(labels, dtype=torch.long)
-    except (OverflowError, ValueError):  # torch says "Overflow when unpacking long long" with a ValueError
-        big = [i for i, v in enumerate(labels) if not -2 ** 63 <= v < 2 ** 63]
-        if not big:
-            raise
-        where = f"{items.jsonl}:{items.lines[big[0]]}" if hasattr(items, "jsonl") else f"label {big[0]}"
-        raise InputError(f"{where}: \"label\" {labels[big[0]]} is not a class index (too large)") from None
-
-
 def first_empty_row(mask, chunk: int = 65536):
     """The index of the first row of a text mask store (`rowstore.NpyRows` [M, N_t]) with no real token, or None; read
     a chunk at a time, so memory does not grow with M."""
@@ -71,7 +58,7 @@ class Conditioned(Dataset):
                  device="cpu", text_cache: str = "on", precision: str = "auto", rank: int = 0, world: int = 1,
                  download: bool = False):
         self.items, self.captions, self.labels = items, captions, labels
-        self.label_tensor = label_tensor(labels, items)
+        self.label_tensor = torch.as_tensor(labels, dtype=torch.long)  # data.py refuses a label past int64
         self.emb = self.mask = self.on_the_fly = self.encoder = None
         if text_encoder is not None and text_cache == "off":
             self.on_the_fly = (text_encoder, text_len, device, precision, download)

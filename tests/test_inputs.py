@@ -374,7 +374,7 @@ BAD_INPUTS = [
     ("captions-label-bool", _captions([{"image": "1.png", "caption": "b", "label": True}]),
      "\"label\" must be an integer >= 0, got True"),
     ("captions-label-huge", _captions([{"image": "1.png", "caption": "b", "label": 10 ** 30}]),
-     "\"label\" 1000000000000000000000000000000 is not a class index (too large)"),
+     "\"label\" 1000000000000000000000000000000 is too large for a class index"),
     # labels against the class count
     ("stage1-label-out-of-range", _labels("tokenizer", 8),
      "label 8; --conditioning class needs a label in 0..7 for every image (1 of 2 are not"),
