@@ -152,18 +152,46 @@ def main(argv=None):
           f"({epochs} epochs) per run on {harness.machine(device)}, {args.jobs} at a time")
     plan = [(n, seed, v) for n in args.tokens for seed in args.seeds for v in args.variants]
     argvs = [harness.tokenizer_argv(args, extra, v, n, epochs, seed) for n, seed, v in plan]
-    if args.no_train:
-        code = harness.code_identity("train.py")
-        seconds = [harness.finished(argv, code) for argv in argvs]
-        print("not finished, skipped: " + (", ".join(f"{v}-{n}-seed{s}" for (n, s, v), secs in zip(plan, seconds)
-                                                     if secs is None) or "none"))
-        plan, argvs, seconds = zip(*[x for x in zip(plan, argvs, seconds) if x[2] is not None])
-    else:
-        seconds = harness.train_runs(argvs, jobs=args.jobs, threads=args.threads if args.device == "cpu" else None)
+    plan, argvs, seconds = train_or_reuse(args, plan, argvs)
+    classifier = harness.set_classifier(args, device)
+    runs, real, recons, swaps, curves = evaluate_runs(args, device, plan, argvs, seconds, classifier)
+    runs += thumbnail_rows(args, real, val_set, classifier, sorted({n for n, _, _ in plan}))
+    save_json(runs, out / "results.json")
+    rows = harness.mean_over_seeds(runs)
+    real_acc = harness.recon_class_accuracy(classifier, real, val_set.labels, args.eval_batch_size)
+    tokens = sorted({n for n, _, _ in plan})
+    write_figures(args, out, rows, real, recons, swaps, curves, tokens)
+    table = markdown_table(rows, len(val_set))
+    report = REPORT.format(command=command, machine=harness.machine(device), preset=args.preset, name=name,
+                           steps=args.steps, batch_size=args.batch_size, seeds=args.seeds, train=len(train_set),
+                           val=len(val_set), extra=" ".join(extra) or "none",
+                           real_acc="–" if real_acc is None else f"{real_acc:.3f}", table=table,
+                           variants=", ".join(LABELS[v].format(n="N") for v in args.variants),
+                           tokens=", ".join(map(str, tokens)))
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(report))
+    print("\n" + table + f"\n\nwritten: {out}/results.md, results.json, metrics.png, curves.png, comparison.png")
+    return rows
 
+
+def train_or_reuse(args, plan: list, argvs: list):
+    """(plan, argvs, seconds) of the runs: trained now (or reused when finished with the same code), or with
+    --no-train only the finished ones."""
+    if not args.no_train:
+        return plan, argvs, harness.train_runs(argvs, jobs=args.jobs, threads=args.threads if args.device == "cpu"
+                                               else None)
+    code = harness.code_identity("train.py")
+    seconds = [harness.finished(argv, code) for argv in argvs]
+    print("not finished, skipped: " + (", ".join(f"{v}-{n}-seed{s}" for (n, s, v), secs in zip(plan, seconds)
+                                                 if secs is None) or "none"))
+    plan, argvs, seconds = zip(*[x for x in zip(plan, argvs, seconds) if x[2] is not None])
+    return plan, argvs, seconds
+
+
+def evaluate_runs(args, device, plan, argvs, seconds, classifier):
+    """Each run's row (harness.evaluate, the log's last quarter and steps), the real held-out images, and for the
+    first seed the reconstructions, the caption-swapped reconstructions and the validation curves."""
     lpips_model = harness.load_optional(lambda: perceptual.load_lpips("alex", device), "LPIPS")
     inception = harness.load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
-    classifier = harness.set_classifier(args, device)
     runs, recons, swaps, curves, reference = [], {}, {}, {}, {}
     for (tokens, seed, variant), argv_run, secs in zip(plan, argvs, seconds):
         run_dir = Path(argv_run[argv_run.index("--out") + 1])
@@ -181,21 +209,27 @@ def main(argv=None):
         print(f"{VARIANTS[variant].format(n=tokens)}, seed {seed}: PSNR {row['psnr']:.2f} dB, object PSNR "
               f"{row['object_psnr'] or nan:.2f}, class acc. {row['class_acc'] or nan:.3f}, rFID "
               f"{row['rfid'] or nan:.2f} ({len(real)} images)")
-    for tokens in sorted({n for n, _, _ in plan}):
-        thumb = harness.thumbnail(real, tokens)
-        runs.append({"variant": "thumbnail", "tokens": tokens, "seed": None, "psnr": metrics.psnr(real, thumb),
+    return runs, real, recons, swaps, curves
+
+
+def thumbnail_rows(args, real, val_set, classifier, tokens: list) -> list:
+    """The plain anchor's rows: each held-out image as a bicubic thumbnail of about N x 8 numbers, enlarged back."""
+    rows = []
+    for n in tokens:
+        thumb = harness.thumbnail(real, n)
+        rows.append({"variant": "thumbnail", "tokens": n, "seed": None, "psnr": metrics.psnr(real, thumb),
                      "ssim": metrics.ssim(real, thumb), "lpips": None, "rfid": None, "psnr_swapped": None,
                      "object_psnr": harness.region_psnr(real, thumb, val_set.masks)
                      if getattr(val_set, "masks", None) is not None else None,
                      "class_acc": harness.recon_class_accuracy(classifier, thumb, val_set.labels,
                                                                args.eval_batch_size),
                      "last_quarter": None, "steps": 0, "seconds": 0.0})
-    save_json(runs, out / "results.json")
-    rows = harness.mean_over_seeds(runs)
-    real_acc = harness.recon_class_accuracy(classifier, real, val_set.labels, args.eval_batch_size)
+    return rows
 
+
+def write_figures(args, out, rows, real, recons, swaps, curves, tokens) -> None:
+    """comparison.png and caption_swap.png (image grids), metrics.png (metrics against N), curves.png."""
     k = min(args.grid_images, len(real))
-    tokens = sorted({n for n, _, _ in plan})
     columns = [real[:k]] + [recons[v, n] for n in tokens for v in args.variants if (v, n) in recons]
     save_image_grid(harness.as_images(np.stack(columns, 1).reshape(-1, *real.shape[1:])), out / "comparison.png",
                     ncol=len(columns))
@@ -219,15 +253,15 @@ def main(argv=None):
                                             {LABELS[v].format(n=n): (*curves[v, n], None) for v in args.variants
                                              if (v, n) in curves}) for n in tokens], xlabel="step", log2_x=False)
 
-    table = markdown_table(rows, len(val_set))
-    report = f"""# Text conditioning: TexTok vs Baseline (w/o text) vs TexTok with shuffled captions
+
+REPORT = """# Text conditioning: TexTok vs Baseline (w/o text) vs TexTok with shuffled captions
 
 Command: `{command}`
-Machine: {harness.machine(device)}
-Settings: preset `{args.preset}`, set `{name}`, {args.steps} steps of batch {args.batch_size} per run, seeds \
-{args.seeds}, {len(train_set)} training images, evaluated on {len(val_set)} held-out images (EMA weights).
-Train flags passed through: `{' '.join(extra) or 'none'}`
-Class accuracy of the real held-out images (its ceiling): {"–" if real_acc is None else f"{real_acc:.3f}"}
+Machine: {machine}
+Settings: preset `{preset}`, set `{name}`, {steps} steps of batch {batch_size} per run, seeds {seeds}, {train} training \
+images, evaluated on {val} held-out images (EMA weights).
+Train flags passed through: `{extra}`
+Class accuracy of the real held-out images (its ceiling): {real_acc}
 
 {table}
 
@@ -238,14 +272,10 @@ validation PSNR gained over the last quarter of the schedule (under 0.2 dB: flat
 plain anchor: each image squeezed to a bicubic k x k x 3 thumbnail with about N x 8 numbers and enlarged back.
 
 - `metrics.png`: the metrics against the number of tokens (Fig. 3 analogue); `curves.png`: validation PSNR per step.
-- `comparison.png`: columns original, then {', '.join(LABELS[v].format(n='N') for v in args.variants)} for N = \
-{', '.join(map(str, tokens))} (Fig. 1).
+- `comparison.png`: columns original, then {variants} for N = {tokens} (Fig. 1).
 - `caption_swap.png`: columns original, the image whose caption is swapped in, then for each N: TexTok-N with its
   own caption, with the swapped caption.
 """
-    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(report))
-    print("\n" + table + f"\n\nwritten: {out}/results.md, results.json, metrics.png, curves.png, comparison.png")
-    return rows
 
 
 if __name__ == "__main__":
