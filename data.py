@@ -27,6 +27,7 @@ from conditions import collate
 from distributed import rank_share
 from embedded_sets import ObjectDataset, SPLITS, ShapesDataset, ShuffledCaptions, embedded_caption_pool
 from errors import InputError, MissingInput
+from files import read_lines
 from images import to_tensor
 
 
@@ -73,35 +74,10 @@ def _is_label(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def utf8_lines(path, digest=None):
-    """The lines of a UTF-8 text file, one at a time (memory does not grow with the file): a leading BOM dropped,
-    split on "\\n" only, each without its "\\r\\n" or "\\n" (as files.read_lines). Bytes that are not UTF-8 are an
-    error naming the line; `digest` (a hashlib object) is fed the file's bytes."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise MissingInput(f"{path}: file not found") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read the file ({e.strerror})") from None
-    with f:
-        at = 0
-        for n, raw in enumerate(f, 1):  # binary lines end at b"\n" only
-            if digest is not None:
-                digest.update(raw)
-            raw = raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {at + e.start})") \
-                    from None
-            at += len(raw)
-            yield text.removesuffix("\n").removesuffix("\r")
-
-
 def read_jsonl(path, digest=None):
     """(line number, object) for each non-blank line of a JSONL file (UTF-8, lines split on "\\n" only), read a line
     at a time; a line that is not a JSON object is an error naming it. `digest` is fed the file's bytes."""
-    for n, line in enumerate(utf8_lines(path, digest), 1):
+    for n, line in enumerate(read_lines(path, digest), 1):
         if not line.strip():
             continue
         try:

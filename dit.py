@@ -126,8 +126,6 @@ class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://ar
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        if cfg.hidden_size % cfg.num_heads or cfg.hidden_size % 2:
-            raise ValueError(f"hidden_size {cfg.hidden_size} must be even and divisible by num_heads {cfg.num_heads}")
         self.cfg, width = cfg, cfg.hidden_size
         self.num_tokens, self.in_channels, self.text_dim = cfg.num_tokens, cfg.in_channels, cfg.text_dim
         self.num_classes, self.class_dropout_prob = cfg.num_classes, cfg.class_dropout_prob

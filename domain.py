@@ -242,8 +242,7 @@ def read_captions(path) -> list:
     shapes set's style; a caption that is not is an InputError naming its line."""
     if not Path(path).is_file():
         raise MissingInput(f"{path}: file not found (--captions)")
-    captions = read_lines(path)
-    captions = captions[:-1] if captions and not captions[-1] else captions  # the last line's newline
+    captions = list(read_lines(path))
     for n, text in enumerate(captions, 1):
         try:
             read_caption(text)

@@ -125,22 +125,30 @@ def load_json(path) -> dict:
         raise InputError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
 
 
-def read_lines(path) -> list:
-    """The lines of a UTF-8 text file (a leading BOM dropped), split on "\\n" only, each without its "\\r\\n" or "\\n":
-    a caption may hold U+2028 or another separator that str.splitlines() would split at. A missing file or bytes that
-    are not UTF-8 are an error naming the file (and the line)."""
+def read_lines(path, digest=None):
+    """The lines of a UTF-8 text file, one at a time (memory does not grow with the file): a leading BOM dropped,
+    split on "\\n" only, each without its "\\r\\n" or "\\n" (a caption may hold U+2028 or another separator that
+    str.splitlines() would split at), no empty line after the last newline. A missing file or bytes that are not UTF-8
+    are an error naming the file (and the line); `digest` (a hashlib object) is fed the file's bytes."""
     try:
-        raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+        f = open(path, "rb")
     except FileNotFoundError:
         raise MissingInput(f"{path}: file not found") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read the file ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
-    return [line.removesuffix("\r") for line in text.split("\n")]
+    with f:
+        at = 0
+        for n, raw in enumerate(f, 1):  # binary lines end at b"\n" only
+            if digest is not None:
+                digest.update(raw)
+            raw = raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {at + e.start})") \
+                    from None
+            at += len(raw)
+            yield text.removesuffix("\n").removesuffix("\r")
 
 
 def save_tensors(tensors: dict, path) -> Path:

