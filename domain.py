@@ -39,6 +39,7 @@ from distributed import autocast
 from embedded_sets import COLORS, OBJECT_SETS, SHAPES, SIZES, ObjectDataset, ShapesDataset, read_caption, render
 from errors import InputError, MissingInput, run_main
 from files import load_state, load_tensors, read_lines, save_tensors
+from images import to_uint8
 
 
 CELLS = 9  # data.make_scene's 3x3 grid, row-major
@@ -316,17 +317,41 @@ def object_classifier(family: str, cache_dir="cache", device="cpu", num_images: 
 
     def train():
         pool = ObjectDataset(family, "pool", 32, num_images, seed)
-        images, labels = torch.from_numpy(pool.images), torch.as_tensor(pool.labels)
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-
-        def batch_loss(model):
-            idx = torch.randint(len(images), (batch_size,), generator=gen)
-            x = images[idx]
-            x[: batch_size // 2] = blurred(x[: batch_size // 2], gen)
-            return F.cross_entropy(model(x)[0], labels[idx])
-        return fit(ObjectClassifier(len(OBJECT_SETS[family])), batch_loss, steps, lr, weight_decay=0.01)
+        return train_object_classifier(pool.images, pool.labels, len(OBJECT_SETS[family]), steps, batch_size, lr, seed)
     return cached(path, lambda: ObjectClassifier(len(OBJECT_SETS[family])), train, device)
+
+
+def data_classifier(train_set, classes: int, cache_dir="cache", device="cpu", steps: int = 600,
+                    batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> ObjectClassifier:
+    """A classifier of the labels of a labelled --data set (data.JsonlDataset, e.g. Fashion-MNIST from
+    prepare_data.py idx), trained as object_classifier on that set's *training* split (the one the tokenizers and
+    DiTs train on; the held-out split scores it), cached under cache_dir/bench/ by its captions.jsonl and split."""
+    if (np.asarray(train_set.labels) < 0).any():
+        raise InputError(f"{train_set.jsonl}: images without a \"label\"; class accuracy needs a labelled set")
+    split = hashlib.sha1(np.asarray(train_set.indices, np.int64).tobytes()).hexdigest()
+    key = hashlib.sha1(f"{train_set.jsonl_sha1}|{split}|{train_set.size}|{classes}|{steps}|{batch_size}|{lr}|{seed}"
+                       .encode()).hexdigest()[:12]
+    path = Path(cache_dir) / "bench" / f"data-classifier-{key}.safetensors"
+
+    def train():
+        images = np.concatenate([to_uint8(train_set[i]["image"][None]) for i in range(len(train_set))])
+        return train_object_classifier(images, train_set.labels, classes, steps, batch_size, lr, seed)
+    return cached(path, lambda: ObjectClassifier(classes), train, device)
+
+
+def train_object_classifier(images: np.ndarray, labels, classes: int, steps: int, batch_size: int, lr: float,
+                            seed: int) -> ObjectClassifier:
+    """An ObjectClassifier fitted to uint8 images [M, H, W, 3] and their labels, half of each batch blurred, seeded."""
+    images, labels = torch.from_numpy(images), torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch_loss(model):
+        idx = torch.randint(len(images), (batch_size,), generator=gen)
+        x = images[idx]
+        x[: batch_size // 2] = blurred(x[: batch_size // 2], gen)
+        return F.cross_entropy(model(x)[0], labels[idx])
+    return fit(ObjectClassifier(classes), batch_loss, steps, lr, weight_decay=0.01)
 
 
 def object_sample_report(samples: np.ndarray, family: str, labels=None, captions=None, cache_dir="cache",

@@ -10,7 +10,8 @@ OUT (the folder data.JsonlDataset resolves them from), so OUT == SRC writes capt
 
 idx: MNIST / Fashion-MNIST IDX files (gzipped or not): each image becomes OUT/images/NNNNN.png (greyscale as stored;
 the loader makes it RGB and resizes it), captions.jsonl gets its label and the class-name caption ("An image of a
-sneaker.", data.caption's "class" template, Tab. 4a), and class_captions.jsonl that caption once per class.
+sneaker.", data.caption's "class" template, Tab. 4a), and class_captions.jsonl that caption once per class;
+--first N keeps the first N images only.
 
 Nothing is written before all input is read and checked; files are written atomically, and an existing
 OUT/captions.jsonl (idx: also OUT/images/, OUT/class_captions.jsonl) is replaced only with --overwrite.
@@ -57,6 +58,8 @@ def main(argv=None):
     idx.add_argument("out", help="output folder: images/, captions.jsonl, class_captions.jsonl")
     idx.add_argument("--class-names", required=True, help="mnist, fashion-mnist, or a file with one class name a "
                                                           "line (line i: label i)")
+    idx.add_argument("--first", type=int, default=None, help="keep only the first N images (a subset that trains "
+                                                             "on a CPU; default: all)")
     for p in (folder, idx):
         p.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in OUT")
     args = parser.parse_args(argv)
@@ -72,6 +75,10 @@ def main(argv=None):
         images, labels = read_idx(args.images, 3), read_idx(args.labels, 1)
         if len(labels) != len(images):
             raise InputError(f"{args.labels}: {len(labels)} labels, but {args.images} holds {len(images)} images")
+        if args.first is not None:
+            if args.first < 1:
+                raise InputError(f"--first: must be >= 1, got {args.first}")
+            images, labels = images[: args.first], labels[: args.first]
         names = class_names(args.class_names)
         if labels.max() >= len(names):
             i = int(np.argmax(labels >= len(names)))

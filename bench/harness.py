@@ -199,9 +199,13 @@ def region_psnr(real: np.ndarray, rec: np.ndarray, masks: np.ndarray, threshold:
 
 def set_classifier(args, device):
     """The class-accuracy classifier of the run's data: domain.py's for the shapes set, object_classifier for a
-    one-object set, None for a --data folder."""
+    one-object set, data_classifier (trained on its training split) for a labelled --data folder, else None."""
     if args.data:
-        return None
+        train_set = make_datasets(args.data, args.val, num_images=args.num_images)[0]
+        labels = np.asarray(train_set.labels)
+        if len(labels) == 0 or (labels < 0).any():
+            return None
+        return domain.data_classifier(train_set, int(labels.max()) + 1, args.cache_dir, device)
     if getattr(args, "set", "shapes") == "shapes":
         return domain.load_classifier(domain.DomainSettings(), args.cache_dir, device)
     return domain.object_classifier(args.set, args.cache_dir, device)

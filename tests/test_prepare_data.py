@@ -12,7 +12,7 @@ from PIL import Image
 
 import prepare_data
 from data import JsonlDataset, class_caption_pool, make_datasets
-from errors import run_main
+from errors import InputError, run_main
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,18 @@ def test_idx_class_names_mnist_and_file(tmp_path):
     prepare_data.main(["idx", str(img), str(lab), str(tmp_path / "f"), "--class-names", str(tmp_path / "names.txt")])
     assert JsonlDataset(tmp_path / "f", 8).captions == ["An image of an emu.", "An image of a cat.",
                                                         "An image of an owl."]
+
+
+def test_idx_first_keeps_the_first_images(tmp_path):
+    images, labels = digits()
+    argv = ["idx", str(write_idx(tmp_path / "i", images)), str(write_idx(tmp_path / "l", labels)),
+            str(tmp_path / "out"), "--class-names", "fashion-mnist"]
+    prepare_data.main(argv + ["--first", "3"])
+    ds = JsonlDataset(tmp_path / "out", 28)
+    assert len(ds) == 3 and ds.labels.tolist() == labels[:3].tolist()
+    assert (((ds[2]["image"] + 1) * 127.5).round().numpy() == images[2]).all()
+    with pytest.raises(InputError, match="--first: must be >= 1, got 0"):
+        prepare_data.main(argv + ["--first", "0", "--overwrite"])
 
 
 def test_overwrite_replaces_an_earlier_run(tmp_path):
