@@ -154,3 +154,71 @@ def test_a_bench_without_matplotlib_stops_in_one_line_before_its_first_run(bench
     with pytest.raises(InputError, match=rf"^matplotlib: not installed, and bench/{bench}.py .*; pip install") as err:
         module.main([str(tmp_path)] if bench == "plot_run" else ["--out", str(tmp_path)])
     assert "\n" not in str(err.value)
+
+
+def two_colour_folder(root: Path, n: int = 48) -> Path:
+    """A labelled --data folder of n noisy 32 px images: label 0 red, label 1 blue."""
+    import json
+
+    from PIL import Image
+    (root / "img").mkdir(parents=True)
+    rng, rows = np.random.default_rng(0), []
+    for i in range(n):
+        colour = np.array([(210, 40, 40), (40, 60, 210)][i % 2])
+        Image.fromarray(np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)).save(
+            root / "img" / f"{i}.png")
+        rows.append({"image": f"img/{i}.png", "caption": "an image", "label": i % 2})
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_data_classifier_learns_a_labelled_folder_and_is_cached(tmp_path, monkeypatch):
+    """set_classifier of a labelled --data folder: trained on its training split, right on its held-out split,
+    saved once and then loaded (not trained again)."""
+    from types import SimpleNamespace
+
+    from data import make_datasets
+    folder = two_colour_folder(tmp_path / "data")
+    args = SimpleNamespace(data=str(folder), val=None, num_images=0, cache_dir=str(tmp_path / "cache"))
+    classifier = harness.set_classifier(args, "cpu")
+    val = make_datasets(str(folder))[1]
+    images = np.concatenate([harness.to_uint8(val[i]["image"][None]) for i in range(len(val))])
+    assert recon_class_accuracy(classifier, images, val.labels, 8) == 1.0
+    assert recon_class_accuracy(classifier, images, 1 - np.asarray(val.labels), 8) == 0.0
+    monkeypatch.setattr(domain, "fit", lambda *a, **k: pytest.fail("trained again"))
+    again = harness.set_classifier(args, "cpu")
+    for a, b in zip(classifier.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+class MeanColour(torch.nn.Module):
+    """A stand-in for the FID Inception: an image's mean colour and its spread as a 6-d "pool" feature."""
+    outputs = ("pool",)
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images):
+        x = images.float().flatten(1, 2)
+        return (torch.cat([x.mean(1), x.std(1)], 1),)
+
+
+def test_generation_scores_against_the_held_out_real_images(tmp_path, monkeypatch):
+    """bench/generation.py's Scorer: gFID of the real images against themselves is 0 and grows for other images;
+    on a --data folder class accuracy is its classifier's against the labels asked for."""
+    from types import SimpleNamespace
+
+    import generation
+    monkeypatch.setattr(generation.metrics, "load_inception", lambda *a, **k: MeanColour())
+    monkeypatch.setattr(generation, "set_classifier", lambda *a, **k: TopLeftPixelIsTheClass())
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    args = SimpleNamespace(data="DIR", set="glyphs", inception=None, eval_batch_size=16, cache_dir=str(tmp_path))
+    score = generation.Scorer(args, real, "cpu")
+    labels = real[:, 0, 0, 0] % 36
+    same = score(real, labels)
+    assert same["gFID"] == pytest.approx(0.0, abs=1e-6) and same["Class accuracy"] == 1.0
+    darker = score(real // 2, (real[:, 0, 0, 0] // 2 + 1) % 36)  # every sample of another class than asked
+    assert darker["gFID"] > 100 and darker["Class accuracy"] == 0.0
+    assert score(real, None)["Class accuracy"] is None  # T2I samples have no class to ask for
