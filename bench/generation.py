@@ -162,7 +162,8 @@ def markdown_table(rows: list) -> str:
 
 
 def plot(args, rows: list, path: Path) -> None:
-    """gFID (or the set's first FID) against N per task; with several --dit-steps, against the DiT's steps."""
+    """gFID (or the set's first FID) against N per task; with several --dit-steps, gFID, Object FID and class
+    accuracy against the DiT's steps, each tokenizer's reconstructions (the ceiling) dashed."""
     fid = "gFID" if any(r.get("gFID") is not None for r in rows) else next(k for k in rows[0] if "FID" in k)
     tasks = [t for t in TASKS if t != "recon" and any(r["task"] == t for r in rows)]
     if len(args.dit_steps) == 1:
@@ -171,7 +172,7 @@ def plot(args, rows: list, path: Path) -> None:
             for v in args.variants}) for t in tasks])
         return
     panels = []
-    for key in dict.fromkeys([fid, "Class accuracy"]):
+    for key in dict.fromkeys([fid, "Object FID", "Class accuracy"]):
         series = {}
         for t in tasks:
             for v in args.variants:

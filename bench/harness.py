@@ -305,7 +305,8 @@ COLOURS = {"shuffled": "tab:orange", "baseline": "tab:gray", "textok": "tab:red"
 
 def line_plot(path, panels: list, xlabel: str = "number of tokens", log2_x: bool = True) -> Path:
     """One panel per (title, {name: (xs, ys, ys_std or None)}), drawn with matplotlib (bench/requirements.txt):
-    a line per series with its spread as error bars, x on a log2 axis by default."""
+    a line per series with its spread as error bars (dashed for a "reconstructions ..." ceiling), x on a log2 axis
+    by default."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -313,7 +314,8 @@ def line_plot(path, panels: list, xlabel: str = "number of tokens", log2_x: bool
     for ax, (title, series) in zip(axes[0], panels):
         for k, (name, (xs, ys, std)) in enumerate(series.items()):
             colour = next((c for key, c in COLOURS.items() if key in name.lower()), f"C{k}")
-            ax.errorbar(xs, ys, yerr=std, label=name, color=colour, marker="o", ms=3, capsize=3)
+            ax.errorbar(xs, ys, yerr=std, label=name, color=colour, marker="o", ms=3, capsize=3,
+                        ls="--" if name.startswith("reconstructions") else "-")  # a ceiling: dashed
         if log2_x:
             ax.set_xscale("log", base=2)
             ticks = sorted({x for xs, _, _ in series.values() for x in xs})
