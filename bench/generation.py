@@ -91,7 +91,7 @@ class Scorer:
     without the Inception weights), class accuracy against `labels`, and the embedded set's own measures."""
 
     def __init__(self, args, real: np.ndarray, device):
-        self.args, self.device = args, device
+        self.args = args
         self.inception = load_optional(lambda: metrics.load_inception(args.inception, device), "gFID")
         self.real = self.statistics(real) if self.inception is not None else None
         self.classifier = set_classifier(args, device)  # scores --data samples; embedded sets have their own reports
@@ -140,13 +140,11 @@ def run_dit(args, variant: str, tokens: int, task: str, steps: int, tokenizer: P
             **score(samples, labels, captions, npz, task)}
 
 
-def ceiling(args, variant: str, tokens: int, tokenizer: Path, val_set, score: Scorer, device) -> dict:
-    """The scores of the tokenizer's reconstructions of the held-out images (each with its own caption)."""
+def reconstructions(args, tokenizer: Path, val_set, device) -> tuple:
+    """(the held-out images as the tokenizer reads them, its reconstructions of them, each with its own caption)."""
     model = TexTok.from_pretrained(tokenizer, map_location=device).eval()
-    _, rec, _ = reconstruct(model, Conditioned.for_model(val_set, model.cfg, args.cache_dir, device), device,
-                            args.eval_batch_size)
-    return {"variant": variant, "tokens": tokens, "task": "recon", "dit_steps": None, "dit_seconds": None,
-            **score(rec, np.asarray(val_set.labels), None, None, "recon")}
+    return reconstruct(model, Conditioned.for_model(val_set, model.cfg, args.cache_dir, device), device,
+                       args.eval_batch_size)[:2]
 
 
 def markdown_table(rows: list) -> str:
@@ -212,19 +210,16 @@ def main(argv=None):
             argv_tok = tokenizer_argv(tok_args, [], variant, tokens, epochs, args.seed)
             train_run(argv_tok)
             tokenizer = Path(argv_tok[argv_tok.index("--out") + 1]) / "tokenizer"
-            if score is None:  # the real held-out images, as the tokenizers read them
-                model = TexTok.from_pretrained(tokenizer, map_location=device)
-                real = reconstruct(model, Conditioned.for_model(val_set, model.cfg, args.cache_dir, device), device,
-                                   args.eval_batch_size)[0]
-                score = Scorer(args, real, device)
-            rows.append(ceiling(args, variant, tokens, tokenizer, val_set, score, device))
+            real, rec = reconstructions(args, tokenizer, val_set, device)
+            score = score or Scorer(args, real, device)  # the real images' statistics once
+            rows.append({"variant": variant, "tokens": tokens, "task": "recon", "dit_steps": None,
+                         "dit_seconds": None, **score(rec, np.asarray(val_set.labels), task="recon")})  # the ceiling
             for task in args.tasks:
                 for steps in args.dit_steps:
                     rows.append(run_dit(args, variant, tokens, task, steps, tokenizer,
                                         schedule_epochs(steps, len(train_set), dit_batch), score))
                     save_json(rows, out / "results.json")
                     print({k: v for k, v in rows[-1].items()})
-    save_json(rows, out / "results.json")
     table = markdown_table(rows)
     plot(args, rows, out / "fid.png")
     real_acc = recon_class_accuracy(score.classifier, real, np.asarray(val_set.labels), args.eval_batch_size)

@@ -156,28 +156,13 @@ def test_a_bench_without_matplotlib_stops_in_one_line_before_its_first_run(bench
     assert "\n" not in str(err.value)
 
 
-def two_colour_folder(root: Path, n: int = 48) -> Path:
-    """A labelled --data folder of n noisy 32 px images: label 0 red, label 1 blue."""
-    import json
-
-    from PIL import Image
-    (root / "img").mkdir(parents=True)
-    rng, rows = np.random.default_rng(0), []
-    for i in range(n):
-        colour = np.array([(210, 40, 40), (40, 60, 210)][i % 2])
-        Image.fromarray(np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)).save(
-            root / "img" / f"{i}.png")
-        rows.append({"image": f"img/{i}.png", "caption": "an image", "label": i % 2})
-    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
 def test_data_classifier_learns_a_labelled_folder_and_is_cached(tmp_path, monkeypatch):
     """set_classifier of a labelled --data folder: trained on its training split, right on its held-out split,
     saved once and then loaded (not trained again)."""
     from types import SimpleNamespace
 
     from data import make_datasets
+    from test_generation import two_colour_folder
     folder = two_colour_folder(tmp_path / "data")
     args = SimpleNamespace(data=str(folder), val=None, num_images=0, cache_dir=str(tmp_path / "cache"))
     classifier = harness.set_classifier(args, "cpu")

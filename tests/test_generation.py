@@ -21,19 +21,24 @@ ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {0: (210, 40, 40), 1: (40, 60, 210)}  # class 0 red, class 1 blue
 
 
-@pytest.fixture(scope="module")
-def two_colour_dit(tmp_path_factory):
-    """A tiny Baseline TexTok and a DiT-T trained on 64 noisy red / blue 32 px images (label = colour)."""
-    root = tmp_path_factory.mktemp("two_colour")
-    data = root / "data"
+def two_colour_folder(data: Path, n: int = 64) -> Path:
+    """A labelled --data folder of n noisy 32 px images, alternately class 0 (red) and class 1 (blue)."""
     (data / "img").mkdir(parents=True)
     rng, rows = np.random.default_rng(0), []
-    for i in range(64):
+    for i in range(n):
         c = i % 2
         img = np.clip(np.array(COLOURS[c]) + rng.normal(0, 12, (32, 32, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(img).save(data / "img" / f"{i}.png")
         rows.append({"image": f"img/{i}.png", "caption": f"a {'red' if c == 0 else 'blue'} image", "label": c})
     (data / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+@pytest.fixture(scope="module")
+def two_colour_dit(tmp_path_factory):
+    """A tiny Baseline TexTok and a DiT-T trained on 64 noisy red / blue 32 px images (label = colour)."""
+    root = tmp_path_factory.mktemp("two_colour")
+    data = two_colour_folder(root / "data")
     common = ["--data", str(data), "--cache-dir", str(root / "cache"), "--workers", "0", "--log-every", "50",
               "--warmup-steps", "10", "--ckpt-every", "1000"]
     train.main(["--stage", "tokenizer", "--out", str(root / "tok"), "--conditioning", "none", "--width", "64",
