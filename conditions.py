@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from errors import InputError
-from files import writing
+from runtime.errors import InputError
+from runtime.files import writing
 from text_encoder import TextEncoder, cached_text_embeddings
 
 

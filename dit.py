@@ -23,9 +23,9 @@ from huggingface_hub import ModelHubMixin
 from block import Attention
 from config import (AT_LEAST_1, POSITIVE, ConfigError, Range, check_config, check_divides, check_ranges, from_dict,
                     to_dict)
-from errors import InputError
-from files import load_json, load_state, load_tensors, save_json, save_tensors
-from hub import pretrained_folder
+from runtime.errors import InputError
+from runtime.files import load_json, load_state, load_tensors, save_json, save_tensors
+from runtime.hub import pretrained_folder
 
 
 @dataclass

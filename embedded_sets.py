@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from errors import InputError
-from images import to_tensor
+from runtime.errors import InputError
+from runtime.images import to_tensor
 
 
 SHAPES = ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "ring"]

@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
-from errors import InputError, MissingInput
-from files import weights_file
+from runtime.errors import InputError, MissingInput
+from runtime.files import weights_file
 
 
 # torchvision's ImageNet weights of the LPIPS trunks (IMAGENET1K_V1), read from torch.hub.get_dir()/checkpoints/

@@ -29,13 +29,13 @@ from conditions import Conditioned
 from config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, DiTTrainConfig, check_flags, from_dict
 from data import class_caption_pool, make_datasets
 from diffusion import Diffusion, cfg_scale
-from distributed import autocast, setup_distributed
 from dit import DiT
-from errors import InputError, run_main
-from files import (atomic_write, check_folder, file_sha1, holding, load_json, read_lines, remove_temporaries,
+from runtime.distributed import autocast, setup_distributed
+from runtime.errors import InputError, run_main
+from runtime.files import (atomic_write, check_folder, file_sha1, holding, load_json, read_lines, remove_temporaries,
                    writing)
-from hub import pretrained_folder
-from images import save_image_grid, to_uint8
+from runtime.hub import pretrained_folder
+from runtime.images import save_image_grid, to_uint8
 from textok import TexTok
 
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conditions import Cond
 from config import TokenizerTrainConfig
 from discriminator import discriminator_loss, generator_loss, r1_penalty
-from distributed import all_reduce_grads, autocast, global_mean
-from errors import InputError
+from runtime.distributed import all_reduce_grads, autocast, global_mean
+from runtime.errors import InputError
 
 
 def schedule(num_items: int, batch_size: int, epochs: int, max_steps, grad_accum: int, world: int):

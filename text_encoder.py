@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from config import OFFLINE_TEXT_ENCODER
-from distributed import autocast
-from errors import InputError, MissingInput
-from files import load_json
-from rowstore import build_once, open_built
+from runtime.distributed import autocast
+from runtime.errors import InputError, MissingInput
+from runtime.files import load_json
+from runtime.rowstore import build_once, open_built
 
 # The files whose `auto_map` makes transformers' Auto classes import Python code from the model folder.
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")

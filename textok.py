@@ -14,9 +14,9 @@ from huggingface_hub import ModelHubMixin
 
 from config import TexTokConfig, from_dict, to_dict
 from detokenizer import Detokenizer
-from errors import InputError
-from files import load_json, load_state, load_tensors, save_json, save_tensors
-from hub import pretrained_folder
+from runtime.errors import InputError
+from runtime.files import load_json, load_state, load_tensors, save_json, save_tensors
+from runtime.hub import pretrained_folder
 from tokenizer import Tokenizer, VectorQuantizer
 
 

@@ -19,12 +19,9 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from conditions import Conditioned, collate
 from config import (AT_LEAST_0, AT_LEAST_1, POSITIVE, ConfigError, DiTTrainConfig, MODEL_PRESETS, TexTokConfig,
@@ -32,16 +29,16 @@ from config import (AT_LEAST_0, AT_LEAST_1, POSITIVE, ConfigError, DiTTrainConfi
 from data import check_labels, make_datasets, step_loader
 from diffusion import Diffusion
 from discriminator import LeCAM, StyleGANDiscriminator
-from distributed import autocast, rank_share, setup_distributed
 from dit import DIT_SIZES, build_dit
 from embedded_sets import CAPTION_STYLES, OBJECT_SETS, SHAPES
-from errors import InputError, run_main
-from files import check_folder, file_sha1, writing
-from images import save_image_grid, to_uint8
-from metrics import psnr
+from evaluator.measures import psnr
+from latents import encode_latents
 from perceptual import load_lpips
-from rowstore import build_once
-from run import Run
+from runtime.distributed import autocast, setup_distributed
+from runtime.errors import InputError, run_main
+from runtime.files import check_folder, file_sha1
+from runtime.images import save_image_grid, to_uint8
+from runtime.run import Run
 from steps import (accumulate, discriminator_step, ema_update, generator_step, lr_lambda, schedule, split_batch,
                    step_seed)
 from textok import TexTok
@@ -264,33 +261,6 @@ def train_tokenizer(args, rank, world, device):
 
 
 # --------------------------------------------------------------------------------------------------- stage 2
-@torch.no_grad()
-def encode_latents(tokenizer: TexTok, dataset, device, precision, cache: Path, batch_size: int = 64, rank: int = 0,
-                   world: int = 1, workers: int = 0) -> torch.Tensor:
-    """Encodes the whole data set (a `Conditioned`) once with the frozen (EMA) tokenizer: Z [M, N, d] float32, cached
-    in the folder `cache` (Z.npy). Every rank (all must call it) encodes a contiguous share of the batches through a
-    DataLoader with `workers` and writes it into the one file; the batches are one rank's, so Z does not depend on
-    the number of ranks."""
-    M, cfg = len(dataset), tokenizer.cfg
-
-    def fill(files):
-        mine = rank_share(-(-M // batch_size), rank, world)
-        share = range(mine.start * batch_size, min(mine.stop * batch_size, M))
-        loader = DataLoader(Subset(dataset, share), batch_size, num_workers=workers, collate_fn=collate,
-                            pin_memory=device.type == "cuda")
-        at = share.start
-        for batch in tqdm(loader, desc=f"encoding latents ({world} rank(s))", disable=rank != 0):
-            batch = dataset.complete(batch)  # --text-cache off: the captions encoded here
-            with autocast(device, precision):
-                Z = tokenizer.encode(batch["image"].to(device), batch["cond"].to(device)).float().cpu()
-            files["Z"].write(at, Z.numpy())
-            at += len(Z)
-    with writing(cache.parent, " (--cache-dir must be a writable folder)"):
-        folder = build_once(cache, {"Z": ((M, cfg.num_tokens, cfg.token_dim), np.float32)}, fill, rank, world,
-                            f"latents Z ({M:,} x {cfg.num_tokens} x {cfg.token_dim}, float32)")
-    return torch.from_numpy(np.load(folder / "Z.npy"))
-
-
 def load_frozen_tokenizer(args, device):
     """The frozen (EMA) TexTok of --tokenizer and its folder; a class-conditioned one cannot serve DiT-T2I."""
     path = Path(args.tokenizer or "runs/tokenizer/tokenizer")

@@ -39,8 +39,8 @@ from harness import (default_jobs, evaluate, last_step, load_optional, machine, 
 import metrics  # noqa: E402
 import perceptual  # noqa: E402
 from data import make_datasets  # noqa: E402
-from errors import run_main  # noqa: E402
-from files import atomic_write, save_json  # noqa: E402
+from runtime.errors import run_main  # noqa: E402
+from runtime.files import atomic_write, save_json  # noqa: E402
 
 
 # (table, row label, train.py flags, caption style); the default row (full caption, in-context, both, tiny) is

@@ -32,9 +32,9 @@ from harness import best_seconds  # noqa: E402
 
 from config import PRESETS, get_preset  # noqa: E402
 from discriminator import LeCAM, ResBlock, StyleGANDiscriminator  # noqa: E402
-from errors import run_main  # noqa: E402
-from textok import TexTok  # noqa: E402
+from runtime.errors import run_main  # noqa: E402
 from steps import discriminator_step, generator_step  # noqa: E402
+from textok import TexTok  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -35,19 +35,19 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root (this folder is already there)
-from domain import object_sample_report  # noqa: E402
 from harness import (line_plot, load_optional, machine, reconstruct, recon_class_accuracy, require,  # noqa: E402
                      schedule_epochs, set_classifier, tokenizer_argv, train_run)
+from tools.domain import object_sample_report  # noqa: E402
 
-import domain  # noqa: E402
 import metrics  # noqa: E402
 from conditions import Conditioned  # noqa: E402
 from config import get_preset  # noqa: E402
 from data import make_datasets  # noqa: E402
-from errors import run_main  # noqa: E402
-from files import atomic_write, load_json, save_json  # noqa: E402
 from metrics import read_npz_batch  # noqa: E402
+from runtime.errors import run_main  # noqa: E402
+from runtime.files import atomic_write, load_json, save_json  # noqa: E402
 from textok import TexTok  # noqa: E402
+from tools import domain  # noqa: E402
 
 
 TASKS = {"class": "class-conditional", "t2i": "text-to-image", "recon": "reconstructions (ceiling)"}

@@ -25,14 +25,14 @@ from torch.utils.data import DataLoader
 
 ROOT = Path(__file__).resolve().parents[1]
 
-import domain  # noqa: E402
 import metrics  # noqa: E402
 from conditions import Conditioned, collate  # noqa: E402
 from data import make_datasets  # noqa: E402
-from errors import InputError  # noqa: E402
-from files import atomic_write, load_json, save_json  # noqa: E402
-from images import to_uint8  # noqa: E402
+from runtime.errors import InputError  # noqa: E402
+from runtime.files import atomic_write, load_json, save_json  # noqa: E402
+from runtime.images import to_uint8  # noqa: E402
 from textok import TexTok  # noqa: E402
+from tools import domain  # noqa: E402
 
 
 def require(module: str, why: str) -> None:

@@ -18,7 +18,7 @@ import pytorch_fid.inception as pfi
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import inception  # noqa: E402
+from evaluator import inception  # noqa: E402
 from harness import sync  # noqa: E402
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from errors import InputError, run_main  # noqa: E402
-from files import atomic_write  # noqa: E402
 from harness import require  # noqa: E402
+from runtime.errors import InputError, run_main  # noqa: E402
+from runtime.files import atomic_write  # noqa: E402
 
 
 LOSSES = ("l2", "vq", "perceptual", "gan", "d_loss", "r1", "lecam", "loss")  # train.py's loss terms, both stages

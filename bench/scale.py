@@ -1,5 +1,5 @@
 """Scale simulation (issue 19): the text-embedding store and the stage-2 latents at many captions, on 1 and 2 gloo
-ranks, with the real store code (text_encoder.cached_text_embeddings, train.encode_latents) and the real MiniLM
+ranks, with the real store code (text_encoder.cached_text_embeddings, latents.encode_latents) and the real MiniLM
 encoder at a short --text-len.
 
     python bench/scale.py                              # M = 20k and 200k synthetic captions, 1 and 2 ranks
@@ -128,7 +128,7 @@ def reset_peak() -> None:
 # ------------------------------------------------------------------------------------------------ rank processes
 def worker_store(args) -> dict:
     from conditions import Conditioned
-    from distributed import setup_distributed
+    from runtime.distributed import setup_distributed
     from text_encoder import TextEncoder, cached_text_embeddings
     rank, world, _ = setup_distributed(3600)
     start = memory()["VmRSS"]
@@ -174,9 +174,9 @@ def worker_baseline(args) -> dict:
 
 
 def worker_latents(args) -> dict:
-    import train
+    import latents
     from conditions import Conditioned
-    from distributed import setup_distributed
+    from runtime.distributed import setup_distributed
     from embedded_sets import ShapesDataset
     from textok import TexTok
     rank, world, device = setup_distributed(3600)
@@ -184,7 +184,7 @@ def worker_latents(args) -> dict:
     tok = TexTok.from_pretrained(Path(args.out) / "tokenizer").eval()
     data = Conditioned.for_model(ShapesDataset("train", cfg.image_size, args.M), cfg, args.out, rank=rank, world=world)
     t0 = time.perf_counter()
-    train.encode_latents(tok, data, device, "fp32", Path(args.out) / f"Z-{world}", 16, rank, world, workers=1)
+    latents.encode_latents(tok, data, device, "fp32", Path(args.out) / f"Z-{world}", 16, rank, world, workers=1)
     return dict(rank=rank, seconds=time.perf_counter() - t0)
 
 
@@ -193,7 +193,7 @@ def worker_loader(args) -> dict:
     way (rank_memory), before the data set, after it, at the first batch and at the pass's peak."""
     from conditions import Conditioned
     from data import make_datasets, step_loader
-    from distributed import setup_distributed
+    from runtime.distributed import setup_distributed
     rank, world, _ = setup_distributed(3600)
     start = rank_memory()
     train, _ = make_datasets(args.out, size=8)

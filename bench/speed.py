@@ -38,15 +38,15 @@ from harness import best_seconds, machine  # noqa: E402
 from conditions import Cond  # noqa: E402
 from config import MODEL_PRESETS, OFFLINE_TEXT_ENCODER, TexTokConfig, TokenizerTrainConfig  # noqa: E402
 from diffusion import Diffusion  # noqa: E402
-from distributed import autocast  # noqa: E402
 from dit import DIT_SIZES, DiT, DiTConfig  # noqa: E402
 from embedded_sets import ShapesDataset  # noqa: E402
-from errors import run_main  # noqa: E402
-from files import atomic_write, save_json  # noqa: E402
+from runtime.distributed import autocast  # noqa: E402
+from runtime.errors import run_main  # noqa: E402
+from runtime.files import atomic_write, save_json  # noqa: E402
+from steps import generator_step  # noqa: E402
 from text_encoder import TextEncoder  # noqa: E402
 from textok import TexTok  # noqa: E402
 from tokenizer import patchify, unpatchify  # noqa: E402
-from steps import generator_step  # noqa: E402
 
 
 # Flag defaults: a CPU run of a few minutes, or the paper's sizes (Table 5 / Fig. 4: TexTok-Base, DiT-XL,

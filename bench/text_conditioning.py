@@ -39,9 +39,9 @@ import harness  # noqa: E402
 import metrics  # noqa: E402
 import perceptual  # noqa: E402
 from data import make_datasets  # noqa: E402
-from errors import run_main  # noqa: E402
-from files import atomic_write, save_json  # noqa: E402
-from images import save_image_grid  # noqa: E402
+from runtime.errors import run_main  # noqa: E402
+from runtime.files import atomic_write, save_json  # noqa: E402
+from runtime.images import save_image_grid  # noqa: E402
 
 
 VARIANTS = {"baseline": "Baseline-{n} (w/o text)", "textok": "TexTok-{n} (w/ text)",

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import harness  # noqa: E402
 from harness import mean_over_seeds, recon_class_accuracy  # noqa: E402
 
-import domain  # noqa: E402
+from tools import domain  # noqa: E402
 
 
 def test_mean_over_seeds_groups_averages_and_keeps_labels():
@@ -144,7 +144,7 @@ def test_a_bench_without_matplotlib_stops_in_one_line_before_its_first_run(bench
     import importlib
 
     import data
-    from errors import InputError
+    from runtime.errors import InputError
     module = importlib.import_module(bench)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails, installed or not
     for owner in (module, harness, data):  # what would start work

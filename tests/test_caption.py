@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-import caption
 from data import JsonlDataset
-from errors import InputError, MissingInput
+from runtime.errors import InputError, MissingInput
+from tools import caption
 
 
 WORDS = "a the of in on with and red green blue dog cat tree sky grass water small large photo".split()

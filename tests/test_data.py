@@ -10,7 +10,7 @@ import text_encoder
 from config import OFFLINE_TEXT_ENCODER
 from data import JsonlDataset, class_caption_pool, make_datasets, split_indices
 from embedded_sets import SHAPES, ShapesDataset, render
-from errors import InputError
+from runtime.errors import InputError
 from text_encoder import TextEncoder, cached_text_embeddings
 
 

@@ -8,8 +8,8 @@ import conditions
 from conditions import Cond
 from diffusion import Diffusion
 from dit import DIT_SIZES, DiT, DiTConfig
-from errors import InputError
-from rowstore import NpyRows
+from runtime.errors import InputError
+from runtime.rowstore import NpyRows
 
 
 N, CHANNELS, CLASSES, TEXT_DIM = 8, 8, 10, 16

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import domain
 import metrics
 from embedded_sets import COLORS, SHAPES, caption, make_scene, read_caption
-from errors import InputError
+from runtime.errors import InputError
+from tools import domain
 
 
 TINY = domain.DomainSettings(num_images=1024, steps=80, batch_size=32)  # seconds: features, not accuracy
@@ -139,7 +139,7 @@ def test_cli_prints_the_domain_report(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_the_library_goes_one_way_domain_uses_metrics():
-    """metrics.py never imports domain.py (its command is `python domain.py SAMPLE.npz`)."""
+    """metrics.py never imports domain.py (its command is `python tools/domain.py SAMPLE.npz`)."""
     tree = ast.parse((Path(metrics.__file__)).read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}

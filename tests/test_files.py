@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError
 
-from checkpoint import save_checkpoint
-from errors import InputError
-from files import atomic_write
-from images import save_image_grid
-from run import Run
+from runtime.checkpoint import save_checkpoint
+from runtime.errors import InputError
+from runtime.files import atomic_write
+from runtime.images import save_image_grid
+from runtime.run import Run
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
@@ -45,7 +45,7 @@ def test_written_file_has_umask_permissions(tmp_path):
 def test_checkpoint_write_failure_leaves_no_temporary_folder(tmp_path, monkeypatch):
     """Disk full (OSError, or safetensors' own error) is one InputError naming the checkpoint; Ctrl-C stays a
     KeyboardInterrupt; neither leaves a .tmp-step-* folder, and `latest` still names the last good checkpoint."""
-    import files
+    from runtime import files
     module = torch.nn.Linear(2, 2)
     save_checkpoint(tmp_path, 1, {"m": module}, {})
     for error in (OSError(errno.ENOSPC, "No space left on device"), SafetensorError("Error while serializing"),

@@ -17,11 +17,11 @@ from conftest import tiny_config
 from test_inputs import edited_copy, models  # noqa: F401 (models: the tiny untrained folders, a fixture)
 from test_train import base_args, log_rows
 
-import run
 import sample
 import train
-from errors import InputError
-from files import file_sha1, load_json
+from runtime import run
+from runtime.errors import InputError
+from runtime.files import file_sha1, load_json
 from textok import TexTok
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config
 
 from dit import DiT, DiTConfig
-from errors import MissingInput
+from runtime.errors import MissingInput
 from textok import TexTok
 
 
@@ -138,7 +138,7 @@ def test_download_true_asks_the_hub(tmp_path, monkeypatch):
         (tmp_path / "snapshot").mkdir(exist_ok=True)
         return str(tmp_path / "snapshot" / filename)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    from hub import pretrained_folder
+    from runtime.hub import pretrained_folder
     assert pretrained_folder("user/tiny", download=True) == tmp_path / "snapshot"
     assert asked == [("user/tiny", "config.json", False), ("user/tiny", "model.safetensors", False)]
 
@@ -148,7 +148,7 @@ def test_a_text_encoder_not_in_the_cache_fails_at_once_without_the_network(load,
     """`--text-encoder google/t5-v1_1-xl` on a machine that never downloaded it: one line, no network retries."""
     import time
 
-    from errors import InputError
+    from runtime.errors import InputError
     from text_encoder import TextEncoder, encoder_config
     t0 = time.perf_counter()
     with pytest.raises(InputError) as err:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-import inception
 import metrics
+from evaluator import inception
 
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import inception
 import metrics
-from errors import InputError
-from torchscript_weights import is_torchscript, read_torchscript_tensors
+from evaluator import inception
+from evaluator.torchscript_weights import is_torchscript, read_torchscript_tensors
+from runtime.errors import InputError
 
 
 class Leaf(nn.Module):

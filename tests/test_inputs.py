@@ -14,8 +14,6 @@ from PIL import Image
 from conftest import tiny_config
 from test_caption import remote_code_copy, save_tiny_vlm
 
-import caption
-import domain
 import metrics
 import perceptual
 import sample
@@ -23,9 +21,10 @@ import train
 from config import DiTTrainConfig, to_dict
 from data import JsonlDataset, class_caption_pool, load_image
 from dit import build_dit
-from errors import InputError, run_main
-from files import load_json, load_tensors
+from runtime.errors import InputError, run_main
+from runtime.files import load_json, load_tensors
 from textok import TexTok
+from tools import caption, domain
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -540,7 +539,7 @@ def test_metrics_without_inception_weights_is_one_line(tmp_path, monkeypatch):
         run_main(lambda: metrics.main([str(tmp_path / "ref.npz")] * 2))
     message = err.value.code
     assert isinstance(message, str) and "\n" not in message, message
-    assert "no-inception-weights.pth" in message and "python domain.py SAMPLE.npz" in message, message
+    assert "no-inception-weights.pth" in message and "python tools/domain.py SAMPLE.npz" in message, message
 
 
 # ------------------------------------------------------------------------------------- a model's own code

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import perceptual
-from errors import InputError
+from runtime.errors import InputError
 
 
 def torchvision_file(state, folder, stem):

@@ -8,10 +8,9 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 
-import inception
 import metrics
-import npz_batch
 import perceptual
+from evaluator import inception, npz_batch
 
 
 def random_spd(rng, d, cond=10.0):
@@ -455,8 +454,8 @@ def test_tokenizer_is_scored_on_the_set_it_was_trained_on(tmp_path, monkeypatch)
     from conftest import tiny_config
 
     from embedded_sets import ObjectDataset
-    from files import save_json
-    from images import to_uint8
+    from runtime.files import save_json
+    from runtime.images import to_uint8
     from textok import TexTok
     without_packaged_inception(monkeypatch, tmp_path / "torch_home")
     torch.manual_seed(0)

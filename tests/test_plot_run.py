@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import plot_run  # noqa: E402
 
-from errors import InputError  # noqa: E402
+from runtime.errors import InputError  # noqa: E402
 
 
 def test_plot_run_writes_a_png_of_the_logged_curves(tmp_path):

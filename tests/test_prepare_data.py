@@ -10,9 +10,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-import prepare_data
 from data import JsonlDataset, class_caption_pool, make_datasets
-from errors import InputError, run_main
+from runtime.errors import InputError, run_main
+from tools import prepare_data
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,7 +251,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, make):
 
 def test_bad_input_process_exits_1_without_a_traceback(tmp_path):
     (tmp_path / "i").write_bytes(b"\0\0\x08")
-    r = subprocess.run([sys.executable, "prepare_data.py", "idx", str(tmp_path / "i"), str(tmp_path / "l"),
+    r = subprocess.run([sys.executable, "tools/prepare_data.py", "idx", str(tmp_path / "i"), str(tmp_path / "l"),
                         str(tmp_path / "out"), "--class-names", "mnist"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr == f"error: {tmp_path / 'i'}: not an IDX file (magic 000008, expected " \
                                              "00000803)\n", r.stderr

@@ -8,12 +8,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-import train
+import latents
 from conditions import Conditioned
 from config import OFFLINE_TEXT_ENCODER
 from embedded_sets import ShapesDataset
-from errors import InputError
-from rowstore import NpyRows, build_once
+from runtime.errors import InputError
+from runtime.rowstore import NpyRows, build_once
 from text_encoder import cached_text_embeddings
 from textok import TexTok
 
@@ -56,18 +56,18 @@ def test_a_file_that_is_not_npy_is_one_line_and_nothing_ignored(tmp_path):
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other shape"])
 def test_a_corrupt_latent_cache_is_one_line_that_says_to_delete_it(tmp_path, damage):
-    """Stage 2's Z.npy (train.encode_latents) cut short, overwritten or of another shape: one line naming it."""
+    """Stage 2's Z.npy (latents.encode_latents) cut short, overwritten or of another shape: one line naming it."""
     torch.manual_seed(0)
     cfg = tiny_config(conditioning="none")
     tok, data = TexTok(cfg).eval(), Conditioned.for_model(ShapesDataset("train", 32, 6), cfg, tmp_path)
-    Z = train.encode_latents(tok, data, torch.device("cpu"), "fp32", tmp_path / "Z", batch_size=4)
+    Z = latents.encode_latents(tok, data, torch.device("cpu"), "fp32", tmp_path / "Z", batch_size=4)
     path = tmp_path / "Z" / "Z.npy"
     if damage == "other shape":
         np.save(path, np.zeros((5, *Z.shape[1:]), np.float32))
     else:
         raw = path.read_bytes()
         path.write_bytes(b"garbage" if damage == "garbage" else raw[:-4])
-    message = raises_one_line(r"Z\.npy: ", train.encode_latents, tok, data, torch.device("cpu"), "fp32",
+    message = raises_one_line(r"Z\.npy: ", latents.encode_latents, tok, data, torch.device("cpu"), "fp32",
                               tmp_path / "Z", batch_size=4)
     assert "delete" in message and str(tmp_path / "Z") in message
 

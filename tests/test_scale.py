@@ -14,15 +14,15 @@ from PIL import Image
 from conftest import tiny_config
 from test_train import ROOT, free_port
 
-import distributed
-import rowstore
+import latents
 import train
 from conditions import Conditioned, collate
 from config import OFFLINE_TEXT_ENCODER
 from data import StepBatches, step_loader
 from embedded_sets import ShapesDataset
-from errors import InputError
-from rowstore import NpyRows, build_once
+from runtime import distributed, rowstore
+from runtime.errors import InputError
+from runtime.rowstore import NpyRows, build_once
 from text_encoder import cached_text_embeddings
 from textok import TexTok
 
@@ -35,21 +35,21 @@ CAPTIONS = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in (
 RANK_CODE = """
 import sys
 from pathlib import Path
-from distributed import setup_distributed
-from errors import InputError
+from runtime.distributed import setup_distributed
+from runtime.errors import InputError
 from conftest import tiny_config
 from conditions import Conditioned
 from data import JsonlDataset
 from embedded_sets import ShapesDataset
 from text_encoder import cached_text_embeddings
 from textok import TexTok
-import train
+import latents
 out, captions = sys.argv[1], sys.argv[2:]
 rank, world, device = setup_distributed(60)
 cached_text_embeddings("{enc}", 8, captions, out + "/text", batch_size=8, rank=rank, world=world)
 data = Conditioned.for_model(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), out)
 tok = TexTok.from_pretrained(out + "/tok").eval()
-train.encode_latents(tok, data, device, "fp32", Path(out) / "Z", batch_size=4, rank=rank, world=world, workers=1)
+latents.encode_latents(tok, data, device, "fp32", Path(out) / "Z", batch_size=4, rank=rank, world=world, workers=1)
 try:
     JsonlDataset(out + "/jsonl", 16).scan(rank=rank, world=world)
 except InputError as e:
@@ -80,7 +80,7 @@ def test_two_gloo_ranks_build_what_one_rank_builds(tmp_path):
     emb, mask = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 8, CAPTIONS, one / "text", batch_size=8)
     data = Conditioned.for_model(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), one)
     tok = TexTok.from_pretrained(two / "tok").eval()
-    Z = train.encode_latents(tok, data, torch.device("cpu"), "fp32", one / "Z", batch_size=4)
+    Z = latents.encode_latents(tok, data, torch.device("cpu"), "fp32", one / "Z", batch_size=4)
     for p in procs:
         output = p.communicate(timeout=300)[0]
         assert p.returncode == 0, output[-3000:]

@@ -16,8 +16,8 @@ import torch
 import perceptual
 import steps
 import train
-from errors import InputError
-from files import load_tensors
+from runtime.errors import InputError
+from runtime.files import load_tensors
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def test_folder_with_a_runs_files_but_no_latest_is_refused(tmp_path, text_cache,
 
 def test_disk_full_while_checkpointing_is_one_line(tmp_path, text_cache, monkeypatch):
     """The second checkpoint's write fails: the error names it and the last good one; no temporary folder stays."""
-    import files
+    from runtime import files
     calls, real = [], files.save_file
 
     def save_file(tensors, path):
@@ -257,7 +257,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path, text_cache):
 def test_embedded_images_render_once(monkeypatch):
     """ShapesDataset renders each scene on first use only, and the kept image is the rendered one."""
     import embedded_sets
-    from images import to_tensor
+    from runtime.images import to_tensor
     renders, real = [], embedded_sets.render
     monkeypatch.setattr(embedded_sets, "render", lambda scene, size: renders.append(scene) or real(scene, size))
     ds = embedded_sets.ShapesDataset("train", 32, 4)
@@ -296,7 +296,7 @@ def test_stage2_and_sampling_end_to_end(tmp_path, text_cache, task):
                 "--cache-dir", str(tmp_path / "cache"), "--num-images", "32", "--batch-size", "8", "--workers", "0",
                 "--max-steps", "3", "--log-every", "1", "--warmup-steps", "1"])
     assert [r["step"] for r in log_rows(dit)] == [1, 2, 3] and all(r["loss"] > 0 for r in log_rows(dit))
-    from files import file_sha1
+    from runtime.files import file_sha1
     assert json.loads((dit / "dit" / "config.json").read_text())["tokenizer_sha1"] == \
         file_sha1(tok / "tokenizer" / "model.safetensors")  # sample.py checks the tokenizer against it
     npz = sample.main(["--dit", str(dit / "dit"), "--num-samples", "5", "--batch-size", "4", "--steps", "3",

@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import InputError
-from files import file_sha1, load_state
-from torchscript_weights import is_torchscript, read_torchscript_tensors
+from evaluator.torchscript_weights import is_torchscript, read_torchscript_tensors
+from runtime.errors import InputError
+from runtime.files import file_sha1, load_state
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from errors import InputError, MissingInput
+from runtime.errors import InputError, MissingInput
 
 
 def atomic_write(path, write) -> Path:

@@ -1,7 +1,7 @@
 """Turns the two layouts real captioned or labelled image sets come in into captions.jsonl (data.py's layout).
 
-    python prepare_data.py folder SRC OUT      # SRC/**/img.jpg + SRC/**/img.txt (its caption) -> OUT/captions.jsonl
-    python prepare_data.py idx train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz OUT --class-names fashion-mnist
+    python tools/prepare_data.py folder SRC OUT      # SRC/**/img.jpg + SRC/**/img.txt (its caption) -> OUT/captions.jsonl
+    python tools/prepare_data.py idx train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz OUT --class-names fashion-mnist
 
 folder: every image under SRC (recursively; hidden files and folders left out) with a same-name .txt caption beside
 it; the caption is stripped and its whitespace runs, newlines included, folded to one space. An image without a caption
@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -29,11 +30,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from caption import IMAGE_SUFFIXES, rel
-from data import jsonl_line
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python tools/prepare_data.py`
+from data import IMAGE_SUFFIXES, jsonl_image_path, jsonl_line
 from embedded_sets import class_caption
-from errors import InputError, MissingInput, run_main
-from files import atomic_write, read_lines
+from runtime.errors import InputError, MissingInput, run_main
+from runtime.files import atomic_write, read_lines
 
 
 CLASS_NAMES = {  # label order of the IDX label files
@@ -67,7 +68,7 @@ def main(argv=None):
     if args.mode == "folder":
         files, captions, skipped = captioned_images(Path(args.src), args.skip_uncaptioned)
         refuse_existing([out / "captions.jsonl"], args.overwrite)
-        lines = [jsonl_line(rel(args.src, out / "captions.jsonl", f), c) for f, c in zip(files, captions)]
+        lines = [jsonl_line(jsonl_image_path(args.src, out / "captions.jsonl", f), c) for f, c in zip(files, captions)]
         write_text(out / "captions.jsonl", lines)
         print(f"{out / 'captions.jsonl'}: {len(lines)} images" + (f" ({skipped} without a caption left out)"
                                                                   if skipped else ""))

@@ -1,7 +1,7 @@
 """Captions an image folder with a local vision-language model (App. D) into its captions.jsonl (data.py's layout).
 
-    python caption.py /data/imagenet/train --model Qwen/Qwen2.5-VL-7B-Instruct --class-names LOC_synset_mapping.txt
-    torchrun --nproc_per_node 8 caption.py /data/imagenet/train --model Qwen/Qwen2.5-VL-7B-Instruct \\
+    python tools/caption.py /data/imagenet/train --model Qwen/Qwen2.5-VL-7B-Instruct --class-names LOC_synset_mapping.txt
+    torchrun --nproc_per_node 8 tools/caption.py /data/imagenet/train --model Qwen/Qwen2.5-VL-7B-Instruct \\
         --class-names LOC_synset_mapping.txt
 
 Layouts: ImageNet's DIR/<synset>/<image> (label = the synset's index among the sorted synset folders, as
@@ -23,20 +23,21 @@ import re
 from datetime import timedelta
 from pathlib import Path
 
+import sys
 import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import jsonl_line, load_image
-from distributed import setup_distributed
-from errors import InputError, MissingInput, run_main, worker_errors
-from files import atomic_write, read_lines
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python tools/caption.py`
+from data import IMAGE_SUFFIXES, jsonl_image_path, jsonl_line, load_image
+from runtime.distributed import setup_distributed
+from runtime.errors import InputError, MissingInput, run_main, worker_errors
+from runtime.files import atomic_write, read_lines
 from text_encoder import refuse_remote_code
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 REMOTE_CODE_ADVICE = "pass --trust-remote-code to run it (it runs as you: read it first)"
 # App. D: the prompt fed to Gemini v1.5 Flash for ImageNet (the image follows it); 75 words by default (§4.1).
 PROMPT = ("Describe an image of a {class_name} from the ImageNet dataset in a single continuous detailed paragraph, "
@@ -218,7 +219,7 @@ def caption_share(root, out, files, labels, prompts, captioner, rank=0, world=1,
     part = out.parent / f"{out.name}.part-{rank:05d}"
     trim_torn_line(part)
     done = {image for p in [out, *part_files(out)] for image, _ in read_rows(p)}
-    todo = [i for i in range(rank, len(files), world) if rel(root, out, files[i]) not in done]
+    todo = [i for i in range(rank, len(files), world) if jsonl_image_path(root, out, files[i]) not in done]
     loader = DataLoader(_Images(root, files, todo, size), batch_size, num_workers=workers,
                         collate_fn=_transpose)
     written = empty = 0
@@ -226,7 +227,7 @@ def caption_share(root, out, files, labels, prompts, captioner, rank=0, world=1,
                                                       disable=not progress) as bar:
         for index, images in worker_errors(loader):
             captions = captioner(list(images), [prompts[0 if labels is None else labels[i]] for i in index])
-            lines = [jsonl_line(rel(root, out, files[i]), c, None if labels is None else labels[i])
+            lines = [jsonl_line(jsonl_image_path(root, out, files[i]), c, None if labels is None else labels[i])
                      for i, c in zip(index, captions) if c]
             f.write("".join(lines))
             f.flush()
@@ -237,11 +238,6 @@ def caption_share(root, out, files, labels, prompts, captioner, rank=0, world=1,
         print(f"warning: rank {rank}: {empty} images got an empty caption and are not in {part.name}; "
               "a rerun tries them again")
     return written
-
-
-def rel(root, out, file) -> str:
-    """An image's path as captions.jsonl holds it: relative to the folder of `out`."""
-    return Path(os.path.relpath(Path(root) / file, Path(out).parent)).as_posix()
 
 
 def merge_parts(out) -> int:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from files import atomic_write
+from runtime.files import atomic_write
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:

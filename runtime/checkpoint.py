@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from errors import InputError
-from files import atomic_write, load_json, load_state, load_tensors, save_json, save_tensors
+from runtime.errors import InputError
+from runtime.files import atomic_write, load_json, load_state, load_tensors, save_json, save_tensors
 
 
 def _pack(obj, tensors, prefix=""):

@@ -22,7 +22,7 @@ import zlib
 
 import torch
 
-from errors import InputError
+from runtime.errors import InputError
 
 DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
           "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from distributed import barrier, rank_share
-from errors import InputError
-from files import load_json, save_json
+from runtime.distributed import barrier, rank_share
+from runtime.errors import InputError
+from runtime.files import load_json, save_json
 
 
 class NpyRows:

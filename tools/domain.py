@@ -1,10 +1,10 @@
 """Classifiers of the embedded sets (embedded_sets.py), trained once by one trainer (`fit`) and cached: FID in their
 feature space, and class / caption accuracy of samples. The shapes set's classifier (`ShapesClassifier`, the
-`domain.py` command below) and the one-object sets' (`ObjectClassifier`, the benches' "object FID").
+`tools/domain.py` command below) and the one-object sets' (`ObjectClassifier`, the benches' "object FID").
 
-    python domain.py SAMPLE.npz --classes-in-turn       # domain FID against real held-out images, class accuracy
-    python domain.py SAMPLE.npz --ref REF.npz --captions samples/captions.txt   # against REF.npz; caption accuracy
-    python domain.py [--image-size 32]       # train (or load) the classifier, print its held-out accuracy
+    python tools/domain.py SAMPLE.npz --classes-in-turn       # domain FID against real held-out images, class accuracy
+    python tools/domain.py SAMPLE.npz --ref REF.npz --captions samples/captions.txt   # against REF.npz; caption accuracy
+    python tools/domain.py [--image-size 32]       # train (or load) the classifier, print its held-out accuracy
 
 Offline, without the FID Inception weights, generation on the embedded set is measured with a small CNN trained on
 that set: the Fréchet distance between its penultimate features on reference and sample images (metrics.py's
@@ -16,7 +16,7 @@ The classifier reads a scene as data.make_scene lays it out: for each cell of th
 of the object there, or none. The class label (the shape of the first object) cannot be read off an image, since
 nothing marks which object is first: a class-conditional sample counts as right when its class's shape is in it
 (`class_accuracy`). A caption names the cell of its first object, whose shape and colour are checked there
-(`caption_accuracy`). Its held-out accuracies are in docs/RESULTS.md §9 (`python domain.py` prints them).
+(`caption_accuracy`). Its held-out accuracies are in docs/RESULTS.md §9 (`python tools/domain.py` prints them).
 
 The classifier trains once per settings, deterministically (fixed seed; about a minute on a CPU), and is cached
 as safetensors in CACHE/domain/.
@@ -24,6 +24,7 @@ as safetensors in CACHE/domain/.
 import argparse
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,13 +34,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import metrics
-import npz_batch
-from distributed import autocast
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python tools/domain.py`
 from embedded_sets import COLORS, OBJECT_SETS, SHAPES, SIZES, ObjectDataset, ShapesDataset, read_caption, render
-from errors import InputError, MissingInput, run_main
-from files import load_state, load_tensors, read_lines, save_tensors
-from images import to_uint8
+from evaluator import measures, npz_batch
+from runtime.distributed import autocast
+from runtime.errors import InputError, MissingInput, run_main
+from runtime.files import load_state, load_tensors, read_lines, save_tensors
+from runtime.images import to_uint8
 
 
 CELLS = 9  # data.make_scene's 3x3 grid, row-major
@@ -69,7 +70,7 @@ def _conv(cin, cout, stride=1, kernel=3, padding=1) -> list:
 class ShapesClassifier(nn.Module):
     """uint8 [B, H, W, 3] -> (features [B, 9 * width], shape logits [B, 9, 9], colour logits [B, 9, 13]): per cell of
     the 3x3 grid, scores for each shape / colour and, last, for an empty cell."""
-    outputs = ("features", "shape", "colour")  # the names metrics.compute_features gives them
+    outputs = ("features", "shape", "colour")  # the names measures.compute_features gives them
     size = 36  # working resolution: 36 -> 18 -> 9 -> 3, one output per 12 px cell
     grid = 9  # positions of the trunk's output map
 
@@ -226,10 +227,10 @@ def evaluate_domain(ref_path, sample_path, classes_in_turn: bool = False, captio
         if given is not None and len(given) != len(sample):
             raise npz_batch.NpzError(f"{sample_path}: {len(sample)} samples but {len(given)} {name}")
     model = load_classifier(DomainSettings(image_size=sample.shape[1]), cache_dir, device)
-    ref_features = metrics.compute_features(model, ref, batch_size, desc="reference batch")
-    features = metrics.compute_features(model, sample, batch_size, desc="sample batch")
-    report = {"Domain FID": metrics.frechet_distance(*metrics.feature_statistics(features["features"]),
-                                                     *metrics.feature_statistics(ref_features["features"]))}
+    ref_features = measures.compute_features(model, ref, batch_size, desc="reference batch")
+    features = measures.compute_features(model, sample, batch_size, desc="sample batch")
+    report = {"Domain FID": measures.frechet_distance(*measures.feature_statistics(features["features"]),
+                                                      *measures.feature_statistics(ref_features["features"]))}
     if labels is not None:
         report["Class accuracy"] = class_accuracy(features["shape"], labels)
     if captions is not None:
@@ -278,7 +279,7 @@ def sample_labels(path):
 class ObjectClassifier(torch.nn.Module):
     """uint8 [B, H, W, 3] -> (logits [B, classes], pooled features [B, 4 x width]): which object of a one-object set
     (data.OBJECT_SETS) an image holds, and the feature space of its Fréchet distance (object_sample_report)."""
-    outputs = ("logits", "features")  # the names metrics.compute_features gives them
+    outputs = ("logits", "features")  # the names measures.compute_features gives them
 
     def __init__(self, classes: int, width: int = 16):
         super().__init__()
@@ -362,9 +363,9 @@ def object_sample_report(samples: np.ndarray, family: str, labels=None, captions
     T2I, the share of samples whose object is the one their caption names."""
     classifier = object_classifier(family, cache_dir, device)
     real = ObjectDataset(family, "val", samples.shape[1], len(samples)).images
-    ours, theirs = (metrics.compute_features(classifier, x, batch_size, progress=False) for x in (samples, real))
-    report = {"Object FID": metrics.frechet_distance(*metrics.feature_statistics(ours["features"]),
-                                                     *metrics.feature_statistics(theirs["features"]))}
+    ours, theirs = (measures.compute_features(classifier, x, batch_size, progress=False) for x in (samples, real))
+    report = {"Object FID": measures.frechet_distance(*measures.feature_statistics(ours["features"]),
+                                                      *measures.feature_statistics(theirs["features"]))}
     found = ours["logits"].argmax(1)
     if labels is not None:
         report["Class accuracy"] = float((found == np.asarray(labels)).mean())

@@ -2,7 +2,7 @@
 only when asked)."""
 from pathlib import Path
 
-from errors import MissingInput
+from runtime.errors import MissingInput
 
 
 def pretrained_folder(name_or_path, files=("config.json", "model.safetensors"), download: bool = False,

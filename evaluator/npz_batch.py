@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from errors import InputError
-from inception import SPATIAL_CHANNELS
+from evaluator.inception import SPATIAL_CHANNELS
+from runtime.errors import InputError
 
 
 STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (17 * 17 * SPATIAL_CHANNELS,),

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from checkpoint import latest_checkpoint, load_checkpoint, remove_run, run_files, save_checkpoint
-from distributed import global_mean
-from errors import InputError, worker_errors
-from files import atomic_write, lock_folder, remove_temporaries, save_json, writing
+from runtime.checkpoint import latest_checkpoint, load_checkpoint, remove_run, run_files, save_checkpoint
+from runtime.distributed import global_mean
+from runtime.errors import InputError, worker_errors
+from runtime.files import atomic_write, lock_folder, remove_temporaries, save_json, writing
 
 
 class Run:
