@@ -471,6 +471,48 @@ def test_tokenizer_is_scored_on_the_set_it_was_trained_on(tmp_path, monkeypatch)
     assert report["PSNR"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_tokenizer_is_scored_on_the_images_it_was_trained_on_and_no_more(tmp_path, monkeypatch):
+    """A tokenizer trained on 8 embedded images (its run's config.json) is scored on those 8, however many images are
+    asked for: not on an embedded set built at the asked size (images it never saw)."""
+    from conftest import tiny_config
+
+    from embedded_sets import ShapesDataset
+    from runtime.files import save_json
+    from runtime.images import to_uint8
+    from textok import TexTok
+    without_packaged_inception(monkeypatch, tmp_path / "torch_home")
+    torch.manual_seed(0)
+    model = TexTok(tiny_config(conditioning="none")).eval()
+    model.save_pretrained(tmp_path / "run" / "tokenizer")
+    save_json({"stage": "tokenizer", "data": "embedded", "set": "shapes", "captions": "full",
+               "shuffle_captions": False, "num_images": 8}, tmp_path / "run" / "config.json")
+    report = metrics.evaluate_reconstruction(tmp_path / "run" / "tokenizer", num_images=24, batch_size=8,
+                                             cache_dir=tmp_path / "cache", skipped=[])
+    seen = torch.stack([ShapesDataset("train", 32, 8)[i]["image"] for i in range(8)])
+    with torch.no_grad():
+        expected = metrics.psnr(to_uint8(seen), to_uint8(model.decode(model.encode(seen))))
+    assert report["PSNR"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_tokenizer_trained_on_a_folder_is_scored_on_the_folder_given(tmp_path, monkeypatch, capsys):
+    """`--tokenizer T --data DIR` where T was trained on a data folder: DIR's images are scored (no TypeError from
+    the run's own folder given twice)."""
+    from conftest import tiny_config
+    from test_generation import two_colour_folder
+
+    from runtime.files import save_json
+    from textok import TexTok
+    without_packaged_inception(monkeypatch, tmp_path / "torch_home")
+    data = two_colour_folder(tmp_path / "data", 16)
+    TexTok(tiny_config(conditioning="none")).save_pretrained(tmp_path / "run" / "tokenizer")
+    save_json({"stage": "tokenizer", "data": str(tmp_path / "elsewhere"), "num_images": 14},
+              tmp_path / "run" / "config.json")
+    metrics.main(["--tokenizer", str(tmp_path / "run" / "tokenizer"), "--data", str(data), "--num-images", "8",
+                  "--batch-size", "8", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[0] for line in lines[:2]] == ["PSNR", "SSIM"]
+
+
 def test_tokenizer_report_with_inception_weights_without_output_layer_gives_rfid_and_skips_ris(tmp_path, monkeypatch,
                                                                                                capsys):
     """Weights like default_1.pt (no 1008-way output layer): rFID is reported, rIS named as skipped with why."""
