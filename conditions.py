@@ -12,6 +12,16 @@ from runtime.files import writing
 from text_encoder import TextEncoder, cached_text_embeddings
 
 
+class OnTheFly(NamedTuple):
+    """The frozen text encoder that runs on each batch (text_cache "off"): its name, text length, device, autocast
+    precision, and whether a hub encoder missing from the local cache may be fetched."""
+    encoder: str
+    text_len: int
+    device: str
+    precision: str
+    download: bool
+
+
 class Cond(NamedTuple):
     """The condition of one image or a batch (§3.2), the one object TexTok, the latent cache, DiT and sample.py read:
     the frozen encoder's caption embeddings `text` [B, N_t, C] (float32, from the fp16 cache) with their padding mask
@@ -44,8 +54,8 @@ def first_empty_row(mask, chunk: int = 65536):
 
 
 class Conditioned(Dataset):
-    """Each item of `items` with its condition `cond` (§3.2): the class label, and with `text_encoder` the caption's
-    frozen embeddings, which the model projects to T. The one path from a caption to T, with two ways to get the
+    """Each item of `items` with its condition (§3.2; `condition(i)`, a Cond): the class label, and with `text_encoder`
+    the caption's frozen embeddings, which the model projects to T. The one path from a caption to T, with two ways to get the
     embeddings:
       - the on-disk store (text_cache "on"): `text_encoder.cached_text_embeddings`, fp16, built once by the `world`
         ranks together, read a row per item (in the loader's workers);
@@ -61,7 +71,7 @@ class Conditioned(Dataset):
         self.label_tensor = torch.as_tensor(labels, dtype=torch.long)  # data.py refuses a label past int64
         self.emb = self.mask = self.on_the_fly = self.encoder = None
         if text_encoder is not None and text_cache == "off":
-            self.on_the_fly = (text_encoder, text_len, device, precision, download)
+            self.on_the_fly = OnTheFly(text_encoder, text_len, device, precision, download)
         elif text_encoder is not None:
             store = Path(cache_dir) / "text"
             with writing(store, " (--cache-dir must be a writable folder)"):
@@ -88,7 +98,7 @@ class Conditioned(Dataset):
     def __getstate__(self):  # DataLoader workers (spawned) never run the on-the-fly encoder
         return {**self.__dict__, "encoder": None}
 
-    def cond(self, i) -> Cond:
+    def condition(self, i) -> Cond:
         """Item i's condition: its label, and its caption's embeddings when they come from the store."""
         if self.emb is None:  # no text, or text encoded later (`complete`)
             return Cond(label=self.label_tensor[i])
@@ -96,7 +106,7 @@ class Conditioned(Dataset):
                     self.label_tensor[i])
 
     def __getitem__(self, i) -> dict:
-        cond = self.cond(i)
+        cond = self.condition(i)
         if self.items is None:
             return {"cond": cond, "index": i}
         if isinstance(self.items, torch.Tensor):
@@ -109,15 +119,15 @@ class Conditioned(Dataset):
         autocast on CUDA with precision "auto")."""
         if self.on_the_fly is None:
             return batch
-        name, text_len, device, precision, download = self.on_the_fly
+        how = self.on_the_fly
         if self.encoder is None:
-            self.encoder = TextEncoder(name, text_len, device, download)
-        emb, mask = self.encoder([self.captions[int(i)] for i in batch["index"]], precision)
+            self.encoder = TextEncoder(how.encoder, how.text_len, how.device, how.download)
+        emb, mask = self.encoder([self.captions[int(i)] for i in batch["index"]], how.precision)
         return {**batch, "cond": Cond(emb.half().float(), mask, batch["cond"].label)}  # fp16-rounded, as the store
 
     def batch(self, indices) -> Cond:
         """The completed condition of the items `indices`."""
-        return self.complete({"cond": Cond.stack([self.cond(int(i)) for i in indices]),
+        return self.complete({"cond": Cond.stack([self.condition(int(i)) for i in indices]),
                               "index": torch.as_tensor(list(indices))})["cond"]
 
 

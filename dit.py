@@ -263,15 +263,43 @@ class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://ar
         token, as hf_hub_download) in eval mode, with its meta as `model.meta`. With `tokenizer_config` (a
         TexTokConfig), refuses a DiT trained over the tokens of another tokenizer config."""
         directory = pretrained_folder(name_or_path, **hub)
-        meta = load_json(directory / "config.json")
-        if "dit" not in meta:
-            raise InputError(f"{directory / 'config.json'}: not a DiT folder written by train.py --stage dit")
+        meta = read_meta(directory)
         if tokenizer_config is not None:
             check_config(meta.get("tokenizer_config", {}), to_dict(tokenizer_config), directory / "config.json")
         model = cls(from_dict(DiTConfig, meta.pop("dit"), directory / "config.json"))
         load_state(model, load_tensors(directory / "model.safetensors"), directory / "model.safetensors")
         model.meta = meta
         return model.to(map_location).eval()
+
+
+# What sampling reads from a DiT's config.json beside the DiT's own config (train.py writes them all).
+SAMPLING_META = {"tokenizer": str, "task": str, "split": dict, "train": dict}
+SPLIT = ("data", "val", "num_images", "captions")  # the DiT's training data, whose held-out part sampling reads
+
+
+def read_meta(folder, sampling: bool = False) -> dict:
+    """A DiT folder's config.json, checked: the DiT's config (what building it reads) and, with `sampling`, what
+    sample.py reads: the tokenizer, the task (with its class count), the training data's split and training config."""
+    path = Path(folder) / "config.json"
+    meta = load_json(path)
+    if not isinstance(meta, dict) or "dit" not in meta or (sampling and "tokenizer" not in meta):
+        raise InputError(f"{path}: not a DiT folder written by train.py --stage dit")
+    if not sampling:
+        return meta
+    for key, kind in SAMPLING_META.items():
+        if key not in meta:
+            raise InputError(f"{path}: no \"{key}\"; not a DiT folder written by train.py --stage dit")
+        if not isinstance(meta[key], kind):
+            raise InputError(f"{path}: \"{key}\" is {meta[key]!r}, not a {kind.__name__}")
+    if meta["task"] not in ("class", "t2i"):
+        raise InputError(f"{path}: \"task\" must be \"class\" or \"t2i\", got {meta['task']!r}")
+    missing = [k for k in SPLIT if k not in meta["split"]]
+    if missing:
+        raise InputError(f"{path}: \"split\" has no {missing[0]!r} (the DiT's training data)")
+    classes = meta.get("num_classes")
+    if meta["task"] == "class" and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
+        raise InputError(f"{path}: \"num_classes\" must be an integer >= 1, got {classes!r}")
+    return meta
 
 
 # Sizes as in the DiT paper (Table 1): depth / hidden size / heads. DiT-T is not in the paper: a CPU-sized model

@@ -18,6 +18,7 @@ import argparse
 import math
 import time
 from contextlib import nullcontext
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,14 @@ from conditions import Conditioned
 from config import AT_LEAST_0, AT_LEAST_1, POSITIVE, SEED, DiTTrainConfig, check_flags, from_dict
 from data import class_caption_pool, make_datasets
 from diffusion import Diffusion, cfg_scale
-from dit import DiT
+from dit import DiT, read_meta
 from runtime.distributed import autocast, setup_distributed
 from runtime.errors import InputError, run_main
-from runtime.files import (atomic_write, check_folder, file_sha1, holding, load_json, read_lines, remove_temporaries,
+from runtime.files import (atomic_write, check_folder, file_sha1, holding, read_lines, remove_temporaries,
                    writing)
 from runtime.hub import pretrained_folder
 from runtime.images import save_image_grid, to_uint8
+from steps import sub_seed
 from textok import TexTok
 
 
@@ -100,30 +102,6 @@ def check_args(args, num_timesteps: int) -> None:
     check_folder(args.out, "--out")
 
 
-DIT_META = {"tokenizer": str, "task": str, "split": dict, "train": dict}  # what sampling reads from config.json
-SPLIT = ("data", "val", "num_images", "captions")  # the DiT's training data, whose held-out part sampling reads
-
-
-def check_dit_meta(meta, path) -> None:
-    """Refuses a DiT config.json without what sampling reads: the tokenizer, the task (with its class count), the
-    training data's split and the training config."""
-    if not isinstance(meta, dict) or "tokenizer" not in meta:
-        raise InputError(f"{path}: not a DiT folder written by train.py --stage dit")
-    for key, kind in DIT_META.items():
-        if key not in meta:
-            raise InputError(f"{path}: no \"{key}\"; not a DiT folder written by train.py --stage dit")
-        if not isinstance(meta[key], kind):
-            raise InputError(f"{path}: \"{key}\" is {meta[key]!r}, not a {kind.__name__}")
-    if meta["task"] not in ("class", "t2i"):
-        raise InputError(f"{path}: \"task\" must be \"class\" or \"t2i\", got {meta['task']!r}")
-    missing = [k for k in SPLIT if k not in meta["split"]]
-    if missing:
-        raise InputError(f"{path}: \"split\" has no {missing[0]!r} (the DiT's training data)")
-    classes = meta.get("num_classes")
-    if meta["task"] == "class" and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
-        raise InputError(f"{path}: \"num_classes\" must be an integer >= 1, got {classes!r}")
-
-
 def check_tokenizer(meta, tokenizer: Path, path, allow_other: bool) -> None:
     """Refuses a tokenizer (folder) whose weights are not those the DiT's tokens came from: the SHA-1 that train.py
     recorded in the DiT's config.json `path` (a DiT without the record is not checked), unless `allow_other`."""
@@ -184,8 +162,7 @@ def main(argv=None):
 
 def sample(args, rank, world, device):
     folder = pretrained_folder(args.dit, download=args.download)  # a folder, or a Hugging Face repo id
-    meta = load_json(folder / "config.json")
-    check_dit_meta(meta, folder / "config.json")
+    meta = read_meta(folder, sampling=True)
     tok_folder = pretrained_folder(args.tokenizer or meta["tokenizer"], download=args.download)
     tokenizer = TexTok.from_pretrained(tok_folder).to(device).eval()
     check_tokenizer(meta, tok_folder, folder / "config.json", args.allow_other_tokenizer)
@@ -215,7 +192,7 @@ def sample(args, rank, world, device):
     with holding(out) if rank == 0 else nullcontext():  # OUT is this run's until its samples are written
         if rank == 0:
             refuse_samples(out, args.overwrite)  # again: another run may have written some meanwhile
-        mine = draw(dit, tokenizer, diffusion, conds, args, (steps, w, schedule, power, compiled), rank, world)
+        mine = draw(dit, tokenizer, diffusion, conds, args, Sampler(steps, w, schedule, power, compiled), rank, world)
         seconds = time.perf_counter() - start
         images = gather(mine, out, n, rank, world)
         if rank != 0:
@@ -226,18 +203,29 @@ def sample(args, rank, world, device):
     return npz
 
 
-def draw(dit, tokenizer, diffusion, conds, args, how, rank: int, world: int) -> np.ndarray:
+class Sampler(NamedTuple):
+    """How each batch is drawn: DDIM `steps`, guidance scale `cfg_scale` (w) on the MDT schedule `cfg_schedule` with
+    `cfg_power`, and the compiled DiT to call (None: eager)."""
+    steps: int
+    cfg_scale: float
+    cfg_schedule: str
+    cfg_power: float
+    compiled: object = None
+
+
+def draw(dit, tokenizer, diffusion, conds, args, sampler: Sampler, rank: int, world: int) -> np.ndarray:
     """This rank's samples rank, rank + K, ... of --num-samples as uint8 [n_r, H, W, 3], --batch-size at a time, the
-    noise of sample i seeded by (--seed, i); `how`: (DDIM steps, guidance scale, schedule, power, compiled DiT)."""
+    noise of sample i seeded by sub_seed(--seed, i)."""
     cfg, device = tokenizer.cfg, next(dit.parameters()).device
     mine, parts = list(range(rank, args.num_samples, world)), []
     for at in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0,
-                   desc=f"sampling ({how[0]} DDIM steps, w={how[1]}, {world} rank(s))"):
+                   desc=f"sampling ({sampler.steps} DDIM steps, w={sampler.cfg_scale}, {world} rank(s))"):
         idx = mine[at: at + args.batch_size]
         noise = torch.stack([torch.randn(cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(
-            args.seed * 1_000_003 + i)) for i in idx]).to(device)
-        parts.append(to_uint8(generate(dit, tokenizer, diffusion, conds.batch(idx).to(device), noise, *how[:4],
-                                       args.precision, how[4])))
+            sub_seed(args.seed, i))) for i in idx]).to(device)
+        parts.append(to_uint8(generate(dit, tokenizer, diffusion, conds.batch(idx).to(device), noise, sampler.steps,
+                                       sampler.cfg_scale, sampler.cfg_schedule, sampler.cfg_power, args.precision,
+                                       sampler.compiled)))
     return np.concatenate(parts) if parts else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
 
 

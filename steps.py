@@ -64,9 +64,15 @@ def accumulate(micro_batches: list, loss_fn, net=None):
     return terms, outputs
 
 
+def sub_seed(seed: int, index: int) -> int:
+    """The seed of draw `index` of a run seeded `seed` (a training step on a rank, a sample's noise): one stream per
+    index, so a draw does not depend on what ran before it."""
+    return seed * 1_000_003 + index
+
+
 def step_seed(seed: int, step: int, rank: int, world: int) -> int:
     """The seed of every random draw of `step` on `rank`: resume at any step draws what the uninterrupted run drew."""
-    return seed * 1_000_003 + step * world + rank
+    return sub_seed(seed, step * world + rank)
 
 
 # ------------------------------------------------------------------------------------ stage-1 step (App. C losses)

@@ -90,7 +90,7 @@ def test_a_caption_without_text_tokens_is_refused_where_conditions_are_built(tmp
     with pytest.raises(InputError, match=r"caption 1 has no text token in its mask \('b'\)"):
         conditions.Conditioned(None, ["a", "b"], [0, 0], "encoder", 3, tmp_path)
     mask[1, 0] = True
-    assert conditions.Conditioned(None, ["a", "b"], [0, 0], "encoder", 3, tmp_path).cond(1).text_mask.tolist() == [True, False, False]
+    assert conditions.Conditioned(None, ["a", "b"], [0, 0], "encoder", 3, tmp_path).condition(1).text_mask.tolist() == [True, False, False]
 
 
 def test_cross_attention_ignores_padded_text():
