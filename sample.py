@@ -97,8 +97,8 @@ def check_args(args, num_timesteps: int) -> None:
     """Refuses values that cannot be meant (rather than silently replacing them), and an --out that is a file."""
     check_flags(args, {"num_samples": AT_LEAST_1, "batch_size": AT_LEAST_1, "cfg_scale": AT_LEAST_0,
                        "cfg_power": POSITIVE, "seed": SEED})
-    if args.steps is not None and not 1 <= args.steps <= num_timesteps:
-        raise InputError(f"--steps: DDIM needs 1 to {num_timesteps} steps, got {args.steps}")
+    if args.sampling_steps is not None and not 1 <= args.sampling_steps <= num_timesteps:
+        raise InputError(f"--sampling-steps: DDIM needs 1 to {num_timesteps} steps, got {args.sampling_steps}")
     check_folder(args.out, "--out")
 
 
@@ -137,8 +137,10 @@ def main(argv=None):
     p.add_argument("--download", action="store_true",
                    help="fetch a hub model or text encoder missing from the local Hugging Face cache (else one line)")
     p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32, help="per rank")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the DiT config, App. C: 250)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="samples per batch over all ranks, as train.py's (each rank draws its share)")
+    p.add_argument("--sampling-steps", type=int, default=None,
+                   help="DDIM steps (default: the DiT config's, App. C: 250)")
     p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale w (default: the DiT config)")
     p.add_argument("--cfg-schedule", choices=["power-cosine", "constant"], default=None)
     p.add_argument("--cfg-power", type=float, default=None, help="MDT scale_pow")
@@ -170,7 +172,7 @@ def sample(args, rank, world, device):
     cfg, train = tokenizer.cfg, from_dict(DiTTrainConfig, dit.meta["train"], folder / "config.json")
     check_args(args, train.diffusion_steps)
     refuse_samples(Path(args.out), args.overwrite)
-    steps = train.sampling_steps if args.steps is None else args.steps
+    steps = train.sampling_steps if args.sampling_steps is None else args.sampling_steps
     w = train.cfg_scale if args.cfg_scale is None else args.cfg_scale
     schedule = args.cfg_schedule or train.cfg_schedule
     power = train.cfg_power if args.cfg_power is None else args.cfg_power
@@ -214,13 +216,14 @@ class Sampler(NamedTuple):
 
 
 def draw(dit, tokenizer, diffusion, conds, args, sampler: Sampler, rank: int, world: int) -> np.ndarray:
-    """This rank's samples rank, rank + K, ... of --num-samples as uint8 [n_r, H, W, 3], --batch-size at a time, the
-    noise of sample i seeded by sub_seed(--seed, i)."""
+    """This rank's samples rank, rank + K, ... of --num-samples as uint8 [n_r, H, W, 3], its share of --batch-size at a time,
+    the noise of sample i seeded by sub_seed(--seed, i)."""
     cfg, device = tokenizer.cfg, next(dit.parameters()).device
     mine, parts = list(range(rank, args.num_samples, world)), []
-    for at in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0,
+    per_rank = -(-args.batch_size // world)  # --batch-size is over all ranks, as train.py's
+    for at in tqdm(range(0, len(mine), per_rank), disable=rank != 0,
                    desc=f"sampling ({sampler.steps} DDIM steps, w={sampler.cfg_scale}, {world} rank(s))"):
-        idx = mine[at: at + args.batch_size]
+        idx = mine[at: at + per_rank]
         noise = torch.stack([torch.randn(cfg.num_tokens, cfg.token_dim, generator=torch.Generator().manual_seed(
             sub_seed(args.seed, i))) for i in idx]).to(device)
         parts.append(to_uint8(generate(dit, tokenizer, diffusion, conds.batch(idx).to(device), noise, sampler.steps,

@@ -17,8 +17,8 @@ Rows (the embedded sets provide the class-name text and the short caption: data.
 Tab. 4b (T5 size) is not run: one offline text encoder exists here (pass --text-encoder PATH to train.py for T5).
 
     python bench/ablations.py                       # glyphs, toy-mechanism (TexTok-1), 2 CPU cores
-    python bench/ablations.py --set shapes --preset tiny --steps 640      # the shapes set of RESULTS §8's first table
-    python bench/ablations.py --steps 100000 --batch-size 256 --preset imagenet256 --data DIR \\
+    python bench/ablations.py --set shapes --preset tiny --train-steps 640      # the shapes set of RESULTS §8's first table
+    python bench/ablations.py --train-steps 100000 --batch-size 256 --preset imagenet256 --data DIR \\
         --large-flags "--model-size large" --perceptual-weight 0.1      # on GPUs; unknown flags go to train.py
 
 A finished run whose settings are unchanged is reused, so an interrupted benchmark continues where it stopped.
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--val", default=None)
     p.add_argument("--out", default="runs/bench/ablations")
     p.add_argument("--preset", default="toy-mechanism")
-    p.add_argument("--steps", type=int, default=2048, help="training steps per run (the schedule ends there)")
+    p.add_argument("--train-steps", type=int, default=2048, help="training steps per run (the schedule ends there)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=4096)
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -92,9 +92,9 @@ def parse_args(argv=None):
 def train_argv(args, extra, name: str, flags: list, captions: str, epochs: int, seed: int) -> list:
     out = Path(args.out) / "runs" / f"{name}-seed{seed}"
     argv = ["--stage", "tokenizer", "--preset", args.preset, "--out", str(out),
-            "--max-steps", str(args.steps), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
+            "--max-steps", str(args.train_steps), "--epochs", str(epochs), "--batch-size", str(args.batch_size),
             "--num-images", str(args.num_images), "--seed", str(seed), "--cache-dir", args.cache_dir,
-            "--captions", captions, "--eval-every", str(args.steps)]
+            "--captions", captions, "--eval-every", str(args.train_steps)]
     argv += ["--data", args.data] if args.data else ["--set", args.set]
     argv += ["--val", args.val] if args.val else []
     return argv + flags + list(extra)
@@ -150,7 +150,7 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     command = "python bench/ablations.py " + " ".join(sys.argv[1:] if argv is None else argv)
     train_set, _ = make_datasets(args.data, args.val, num_images=args.num_images, family=args.set)
-    epochs = schedule_epochs(args.steps, len(train_set), args.batch_size)
+    epochs = schedule_epochs(args.train_steps, len(train_set), args.batch_size)
     lpips_model = load_optional(lambda: perceptual.load_lpips("alex", device), "LPIPS")
     inception = load_optional(lambda: metrics.load_inception(args.inception, device), "rFID")
     classifier = set_classifier(args, device)
@@ -175,7 +175,7 @@ def main(argv=None):
     table = markdown_table(rows)
     bar_plot(out / "psnr.png", rows)
     atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(
-        f"`{command}` on {machine(device)}; {args.steps} steps of batch {args.batch_size} per run, seeds "
+        f"`{command}` on {machine(device)}; {args.train_steps} steps of batch {args.batch_size} per run, seeds "
         f"{' '.join(map(str, args.seeds))}, EMA weights, held-out split.\n\n{table}\n"))
     print("\n" + table + f"\n\nwritten: {out / 'results.md'}, results.json, psnr.png")
     return rows

@@ -13,7 +13,7 @@ conditioning "none" (no text encoder needed; text adds the same cost to every ro
 bf16 autocast on CUDA, float32 on the CPU.
 
     python bench/gan_step.py --threads 1 --compare-conv-blur   # CPU: the tiny preset at batch 8, ~20 s
-    python bench/gan_step.py --preset imagenet256 --batch-size 32 --steps 32 --compare-conv-blur   # GPU (App. C sizes)
+    python bench/gan_step.py --preset imagenet256 --batch-size 32 --timed-steps 32 --compare-conv-blur   # GPU (App. C sizes)
 
 On a shared CPU, --threads 1 gives steadier times than two threads competing with other processes.
 """
@@ -41,15 +41,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="TexTok and discriminator sizes")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=16, help="timed steps per row (a multiple of --r1-every)")
-    p.add_argument("--repeats", type=int, default=3, help="timed blocks of --steps steps; the best is kept")
+    p.add_argument("--timed-steps", type=int, default=16, help="timed steps per row (a multiple of --r1-every)")
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks of --timed-steps steps; the best is kept")
     p.add_argument("--r1-every", type=int, default=16, help="k of the lazy-R1 row (StyleGAN2: 16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compare-conv-blur", action="store_true",
                    help="add a row with the former depthwise-conv blur in the discriminator")
     args = p.parse_args(argv)
-    if args.steps % args.r1_every:
-        p.error(f"--steps {args.steps} is not a multiple of --r1-every {args.r1_every}")
+    if args.timed_steps % args.r1_every:
+        p.error(f"--timed-steps {args.timed_steps} is not a multiple of --r1-every {args.r1_every}")
     return args
 
 
@@ -91,10 +91,10 @@ def seconds_per_step(args, device, gan: bool, r1_every: int = 1, conv_blur: bool
             discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, "auto", i, tc.lr)
 
     def block():
-        for i in range(1, args.steps + 1):
+        for i in range(1, args.timed_steps + 1):
             step(i)
 
-    return best_seconds(block, args.repeats, device, warmup=lambda: step(0)) / args.steps  # warm-up: an R1 step
+    return best_seconds(block, args.repeats, device, warmup=lambda: step(0)) / args.timed_steps  # warm-up: an R1 step
 
 
 def main(argv=None):
@@ -111,7 +111,7 @@ def main(argv=None):
                  (f"stage-1 step with disc + lazy R1 (k = {k}) + LeCAM, depthwise-conv blur",
                   dict(gan=True, r1_every=k, conv_blur=True))]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"preset {args.preset}, batch {args.batch_size}, best of {args.repeats} x {args.steps} steps; {where}, "
+    print(f"preset {args.preset}, batch {args.batch_size}, best of {args.repeats} x {args.timed_steps} steps; {where}, "
           f"torch {torch.__version__}\n")
     print("| step | ms / step | vs ℓ2 only |\n|---|---|---|")
     base = None

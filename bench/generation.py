@@ -18,10 +18,10 @@ a perfect generator of its tokens would reach. Writes, in --out/<set>: results.j
 against N; with several --dit-steps, gFID and class accuracy against the DiT's steps), runs/.
 
     python bench/generation.py                      # glyphs, toy-mechanism, N = 1 4, 2 CPU cores
-    python bench/generation.py --tokens 1 --variants textok --tasks class --dit-steps 480 960 1920 3840 7680
+    python bench/generation.py --num-tokens 1 --variants textok --tasks class --dit-steps 480 960 1920 3840 7680
     python bench/generation.py --data DIR --val VAL --tasks class --tokenizer-runs runs/bench/text_conditioning
-    python bench/generation.py --set shapes --preset tiny --tokens 8 32 --tokenizer-steps 768 --dit-steps 768
-    python bench/generation.py --tokens 32 128 --tokenizer-steps 100000 --dit-steps 400000 --batch-size 256 \\
+    python bench/generation.py --set shapes --preset tiny --num-tokens 8 32 --tokenizer-steps 768 --dit-steps 768
+    python bench/generation.py --num-tokens 32 128 --tokenizer-steps 100000 --dit-steps 400000 --batch-size 256 \\
         --num-samples 50000 --preset imagenet256 --data DIR     # on GPUs: then use metrics.py's ADM suite on the .npz
 
 A finished run whose settings are unchanged is reused, so an interrupted benchmark continues where it stopped.
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--set", default="glyphs", help="embedded set (train.py --set): glyphs, one-shape, shapes")
     p.add_argument("--data", default=None, help="JSONL folder (README layout) instead of an embedded set")
     p.add_argument("--val", default=None, help="held-out JSONL folder; default: a fixed, seeded 10%% of --data")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 4], help="token counts N")
+    p.add_argument("--num-tokens", type=int, nargs="+", default=[1, 4], help="token counts N")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--tasks", nargs="+", choices=["class", "t2i"], default=["class", "t2i"])
     p.add_argument("--out", default="runs/bench/generation")
@@ -81,8 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--inception", default=None, help="FID Inception weights for gFID (default: metrics.py's lookup)")
     p.add_argument("--eval-batch-size", type=int, default=64)
     args = p.parse_args(argv)
-    if min(args.tokens + args.dit_steps + [args.tokenizer_steps, args.num_samples - 1]) < 1:
-        p.error("--tokens, --dit-steps and --tokenizer-steps must be >= 1, --num-samples >= 2")
+    if min(args.num_tokens + args.dit_steps + [args.tokenizer_steps, args.num_samples - 1]) < 1:
+        p.error("--num-tokens, --dit-steps and --tokenizer-steps must be >= 1, --num-samples >= 2")
     return args
 
 
@@ -127,7 +127,7 @@ def run_dit(args, variant: str, tokens: int, task: str, steps: int, tokenizer: P
     dit_argv += ["--num-classes", str(args.num_classes)] if args.num_classes else []
     dit_seconds = train_run(dit_argv)
     samples_dir = out / f"samples-w{args.cfg_scale:g}"
-    sample_argv = ["--dit", str(out / "train" / "dit"), "--num-samples", str(args.num_samples), "--steps",
+    sample_argv = ["--dit", str(out / "train" / "dit"), "--num-samples", str(args.num_samples), "--sampling-steps",
                    str(args.sampling_steps), "--cfg-scale", str(args.cfg_scale), "--cache-dir", args.cache_dir,
                    "--out", str(samples_dir), "--seed", str(args.seed)]
     train_run(sample_argv, "sample.py")
@@ -165,7 +165,7 @@ def plot(args, rows: list, path: Path) -> None:
     fid = "gFID" if any(r.get("gFID") is not None for r in rows) else next(k for k in rows[0] if "FID" in k)
     tasks = [t for t in TASKS if t != "recon" and any(r["task"] == t for r in rows)]
     if len(args.dit_steps) == 1:
-        line_plot(path, [(f"{TASKS[t]}: {fid}", {VARIANTS[v].format(n="N"): (sorted(args.tokens), [
+        line_plot(path, [(f"{TASKS[t]}: {fid}", {VARIANTS[v].format(n="N"): (sorted(args.num_tokens), [
             r[fid] for r in sorted(rows, key=lambda r: r["tokens"]) if r["variant"] == v and r["task"] == t], None)
             for v in args.variants}) for t in tasks])
         return
@@ -174,7 +174,7 @@ def plot(args, rows: list, path: Path) -> None:
         series = {}
         for t in tasks:
             for v in args.variants:
-                for n in args.tokens:
+                for n in args.num_tokens:
                     mine = sorted((r for r in rows if (r["task"], r["variant"], r["tokens"]) == (t, v, n)),
                                   key=lambda r: r["dit_steps"])
                     if mine and mine[0].get(key) is not None:
@@ -205,7 +205,7 @@ def main(argv=None):
     labels = np.asarray(train_set.labels)  # a --data DiT's classes: the labels' (train.py takes the preset's)
     args.num_classes = int(labels.max()) + 1 if args.data and "class" in args.tasks else None
     score, rows = None, []
-    for tokens in args.tokens:
+    for tokens in args.num_tokens:
         for variant in args.variants:
             argv_tok = tokenizer_argv(tok_args, [], variant, tokens, epochs, args.seed)
             train_run(argv_tok)

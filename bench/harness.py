@@ -145,9 +145,9 @@ def tokenizer_argv(args, extra, variant: str, tokens: int, epochs: int, seed: in
     data_set = getattr(args, "set", "shapes")
     name = f"{Path(args.data).name if args.data else data_set}-{variant}-{tokens}-seed{seed}"
     argv = ["--stage", "tokenizer", "--preset", args.preset, "--set", data_set, "--num-tokens", str(tokens),
-            "--out", str(Path(args.out) / "runs" / name), "--max-steps", str(args.steps),
+            "--out", str(Path(args.out) / "runs" / name), "--max-steps", str(args.train_steps),
             "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--num-images", str(args.num_images),
-            "--seed", str(seed), "--cache-dir", args.cache_dir, "--eval-every", str(max(1, args.steps // 12))]
+            "--seed", str(seed), "--cache-dir", args.cache_dir, "--eval-every", str(max(1, args.train_steps // 12))]
     argv += ["--data", args.data] if args.data else []
     argv += ["--val", args.val] if args.val else []
     argv += {"baseline": ["--no-text"], "textok": [], "shuffled": ["--shuffle-captions"]}[variant]

@@ -3,9 +3,9 @@ ranks, with the real store code (text_encoder.cached_text_embeddings, latents.en
 encoder at a short --text-len.
 
     python bench/scale.py                              # M = 20k and 200k synthetic captions, 1 and 2 ranks
-    python bench/scale.py --captions 1280000           # ImageNet's 1.28M (hours on a CPU: ~2-4 ms per caption)
-    python bench/scale.py --captions 20000 --ranks 2 --no-latents --no-step-cost   # one quick row
-    python bench/scale.py --captions --no-latents --no-step-cost --loader-captions 20000 200000   # loader memory
+    python bench/scale.py --num-captions 1280000           # ImageNet's 1.28M (hours on a CPU: ~2-4 ms per caption)
+    python bench/scale.py --num-captions 20000 --ranks 2 --no-latents --no-step-cost   # one quick row
+    python bench/scale.py --num-captions --no-latents --no-step-cost --loader-num-captions 20000 200000   # loader memory
 
 Each rank is its own process (torchrun's environment, gloo) with one thread, as one device per rank. Per rank: the
 peak resident memory (VmHWM) of the whole process while it builds the store, against a baseline process that imports,
@@ -47,7 +47,7 @@ MiB = 2 ** 20
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--captions", type=int, nargs="*", default=[20_000, 200_000],
+    p.add_argument("--num-captions", type=int, nargs="*", default=[20_000, 200_000],
                    help="M values (1280000: ImageNet; none: skip the store table)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--text-len", type=int, default=16, help="tokens per caption (the paper: 128)")
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--latents", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--step-cost", action=argparse.BooleanOptionalAction, default=True,
                    help="--text-cache off against the store, per step, on the tiny preset")
-    p.add_argument("--loader-captions", type=int, nargs="*", default=[],
+    p.add_argument("--loader-num-captions", type=int, nargs="*", default=[],
                    help="M values of the loader-memory table (e.g. 20000 200000; none: skipped)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (loader-memory table)")
     p.add_argument("--loader-batch", type=int, default=256, help="images per batch (loader-memory table)")
@@ -232,7 +232,7 @@ def loader_table(args, work: Path) -> list:
              "| M captions | mean caption (B) | data set in the rank (PSS) | rank at the first batch | rank, peak over "
              "the pass | rank's process at the peak | workers seen | largest worker USS at the peak | steps | wall (s) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for M in args.loader_captions:
+    for M in args.loader_num_captions:
         mean = jsonl_folder(work / f"jsonl-{M}", M)
         r = launch(args, "loader", M, 1, work / f"jsonl-{M}")[0]
         lines.append(f"| {M:,} | {mean:.0f} | {r['data']:.0f} | {r['first']['pss']:.0f} | {r['peak']['pss']:.0f} | "
@@ -281,7 +281,7 @@ def store_table(args, work: Path) -> list:
              "rows equal a direct encoding |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     walls, peaks = {}, {}
-    for M in args.captions:
+    for M in args.num_captions:
         for world in args.ranks:
             out = work / f"store-{M}-{world}"
             res = launch(args, "store", M, world, out)
@@ -296,13 +296,13 @@ def store_table(args, work: Path) -> list:
                          f"| {apparent / MiB:.0f} | {'yes' if res[0]['equal'] else 'NO'} |")
             print(lines[-1], flush=True)
     lines.append("")
-    lo, hi = min(args.captions), max(args.captions)
+    lo, hi = min(args.num_captions), max(args.num_captions)
     for world in args.ranks if hi > lo else ():
         (p_lo, c_lo), (p_hi, c_hi) = peaks[lo, world], peaks[hi, world]
         lines.append(f"{world} rank(s): peak RSS less the baseline {p_lo - base:.0f} -> {p_hi - base:.0f} MiB/rank "
                      f"from {lo:,} to {hi:,} captions, of which the caption list grew {c_hi - c_lo:.0f} MiB; "
                      f"without it {p_lo - base - c_lo:.0f} -> {p_hi - base - c_hi:.0f} MiB")
-    for M in args.captions if 1 in args.ranks and 2 in args.ranks else ():
+    for M in args.num_captions if 1 in args.ranks and 2 in args.ranks else ():
         lines.append(f"M = {M:,}: 2 ranks take {walls[M, 2] / walls[M, 1]:.2f}x the wall of 1 rank (target <= 0.6; "
                      "the wall includes loading the encoder)")
     return lines
@@ -373,14 +373,14 @@ def main(argv=None):
     lines = [f"bench/scale.py {' '.join(sys.argv[1:])}: {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs, torch {torch.__version__}, MiniLM at --text-len {args.text_len}", ""]
     print(lines[0], flush=True)
-    if args.captions:
+    if args.num_captions:
         lines += store_table(args, work)
     if args.latents:
         lines += [""] + latents_table(args, work)
         print(lines[-1], flush=True)
     if args.step_cost:
         lines += [""] + step_cost_table(work)
-    if args.loader_captions:
+    if args.loader_num_captions:
         lines += [""] + loader_table(args, work)
     print("\n".join(lines))
     if not args.out:

@@ -15,7 +15,7 @@ beside the identical architecture built from `timm` ViT `Block`s (a bench-only d
 should be at least as fast. On CUDA, model FLOPs utilisation (MFU) of TexTok-Base in bf16 as well.
 
     python bench/speed.py                 # CPU default, a few minutes: TexTok-Small-32, DiT-S, 4 DDIM steps, batch 2
-    python bench/speed.py --resolutions 256 --repeats 1 --train-steps 1   # CPU, the smallest run (~1 minute)
+    python bench/speed.py --resolutions 256 --repeats 1 --timed-steps 1   # CPU, the smallest run (~1 minute)
     python bench/speed.py --paper         # GPU: TexTok-Base, DiT-XL, 250 DDIM steps, batch 32, N = 32 64 128 256
     python bench/speed.py --paper --text-encoder /path/to/t5-v1_1-xl   # the paper's text encoder (§4.1)
 
@@ -63,11 +63,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper", action="store_true", help="the paper's sizes (for a GPU) as defaults of the flags below")
     p.add_argument("--resolutions", type=int, nargs="+", default=[256, 512])
-    p.add_argument("--tokens", type=int, nargs="+", help="TexTok token counts N")
+    p.add_argument("--num-tokens", type=int, nargs="+", help="TexTok token counts N")
     p.add_argument("--model-size", choices=sorted(MODEL_PRESETS), help="TexTok size (Tab. 4e)")
     p.add_argument("--patch-size", type=int, default=None,
                    help="TexTok patch size; default: a 32x32 patch grid (App. C: 8 at 256 px, 16 at 512 px)")
-    p.add_argument("--dit", choices=sorted(DIT_SIZES), help="generator size, the same for both systems")
+    p.add_argument("--model", choices=sorted(DIT_SIZES), help="generator size, the same for both systems")
     p.add_argument("--sampling-steps", type=int, help="DDIM steps (App. C: 250)")
     p.add_argument("--batch-size", type=int, help="inference batch (Table 5: 32)")
     p.add_argument("--text-encoder", default=OFFLINE_TEXT_ENCODER,
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--train-size", type=int, default=256, help="image size of the training-throughput rows")
     p.add_argument("--train-tokens", type=int, default=128, help="N of the training-throughput rows (§4.7: 128)")
     p.add_argument("--train-batch-size", type=int)
-    p.add_argument("--train-steps", type=int, help="timed training steps per repeat")
+    p.add_argument("--timed-steps", type=int, help="timed training steps per repeat")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up; the best is kept")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on CUDA")
     p.add_argument("--no-compile", action="store_true",
@@ -134,17 +134,17 @@ def inference_rows(args, size: int, encoder: TextEncoder, device, bar) -> list:
         text_s = best_seconds(lambda: encoder(captions), args.repeats, device) / B
         text_flops = count_flops(lambda: encoder(captions)) / B
         text, mask = encoder(captions)
-        for N in args.tokens:
-            bar.set_postfix_str(f"{size} px, TexTok-{N} + {args.dit}")
+        for N in args.num_tokens:
+            bar.set_postfix_str(f"{size} px, TexTok-{N} + {args.model}")
             torch.manual_seed(0)
             model = TexTok(textok_config(args, size, N, encoder.dim)).to(device).eval()
             Z = model.encode(images, Cond(text, mask))
             tok_s = best_seconds(lambda: model.encode(images, Cond(text, mask)), args.repeats, device) / B
             detok_s = best_seconds(lambda: model.decode(Z, Cond(text, mask)), args.repeats, device) / B
             detok_flops = count_flops(lambda: model.decode(Z, Cond(text, mask))) / B
-            dit = DiT(DiTConfig(num_tokens=N, in_channels=model.cfg.token_dim, **DIT_SIZES[args.dit])).to(device).eval()
+            dit = DiT(DiTConfig(num_tokens=N, in_channels=model.cfg.token_dim, **DIT_SIZES[args.model])).to(device).eval()
             dit_s, dit_flops = sampling(dit, (B, N, model.cfg.token_dim))
-            rows.append(dict(size=size, system=f"TexTok-{N} + {args.dit}", tokens=N, text=text_s, tokenize=tok_s,
+            rows.append(dict(size=size, system=f"TexTok-{N} + {args.model}", tokens=N, text=text_s, tokenize=tok_s,
                              detokenize=detok_s, dit=dit_s, tokenization=text_s + tok_s + detok_s,
                              generation=dit_s + text_s + detok_s,
                              generation_flops=dit_flops + text_flops + detok_flops))
@@ -154,11 +154,11 @@ def inference_rows(args, size: int, encoder: TextEncoder, device, bar) -> list:
         # patch, so DiT/2's patch embedding (Conv2d 4 -> hidden, kernel 2, stride 2) is a linear map of 16 channels per
         # token: our DiT over (size/16)^2 tokens of 16 channels computes the same (256 tokens at 256 px, 1024 at
         # 512 px). Its output layer predicts 16 values per token where DiT's also learns the variance (32): negligible.
-        bar.set_postfix_str(f"{size} px, SD-VAE + {args.dit}/2")
+        bar.set_postfix_str(f"{size} px, SD-VAE + {args.model}/2")
         n2 = (size // 16) ** 2
-        dit = DiT(DiTConfig(num_tokens=n2, in_channels=16, **DIT_SIZES[args.dit])).to(device).eval()
+        dit = DiT(DiTConfig(num_tokens=n2, in_channels=16, **DIT_SIZES[args.model])).to(device).eval()
         base_s, base_flops = sampling(dit, (B, n2, 16))
-        rows.append(dict(size=size, system=f"SD-VAE + {args.dit}/2 (DiT only)", tokens=n2, text=None, tokenize=None,
+        rows.append(dict(size=size, system=f"SD-VAE + {args.model}/2 (DiT only)", tokens=n2, text=None, tokenize=None,
                          detokenize=None, dit=base_s, tokenization=None, generation=base_s,
                          generation_flops=base_flops))
         bar.update()
@@ -250,13 +250,13 @@ def training_row(name: str, build, cfg: TexTokConfig, args, device, precision: s
     micro_batches = [({"image": images, "cond": Cond(text, mask)}, True)]
 
     def block():  # train.py's generator step before disc_start
-        for _ in range(args.train_steps):
+        for _ in range(args.timed_steps):
             generator_step(model, model, opt, None, None, tc, micro_batches, precision, gan_on=False)
 
     seconds = best_seconds(block, args.repeats, device)
     row = dict(model=name, size=cfg.image_size, tokens=cfg.num_tokens, batch=B, precision=precision,
                params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-               images_per_s=B * args.train_steps / seconds,
+               images_per_s=B * args.timed_steps / seconds,
                peak_mem_gib=(torch.cuda.max_memory_allocated(device) - resident) / 2 ** 30 if device.type == "cuda"
                else None)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
@@ -323,9 +323,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     command = "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"{machine(device)}; TexTok-{args.model_size}, {args.dit}")
+    print(f"{machine(device)}; TexTok-{args.model_size}, {args.model}")
     encoder = TextEncoder(args.text_encoder, args.text_len, device)
-    with tqdm(total=len(args.resolutions) * (len(args.tokens) + 1), desc="inference rows") as bar:
+    with tqdm(total=len(args.resolutions) * (len(args.num_tokens) + 1), desc="inference rows") as bar:
         inference = [row for size in args.resolutions for row in inference_rows(args, size, encoder, device, bar)]
     training = training_rows(args, encoder.dim, device)
     text = tables(inference, training, args)

@@ -17,9 +17,9 @@ same amount of text, none of its information). Each EMA tokenizer is evaluated o
 and the train.py outputs in --out/runs/<set>-<variant>-<N>-seed<k>/.
 
     python bench/text_conditioning.py                          # glyphs, toy-mechanism, N = 1 2 4 16: 2 CPU cores
-    python bench/text_conditioning.py --set one-shape --tokens 1   # the held-out one-object family
+    python bench/text_conditioning.py --set one-shape --num-tokens 1   # the held-out one-object family
     python bench/text_conditioning.py --device cuda --jobs 6 --seeds 0 1 2   # runs at once on one GPU
-    python bench/text_conditioning.py --data DIR --tokens 32 64 128 256 --steps 100000 --batch-size 256 \\
+    python bench/text_conditioning.py --data DIR --num-tokens 32 64 128 256 --train-steps 100000 --batch-size 256 \\
         --preset imagenet256 --perceptual-weight 0.1           # on GPUs; unknown flags go to train.py as-is
 
 A run is reused when its train.py arguments and the code it imports are unchanged (harness.train_runs), so an
@@ -64,11 +64,11 @@ def parse_args(argv=None):
                    "(held out), shapes (1-3 shapes, the old harness)")
     p.add_argument("--data", default=None, help="JSONL folder (README layout) instead of an embedded set")
     p.add_argument("--val", default=None, help="held-out JSONL folder; default: a fixed, seeded 10%% of --data")
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 16], help="token counts N (Table 1)")
+    p.add_argument("--num-tokens", type=int, nargs="+", default=[1, 2, 4, 16], help="token counts N (Table 1)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--out", default="runs/bench/text_conditioning")
     p.add_argument("--preset", default="toy-mechanism", help="train.py preset (toy-mechanism, tiny, imagenet256, ...)")
-    p.add_argument("--steps", type=int, default=2048, help="training steps per run (the schedule ends there)")
+    p.add_argument("--train-steps", type=int, default=2048, help="training steps per run (the schedule ends there)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-images", type=int, default=4096, help="size of the embedded training set")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
@@ -89,8 +89,8 @@ def parse_args(argv=None):
     clash = sorted({a.split("=")[0] for a in extra if a.split("=")[0] in OWN_FLAGS})
     if clash:
         p.error(f"{', '.join(clash)}: set by the benchmark itself (identically for every variant)")
-    if min(args.tokens) < 1 or args.steps < 1 or args.grid_images < 2:
-        p.error("--tokens and --steps must be positive and --grid-images at least 2")
+    if min(args.num_tokens) < 1 or args.train_steps < 1 or args.grid_images < 2:
+        p.error("--num-tokens and --train-steps must be positive and --grid-images at least 2")
     args.jobs = args.jobs or harness.default_jobs(args.device, args.threads)
     return args, extra
 
@@ -147,10 +147,10 @@ def main(argv=None):
 
     # The split exactly as train.py makes it (same call); each run is evaluated with its own config's conditions.
     train_set, val_set = make_datasets(args.data, args.val, num_images=args.num_images, family=args.set)
-    epochs = harness.schedule_epochs(args.steps, len(train_set), args.batch_size)
-    print(f"{len(train_set)} training / {len(val_set)} held-out images; {args.steps} steps of {args.batch_size} "
+    epochs = harness.schedule_epochs(args.train_steps, len(train_set), args.batch_size)
+    print(f"{len(train_set)} training / {len(val_set)} held-out images; {args.train_steps} steps of {args.batch_size} "
           f"({epochs} epochs) per run on {harness.machine(device)}, {args.jobs} at a time")
-    plan = [(n, seed, v) for n in args.tokens for seed in args.seeds for v in args.variants]
+    plan = [(n, seed, v) for n in args.num_tokens for seed in args.seeds for v in args.variants]
     argvs = [harness.tokenizer_argv(args, extra, v, n, epochs, seed) for n, seed, v in plan]
     plan, argvs, seconds = train_or_reuse(args, plan, argvs)
     classifier = harness.set_classifier(args, device)
@@ -163,7 +163,7 @@ def main(argv=None):
     write_figures(args, out, rows, real, recons, swaps, curves, tokens)
     table = markdown_table(rows, len(val_set))
     report = REPORT.format(command=command, machine=harness.machine(device), preset=args.preset, name=name,
-                           steps=args.steps, batch_size=args.batch_size, seeds=args.seeds, train=len(train_set),
+                           steps=args.train_steps, batch_size=args.batch_size, seeds=args.seeds, train=len(train_set),
                            val=len(val_set), extra=" ".join(extra) or "none",
                            real_acc="–" if real_acc is None else f"{real_acc:.3f}", table=table,
                            variants=", ".join(LABELS[v].format(n="N") for v in args.variants),

@@ -130,12 +130,12 @@ def test_cli_prints_the_domain_report(tiny, tmp_path, monkeypatch, capsys):
     assert list(report(tmp_path / "sample.npz", "--ref", tmp_path / "ref.npz")) == ["Domain FID"]
     assert list(report(tmp_path / "sample.npz")) == ["Domain FID"]  # against real held-out images
     assert list(report(tmp_path / "labelled.npz")) == ["Domain FID", "Class accuracy"]
-    full = report(tmp_path / "sample.npz", "--ref", tmp_path / "ref.npz", "--classes-in-turn", "--captions",
+    full = report(tmp_path / "sample.npz", "--ref", tmp_path / "ref.npz", "--classes-in-turn", "--captions-file",
                   tmp_path / "captions.txt")
     assert list(full) == ["Domain FID", "Class accuracy", "Caption shape accuracy", "Caption colour accuracy"]
     assert full["Domain FID"] > 0 and all(0 <= v <= 1 for k, v in full.items() if k != "Domain FID")
     with pytest.raises(InputError, match=r"missing.txt: file not found \(--captions\)"):
-        domain.main([str(tmp_path / "sample.npz"), "--captions", str(tmp_path / "missing.txt")])
+        domain.main([str(tmp_path / "sample.npz"), "--captions-file", str(tmp_path / "missing.txt")])
 
 
 def test_the_library_goes_one_way_domain_uses_metrics():

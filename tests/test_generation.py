@@ -60,7 +60,7 @@ def mean_colours(npz):
 def test_class_conditional_samples_have_the_class_colour(two_colour_dit, tmp_path, w):
     """Samples alternate class 0, 1, ...: each must be near its class's colour, with and without guidance (w = 3
     on a constant schedule: a flipped guidance sign pushes the samples away from their class)."""
-    npz = sample.main(["--dit", str(two_colour_dit / "dit" / "dit"), "--num-samples", "8", "--steps", "20",
+    npz = sample.main(["--dit", str(two_colour_dit / "dit" / "dit"), "--num-samples", "8", "--sampling-steps", "20",
                        "--cfg-scale", str(w), "--cfg-schedule", "constant", "--out", str(tmp_path)])
     for i, colour in enumerate(mean_colours(npz)):
         target = np.array(COLOURS[i % 2])
@@ -84,7 +84,7 @@ def test_dit_folder_holds_the_latent_normalisation(two_colour_dit):
 def test_two_gloo_ranks_sample_what_one_rank_samples(two_colour_dit, tmp_path):
     """`torchrun --nproc_per_node 2 sample.py` (two gloo ranks) writes the same .npz as one process, for a count
     that 2 does not divide, with no padding and no leftover part files."""
-    argv = ["--dit", str(two_colour_dit / "dit" / "dit"), "--num-samples", "5", "--batch-size", "2", "--steps", "5",
+    argv = ["--dit", str(two_colour_dit / "dit" / "dit"), "--num-samples", "5", "--batch-size", "2", "--sampling-steps", "5",
             "--cfg-scale", "2.0"]
     one = sample.main(argv + ["--out", str(tmp_path / "one")])
     from test_train import free_port
@@ -108,7 +108,7 @@ def test_two_gloo_ranks_sample_what_one_rank_samples(two_colour_dit, tmp_path):
 def test_compiled_sampling_equals_eager(two_colour_dit, tmp_path):
     """`--compile` (CUDA graphs on a GPU; inductor here) samples what the eager DiT samples, guided and not."""
     for w in ("1.0", "2.0"):
-        argv = ["--dit", str(two_colour_dit / "dit" / "dit"), "--num-samples", "4", "--steps", "4", "--cfg-scale", w]
+        argv = ["--dit", str(two_colour_dit / "dit" / "dit"), "--num-samples", "4", "--sampling-steps", "4", "--cfg-scale", w]
         eager = np.load(sample.main(argv + ["--no-compile", "--out", str(tmp_path / f"eager{w}")]))["arr_0"]
         compiled = np.load(sample.main(argv + ["--compile", "--out", str(tmp_path / f"compiled{w}")]))["arr_0"]
         assert np.abs(eager.astype(int) - compiled.astype(int)).max() <= 1

@@ -249,7 +249,7 @@ def _lpips_trunk(write):
         path.parent.mkdir(parents=True)
         write(path)
         return "metrics", ["--tokenizer", str(models / "tok_class"), "--num-images", "4", "--batch-size", "4",
-                           "--text-cache", str(tmp / "cache"), "--device", "cpu"], path
+                           "--cache-dir", str(tmp / "cache"), "--device", "cpu"], path
     return make
 
 
@@ -271,7 +271,7 @@ def _caption(setup):
             (tmp / "images" / c).mkdir(parents=True)
             Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp / "images" / c / "0.png")
         flags, file = setup(tmp, models)
-        return "caption", [str(tmp / "images"), "--model", str(models / "vlm"), "--size", "16", "--max-new-tokens",
+        return "caption", [str(tmp / "images"), "--vlm", str(models / "vlm"), "--size", "16", "--max-new-tokens",
                            "2", "--workers", "0", *flags], file
     return make
 
@@ -286,12 +286,12 @@ def _pickled_weights(tmp, models):
     shutil.copytree(models / "vlm", tmp / "bin")
     torch.save(load_tensors(tmp / "bin" / "model.safetensors"), tmp / "bin" / "pytorch_model.bin")
     (tmp / "bin" / "model.safetensors").unlink()
-    return ["--model", str(tmp / "bin")], tmp / "bin"
+    return ["--vlm", str(tmp / "bin")], tmp / "bin"
 
 
 def _remote_vlm(tmp, models):
     remote = remote_code_copy(models / "vlm", tmp / "remote", tmp / "ran")
-    return ["--model", str(remote)], remote / "config.json"
+    return ["--vlm", str(remote)], remote / "config.json"
 
 
 def _class_names_file(tmp, models):
@@ -355,7 +355,7 @@ def _domain(write=None, captions=None, *flags):
         argv = [str(path), *flags]
         if captions is not None:
             (tmp / "captions.txt").write_bytes(captions)
-            argv += ["--captions", str(tmp / "captions.txt")]
+            argv += ["--captions-file", str(tmp / "captions.txt")]
         return "domain", argv, tmp / "captions.txt" if captions is not None else path
     return make
 

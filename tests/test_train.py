@@ -299,7 +299,7 @@ def test_stage2_and_sampling_end_to_end(tmp_path, text_cache, task):
     from runtime.files import file_sha1
     assert json.loads((dit / "dit" / "config.json").read_text())["tokenizer_sha1"] == \
         file_sha1(tok / "tokenizer" / "model.safetensors")  # sample.py checks the tokenizer against it
-    npz = sample.main(["--dit", str(dit / "dit"), "--num-samples", "5", "--batch-size", "4", "--steps", "3",
+    npz = sample.main(["--dit", str(dit / "dit"), "--num-samples", "5", "--batch-size", "4", "--sampling-steps", "3",
                        "--cfg-scale", "1.5", "--out", str(tmp_path / "samples"), "--seed", "1"])
     arr = np.load(npz)["arr_0"]
     assert arr.shape == (5, 32, 32, 3) and arr.dtype == np.uint8

@@ -1,7 +1,7 @@
 """Captions an image folder with a local vision-language model (App. D) into its captions.jsonl (data.py's layout).
 
-    python tools/caption.py /data/imagenet/train --model Qwen/Qwen2.5-VL-7B-Instruct --class-names LOC_synset_mapping.txt
-    torchrun --nproc_per_node 8 tools/caption.py /data/imagenet/train --model Qwen/Qwen2.5-VL-7B-Instruct \\
+    python tools/caption.py /data/imagenet/train --vlm Qwen/Qwen2.5-VL-7B-Instruct --class-names LOC_synset_mapping.txt
+    torchrun --nproc_per_node 8 tools/caption.py /data/imagenet/train --vlm Qwen/Qwen2.5-VL-7B-Instruct \\
         --class-names LOC_synset_mapping.txt
 
 Layouts: ImageNet's DIR/<synset>/<image> (label = the synset's index among the sorted synset folders, as
@@ -158,7 +158,7 @@ def missing_model(name: str) -> MissingInput:
     if Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1:
         return MissingInput(f"{name}: no such model folder")
     return MissingInput(f"{name}: model weights not found (not a local folder, not in the Hugging Face cache); "
-                        f"download them with `hf download {name}` (or add --download), or pass --model PATH of a "
+                        f"download them with `hf download {name}` (or add --download), or pass --vlm PATH of a "
                         "local copy")
 
 
@@ -256,21 +256,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Caption an image folder with a vision-language model (App. D) into "
                                                  "captions.jsonl; resumable, sharded over torchrun ranks")
     parser.add_argument("images", help="image folder: DIR/<class>/<image> (labelled) or DIR/<image>")
-    parser.add_argument("--model", required=True, help="transformers image-text-to-text model: hub name or local "
+    parser.add_argument("--vlm", required=True, help="transformers image-text-to-text model: hub name or local "
                                                        "folder (e.g. Qwen/Qwen2.5-VL-7B-Instruct)")
     parser.add_argument("--out", help="captions file (default: IMAGES/captions.jsonl, what --data IMAGES reads)")
     parser.add_argument("--class-names", help="LOC_synset_mapping.txt-style file: `<folder> <name>, ...` per line")
     parser.add_argument("--words", type=int, default=75, help="the prompt's word limit ({word_count}; §4.1: 75)")
     parser.add_argument("--prompt", help="prompt template with {word_count} (and {class_name} for class folders); "
                                          "default: App. D's")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch over all ranks (each rank: its share)")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--size", type=int, default=512, help="the center crop's side shown to the model")
     parser.add_argument("--workers", type=int, default=4, help="image-decoding DataLoader workers per rank")
     parser.add_argument("--download", action="store_true", help="fetch --model from the Hugging Face hub if it is "
                                                                    "not in the local cache")
     parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the Python code a --model folder names (auto_map); it runs as you: read it first")
+                        help="run the Python code a --vlm folder names (auto_map); it runs as you: read it first")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="auto: bf16 on CUDA, fp32 on CPU")
     args = parser.parse_args(argv)
@@ -287,8 +287,9 @@ def main(argv=None):
     rank, world, device = setup_distributed()
     # The end waits for the slowest rank: a gloo group with a timeout no captioning run reaches.
     group = dist.new_group(backend="gloo", timeout=timedelta(days=30)) if world > 1 else None
-    captioner = Captioner(args.model, device, args.dtype, args.max_new_tokens, args.download, args.trust_remote_code)
-    caption_share(args.images, out, files, labels, prompts, captioner, rank, world, args.batch_size, args.size,
+    captioner = Captioner(args.vlm, device, args.dtype, args.max_new_tokens, args.download, args.trust_remote_code)
+    per_rank = -(-args.batch_size // world)  # --batch-size is over all ranks, as train.py's
+    caption_share(args.images, out, files, labels, prompts, captioner, rank, world, per_rank, args.size,
                   args.workers, progress=rank == 0)
     if world > 1:
         dist.barrier(group=group)

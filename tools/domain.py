@@ -383,26 +383,26 @@ def main(argv=None):
     parser.add_argument("--classes-in-turn", action="store_true",
                         help="sample i is of class i %% 8, as sample.py draws them (else the sample file's `labels` "
                              "array, if any)")
-    parser.add_argument("--captions", help="text file, the caption of each sample on its line (sample.py's "
+    parser.add_argument("--captions-file", help="text file, the caption of each sample on its line (sample.py's "
                                            "captions.txt)")
     parser.add_argument("--image-size", type=int, default=32, help="without SAMPLE.npz: the classifier's image size")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--cache", default="cache", help="cache folder (the classifier goes in CACHE/domain/)")
+    parser.add_argument("--cache-dir", default="cache", help="cache folder (the classifier goes in CACHE/domain/)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.sample_batch:
         captions = None
-        if args.captions:
-            captions = read_captions(args.captions)
+        if args.captions_file:
+            captions = read_captions(args.captions_file)
         report = evaluate_domain(args.ref, args.sample_batch, args.classes_in_turn, captions, args.batch_size,
-                                 args.cache, args.device)
+                                 args.cache_dir, args.device)
         for name, value in report.items():
             print(f"{name}: {value}")
         return
     settings = DomainSettings(image_size=args.image_size)
     start = time.perf_counter()
-    classifier = load_classifier(settings, args.cache)
-    print(f"{settings.path(args.cache)}: ready in {time.perf_counter() - start:.1f} s")
+    classifier = load_classifier(settings, args.cache_dir)
+    print(f"{settings.path(args.cache_dir)}: ready in {time.perf_counter() - start:.1f} s")
     for name, value in held_out_accuracy(classifier, args.image_size).items():
         print(f"{name}: {value:.4f}")
 
