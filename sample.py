@@ -216,8 +216,8 @@ class Sampler(NamedTuple):
 
 
 def draw(dit, tokenizer, diffusion, conds, args, sampler: Sampler, rank: int, world: int) -> np.ndarray:
-    """This rank's samples rank, rank + K, ... of --num-samples as uint8 [n_r, H, W, 3], its share of --batch-size at a time,
-    the noise of sample i seeded by sub_seed(--seed, i)."""
+    """This rank's samples rank, rank + K, ... of --num-samples as uint8 [n_r, H, W, 3], its share of --batch-size at
+    a time, the noise of sample i seeded by sub_seed(--seed, i)."""
     cfg, device = tokenizer.cfg, next(dit.parameters()).device
     mine, parts = list(range(rank, args.num_samples, world)), []
     per_rank = -(-args.batch_size // world)  # --batch-size is over all ranks, as train.py's
