@@ -128,7 +128,7 @@ class LeCAM(nn.Module):
     """LeCAM regulariser (Tseng et al., 2021; weight 0.0001 in App. C) with EMAs of the mean logits.
 
     The EMAs are buffers, so they are saved with the discriminator state. They start at 0 and
-    follow ema <- decay * ema + (1 - decay) * mean(logits), as in MAGVIT's trainer; train.discriminator_step
+    follow ema <- decay * ema + (1 - decay) * mean(logits), as in MAGVIT's trainer; steps.discriminator_step
     takes the penalty first, then updates (the order is explained there).
     """
 

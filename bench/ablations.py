@@ -8,7 +8,8 @@ weights are present) and writes, in --out:
     psnr.png                    mean PSNR of every row (bars), the default row marked
     runs/<row>-seed<k>/         the train.py outputs
 
-Rows (the embedded sets provide the class-name text and the short caption: data.caption, data.object_caption):
+Rows (the embedded sets provide the class-name text and the short caption: embedded_sets.caption and
+object_caption):
     4a  none (Baseline) | class embedding | class text "An image of a letter B." | short caption "A red letter B." |
         full caption (default)
     4c  cross-attention layer | in-context (default)

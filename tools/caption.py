@@ -263,7 +263,8 @@ def main(argv=None):
     parser.add_argument("--words", type=int, default=75, help="the prompt's word limit ({word_count}; §4.1: 75)")
     parser.add_argument("--prompt", help="prompt template with {word_count} (and {class_name} for class folders); "
                                          "default: App. D's")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch over all ranks (each rank: its share)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="images per batch over all ranks (each rank: its share)")
     parser.add_argument("--max-new-tokens", type=int, default=160)
     parser.add_argument("--size", type=int, default=512, help="the center crop's side shown to the model")
     parser.add_argument("--workers", type=int, default=4, help="image-decoding DataLoader workers per rank")

@@ -3,17 +3,17 @@ feature space, and class / caption accuracy of samples. The shapes set's classif
 `tools/domain.py` command below) and the one-object sets' (`ObjectClassifier`, the benches' "object FID").
 
     python tools/domain.py SAMPLE.npz --classes-in-turn       # domain FID against real held-out images, class accuracy
-    python tools/domain.py SAMPLE.npz --ref REF.npz --captions samples/captions.txt   # against REF.npz; caption accuracy
+    python tools/domain.py SAMPLE.npz --ref REF.npz --captions-file samples/captions.txt  # caption accuracy too
     python tools/domain.py [--image-size 32]       # train (or load) the classifier, print its held-out accuracy
 
 Offline, without the FID Inception weights, generation on the embedded set is measured with a small CNN trained on
-that set: the Fréchet distance between its penultimate features on reference and sample images (metrics.py's
+that set: the Fréchet distance between its penultimate features on reference and sample images (evaluator.measures'
 feature_statistics and frechet_distance), and how often its predictions agree with the condition a sample was drawn
 for. This is FID in a domain feature space, for toy data; it is never FID-Inception, and its values compare only with
 values from the same classifier (the same DomainSettings), never with published FIDs.
 
-The classifier reads a scene as data.make_scene lays it out: for each cell of the 3x3 grid, the shape and the colour
-of the object there, or none. The class label (the shape of the first object) cannot be read off an image, since
+The classifier reads a scene as embedded_sets.make_scene lays it out: for each cell of the 3x3 grid, the shape and
+the colour of the object there, or none. The class label (the shape of the first object) cannot be read off an image, since
 nothing marks which object is first: a class-conditional sample counts as right when its class's shape is in it
 (`class_accuracy`). A caption names the cell of its first object, whose shape and colour are checked there
 (`caption_accuracy`). Its held-out accuracies are in docs/RESULTS.md §9 (`python tools/domain.py` prints them).
@@ -43,13 +43,13 @@ from runtime.files import load_state, load_tensors, read_lines, save_tensors
 from runtime.images import to_uint8
 
 
-CELLS = 9  # data.make_scene's 3x3 grid, row-major
+CELLS = 9  # embedded_sets.make_scene's 3x3 grid, row-major
 NO_SHAPE, NO_COLOUR = len(SHAPES), len(COLORS)  # the class of an empty cell, after the shapes / colours
 @dataclass(frozen=True)
 class DomainSettings:
     """Everything the cached classifier depends on; its cache key."""
     image_size: int = 32  # of the training images; the classifier resizes any size to its 36 px
-    num_images: int = 16384  # training scenes (the train split of data.ShapesDataset)
+    num_images: int = 16384  # training scenes (the train split of embedded_sets.ShapesDataset)
     steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
@@ -102,9 +102,9 @@ class ShapesClassifier(nn.Module):
 
 
 def targets(scenes, grid: int = ShapesClassifier.grid) -> tuple:
-    """Training targets of data.make_scene scenes: the shape and colour class of each cell (long [N, 9] each) and of
-    each position of a grid x grid map (long [N, grid, grid] each), a position taking the last-drawn object whose
-    centre lies within 0.8 of its radius (data.render's geometry), else empty."""
+    """Training targets of embedded_sets.make_scene scenes: the shape and colour class of each cell (long [N, 9] each)
+    and of each position of a grid x grid map (long [N, grid, grid] each), a position taking the last-drawn object whose
+    centre lies within 0.8 of its radius (embedded_sets.render's geometry), else empty."""
     n = len(scenes)
     cell_shape, cell_colour = torch.full((n, CELLS), NO_SHAPE), torch.full((n, CELLS), NO_COLOUR)
     map_shape, map_colour = torch.full((n, grid, grid), NO_SHAPE), torch.full((n, grid, grid), NO_COLOUR)
@@ -179,7 +179,8 @@ def load_classifier(settings: DomainSettings = DomainSettings(), cache_dir="cach
 
 
 def class_accuracy(shape_logits, labels) -> float:
-    """Share of images in which some cell holds the shape of their class (label = index in data.SHAPES), from shape
+    """Share of images in which some cell holds the shape of their class (label = index in embedded_sets.SHAPES), from
+    shape
     logits [N, 9, 9]."""
     return float((np.asarray(shape_logits).argmax(-1) == np.asarray(labels)[:, None]).any(1).mean())
 
@@ -278,7 +279,8 @@ def sample_labels(path):
 # ------------------------------------------------------------------ one-object sets (glyphs, shape): the object
 class ObjectClassifier(torch.nn.Module):
     """uint8 [B, H, W, 3] -> (logits [B, classes], pooled features [B, 4 x width]): which object of a one-object set
-    (data.OBJECT_SETS) an image holds, and the feature space of its Fréchet distance (object_sample_report)."""
+    (embedded_sets.OBJECT_SETS) an image holds, and the feature space of its Fréchet distance
+    (object_sample_report)."""
     outputs = ("logits", "features")  # the names measures.compute_features gives them
 
     def __init__(self, classes: int, width: int = 16):
@@ -325,7 +327,7 @@ def object_classifier(family: str, cache_dir="cache", device="cpu", num_images: 
 def data_classifier(train_set, classes: int, cache_dir="cache", device="cpu", steps: int = 600,
                     batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> ObjectClassifier:
     """A classifier of the labels of a labelled --data set (data.JsonlDataset, e.g. Fashion-MNIST from
-    prepare_data.py idx), trained as object_classifier on that set's *training* split (the one the tokenizers and
+    tools/prepare_data.py idx), trained as object_classifier on that set's *training* split (the one the tokenizers and
     DiTs train on; the held-out split scores it), cached under cache_dir/bench/ by its captions.jsonl and split."""
     if (np.asarray(train_set.labels) < 0).any():
         raise InputError(f"{train_set.jsonl}: images without a \"label\"; class accuracy needs a labelled set")

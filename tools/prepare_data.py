@@ -10,8 +10,8 @@ OUT (the folder data.JsonlDataset resolves them from), so OUT == SRC writes capt
 
 idx: MNIST / Fashion-MNIST IDX files (gzipped or not): each image becomes OUT/images/NNNNN.png (greyscale as stored;
 the loader makes it RGB and resizes it), captions.jsonl gets its label and the class-name caption ("An image of a
-sneaker.", data.caption's "class" template, Tab. 4a), and class_captions.jsonl that caption once per class;
---first N keeps the first N images only.
+sneaker.", embedded_sets.class_caption: the "class" template, Tab. 4a), and class_captions.jsonl that caption once
+per class; --first N keeps the first N images only.
 
 Nothing is written before all input is read and checked; files are written atomically, and an existing
 OUT/captions.jsonl (idx: also OUT/images/, OUT/class_captions.jsonl) is replaced only with --overwrite.
