@@ -117,7 +117,7 @@ def init_tokens(*params: nn.Parameter) -> None:
     """N(0, 0.5) for the learned position embeddings and learnable tokens (P's position, L, P', Z's position).
 
     The paper does not state it. Unit-order scale (like MAE's fixed sin-cos embeddings) keeps these identity signals
-    as large as a patch embedding, so each decoder query P' starts out distinct (measured: docs/RESULTS.md §9)."""
+    as large as a patch embedding, so each decoder query P' starts out distinct (measured: docs/RESULTS.md §8)."""
     for p in params:
         nn.init.normal_(p, std=0.5)
 
@@ -127,7 +127,7 @@ def init_weights(module: nn.Module) -> None:
 
     The paper does not state its initialisation. Xavier scales with the width: at the paper's width 768 it is close
     to ViT's truncated-normal(0.02), and at small widths it keeps the attention from starting uniform (docs/RESULTS.md
-    §9)."""
+    §8)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)

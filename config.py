@@ -240,7 +240,7 @@ def _tiny() -> Preset:
             "short warm-up and EMA decay 0.99, so the main job trains on 2 CPU cores in under 10 minutes; "
             "perceptual loss OFF (no VGG weights offline); the discriminator (16 base channels) for the last 256 "
             "steps only, with StyleGAN2's lazy R1 (every 4th step, weighted x4), since R1's double backward is the "
-            "step's largest cost; tiny DiT-T for stage 2 with 50 DDIM steps (measurements: docs/RESULTS.md §4, §6)")
+            "step's largest cost; tiny DiT-T for stage 2 with 50 DDIM steps (measurements: docs/RESULTS.md §8)")
     return Preset(model, train, dit, note)
 
 

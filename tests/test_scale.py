@@ -172,7 +172,7 @@ def test_stage1_runs_with_text_cache_off(tmp_path):
 
 
 def test_the_loader_memory_bench_measures_a_rank_with_its_workers(tmp_path):
-    """bench/scale.py's loader-memory row at a small M (docs/RESULTS.md §11 has 20k and 200k): a full pass through
+    """bench/scale.py's loader-memory row at a small M (docs/RESULTS.md §6 has 20k and 200k): a full pass through
     the training loader with 2 workers, the rank's PSS summed over its process and both workers."""
     out = subprocess.run([sys.executable, "bench/scale.py", "--num-captions", "--no-latents", "--no-step-cost",
                           "--loader-num-captions", "600", "--workers", "2", "--loader-batch", "64", "--out", str(tmp_path)],

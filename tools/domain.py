@@ -16,7 +16,7 @@ The classifier reads a scene as embedded_sets.make_scene lays it out: for each c
 the colour of the object there, or none. The class label (the shape of the first object) cannot be read off an image, since
 nothing marks which object is first: a class-conditional sample counts as right when its class's shape is in it
 (`class_accuracy`). A caption names the cell of its first object, whose shape and colour are checked there
-(`caption_accuracy`). Its held-out accuracies are in docs/RESULTS.md §9 (`python tools/domain.py` prints them).
+(`caption_accuracy`). Its held-out accuracies are in docs/RESULTS.md §8 (`python tools/domain.py` prints them).
 
 The classifier trains once per settings, deterministically (fixed seed; about a minute on a CPU), and is cached
 as safetensors in CACHE/domain/.
