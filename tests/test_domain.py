@@ -136,11 +136,3 @@ def test_cli_prints_the_domain_report(tiny, tmp_path, monkeypatch, capsys):
     assert full["Domain FID"] > 0 and all(0 <= v <= 1 for k, v in full.items() if k != "Domain FID")
     with pytest.raises(InputError, match=r"missing.txt: file not found \(--captions\)"):
         domain.main([str(tmp_path / "sample.npz"), "--captions-file", str(tmp_path / "missing.txt")])
-
-
-def test_the_library_goes_one_way_domain_uses_metrics():
-    """metrics.py never imports domain.py (its command is `python tools/domain.py SAMPLE.npz`)."""
-    tree = ast.parse((Path(metrics.__file__)).read_text())
-    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert "domain" not in imported
