@@ -173,11 +173,14 @@ class _Reader(pickle._Unpickler):
 
 
 def is_torchscript(path) -> bool:
-    """Whether `path` is a TorchScript archive (a zip with a constants.pkl record, torch.load's own test)."""
+    """Whether `path` is a TorchScript archive (a zip with a constants.pkl record, torch.load's own test). A zip whose
+    member names cannot be read raises InputError."""
     try:
         with zipfile.ZipFile(path) as archive:
             return any(n.split("/")[1:] == ["constants.pkl"] for n in archive.namelist())
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):  # ValueError: a name flagged UTF-8 that is not
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: a zip member's name is flagged UTF-8 but is not ({_first_line(e)})") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         return False
 
 
