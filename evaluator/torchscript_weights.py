@@ -22,7 +22,6 @@ TorchScript file is a program. Here it is read as data only:
 import collections
 import io
 import lzma
-import math
 import pickle
 import re
 import reprlib
@@ -66,8 +65,6 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
             and isinstance(stride, tuple) and len(size) == len(stride)
             and all(isinstance(v, int) and 0 <= v < 2 ** 63 for v in (offset, *size, *stride))):
         raise pickle.UnpicklingError("malformed tensor record (sizes, strides and offset are int64s >= 0)")
-    if math.prod(size) >= 2 ** 63:
-        raise pickle.UnpicklingError(f"tensor of size {reprlib.repr(list(size))} has 2^63 elements or more")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
     if offset < 0 or last >= storage.numel():
         raise pickle.UnpicklingError(f"tensor of size {list(size)} lies outside its storage of {storage.numel()}")
