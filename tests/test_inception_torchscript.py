@@ -243,8 +243,8 @@ def _str(s):
     return b"X" + struct.pack("<I", len(s.encode())) + s.encode()  # BINUNICODE
 
 
-def _int(i):
-    return b"J" + struct.pack("<i", i) if -2 ** 31 <= i < 2 ** 31 else b"\x8a\x09" + i.to_bytes(9, "little", signed=True)
+def _int(i):  # BININT, or LONG1 of 9 bytes
+    return b"J" + struct.pack("<i", i) if -2 ** 31 <= i < 2 ** 31 else b"\x8a\x09" + i.to_bytes(9, "little", signed=1)
 
 
 def _global(module, name):
@@ -256,7 +256,7 @@ def _tuple(items):
 
 
 def _tensor(size, stride, numel, key="0"):
-    """torch._utils._rebuild_tensor_v2 of a view of storage `key` (FloatStorage of `numel`), as torch.jit.save writes."""
+    """_rebuild_tensor_v2 of a view of storage `key` (a FloatStorage of `numel`), as torch.jit.save writes it."""
     storage = _tuple([_str("storage"), _global("torch", "FloatStorage"), _str(key), _str("cpu"), _int(numel)]) + b"Q"
     args = [storage, _int(0), _tuple(map(_int, size)), _tuple(map(_int, stride)), b"\x89",
             _global("collections", "OrderedDict") + b")R"]
@@ -349,9 +349,9 @@ CRAFTED = {  # case: (archive builder, the one line's problem)
                         "malformed tensor record"),
     "stride above 2^63": (lambda p: crafted(p, _pkl(_object([(_str("x"), _tensor((0,), (2 ** 64,), 2))]))),
                           "malformed tensor record"),
-    "BUILD on a function": (lambda p: crafted(p, _pkl(_global("torch._utils", "_rebuild_tensor_v2") + b"N}("
-                                                      + _str("__defaults__") + _tuple([b"\x88", b"N", b"N"]) + b"u\x86b")),
-                            "BUILD on a function"),
+    "BUILD on a function": (  # BUILD (None, {"__defaults__": (True, None, None)}): setattr on the function
+        lambda p: crafted(p, _pkl(_global("torch._utils", "_rebuild_tensor_v2") + b"N}(" + _str("__defaults__")
+                                  + _tuple([b"\x88", b"N", b"N"]) + b"u\x86b")), "BUILD on a function"),
     "BUILD on a class": (lambda p: crafted(p, _pkl(_global("__torch__", "M") + b"N}(" + _str("x") + b"Nu\x86b")),
                          "BUILD on a type"),
     "BUILD on a tensor": (lambda p: crafted(p, _pkl(_tensor((2,), (1,), 2) + _tuple(
