@@ -293,15 +293,26 @@ def torchscript_state(tensors: dict, path, model: InceptionFeatures) -> dict:
         raise InputError(f"{path}: not the FID Inception's layers (expected {len(convs)} convs of weight, beta, mean, "
                          f"var in blocks {TF_BLOCKS[0]} .. {TF_BLOCKS[-1]}; found {len(layer_names)} layer tensors"
                          + (f", and also {extra[:3]}" if extra else "") + ")")
-    state = {}
+    # The tensors made here take the model's shapes, never the file's (a stride-0 view may claim 2^40 elements):
+    # load_state then compares the file's shapes with the model's before copying anything.
+    own, state = model.state_dict(), {}
     for (_, name), (weight, beta, mean, var) in zip(convs, groups):
-        state.update({f"{name}.conv.weight": tensors[weight], f"{name}.bn.weight": torch.ones_like(tensors[beta]),
+        gamma = torch.ones_like(own[f"{name}.bn.weight"])
+        state.update({f"{name}.conv.weight": tensors[weight], f"{name}.bn.weight": gamma,
                       f"{name}.bn.bias": tensors[beta], f"{name}.bn.running_mean": tensors[mean],
                       f"{name}.bn.running_var": tensors[var], f"{name}.bn.num_batches_tracked": torch.tensor(0)})
     if root + "output.weight" in tensors:
-        weight = tensors[root + "output.weight"]
-        state.update({"fc.weight": weight, "fc.bias": tensors.get(root + "output.bias", torch.zeros(len(weight)))})
+        zeros = torch.zeros_like(own["fc.bias"]) if "fc.bias" in own else torch.zeros(0)
+        state.update({"fc.weight": tensors[root + "output.weight"],
+                      "fc.bias": tensors.get(root + "output.bias", zeros)})
     return state
+
+
+def expected_bytes() -> int:
+    """The bytes of the FID Inception's tensors (with the output layer), counted on the meta device (no memory): the
+    most a TorchScript file of its weights may ask for."""
+    with torch.device("meta"):
+        return sum(t.numel() * t.element_size() for t in InceptionFeatures(logits=True).state_dict().values())
 
 
 def load_inception(path=None, device="cpu", preprocess: str = "tf") -> InceptionFeatures:
@@ -319,7 +330,7 @@ def load_inception(path=None, device="cpu", preprocess: str = "tf") -> Inception
         packaged = packaged_inception()
         if packaged and os.path.realpath(path) == os.path.realpath(packaged):
             _check_sha1(path, PACKAGE_SHA1)
-        tensors = read_torchscript_tensors(path)
+        tensors = read_torchscript_tensors(path, max_bytes=expected_bytes())
         model = InceptionFeatures(preprocess, logits=any(k.endswith("output.weight") for k in tensors))
         state = torchscript_state(tensors, path, model)
     else:
