@@ -62,8 +62,9 @@ def test_a_second_run_into_a_training_runs_folder_is_refused(tmp_path, text_cach
 
 def hold(folder):
     """A process holding `folder`'s lock (files.lock_folder) until it is killed."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, files; files.lock_folder(sys.argv[1]); "
-                               "print('held', flush=True); sys.stdin.read()", str(folder)], cwd=ROOT,
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from runtime import files; "
+                               "files.lock_folder(sys.argv[1]); print('held', flush=True); sys.stdin.read()",
+                               str(folder)], cwd=ROOT,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     return holder
