@@ -170,10 +170,13 @@ class DiT(nn.Module, ModelHubMixin, library_name="textok", paper_url="https://ar
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def _drop_ids(self, batch: int, device, force_drop_ids):
-        """[B] bool: samples given the null condition (forced, or with prob. class_dropout_prob in training)."""
+        """[B] bool: samples given the null condition (forced, or with prob. class_dropout_prob in training; all
+        False at prob. 0, so the null condition stays in the graph: DDP sees the same used parameters every step)."""
         if force_drop_ids is not None:
             return force_drop_ids.to(device).bool()
-        if self.training and self.class_dropout_prob > 0:
+        if self.training:
+            if self.class_dropout_prob == 0:
+                return torch.zeros(batch, dtype=torch.bool, device=device)
             return torch.rand(batch, device=device) < self.class_dropout_prob
         return None
 

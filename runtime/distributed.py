@@ -1,5 +1,5 @@
-"""Where the work runs: torchrun ranks (NCCL on CUDA, gloo on CPU), their shares of the work, cross-rank means, and
-bf16 autocast."""
+"""Where the work runs: torchrun ranks (on CUDA NCCL for CUDA tensors and gloo for CPU ones, gloo on CPU), their
+shares of the work, cross-rank means, and bf16 autocast."""
 import datetime
 import os
 from contextlib import nullcontext
@@ -15,13 +15,19 @@ def autocast(device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+# The process group's backend per device type. NCCL serves CUDA tensors only: on CUDA, gloo serves the CPU ones (log
+# terms, barriers, all_gather_object), so a collective never meets a device its group lacks.
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+
+
 def setup_distributed(timeout: float = 7200):
-    """(rank, world, device) from torchrun's environment: NCCL on CUDA, gloo on CPU; (0, 1, device) otherwise.
-    A rank waits up to `timeout` seconds at a collective: first-time caches are built between barriers."""
+    """(rank, world, device) from torchrun's environment: a group of NCCL (CUDA tensors) and gloo (CPU tensors) on
+    CUDA, gloo on CPU (BACKENDS); (0, 1, device) otherwise. A rank waits up to `timeout` seconds at a collective:
+    first-time caches are built between barriers."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
+    dist.init_process_group(BACKENDS["cuda" if cuda else "cpu"], timeout=datetime.timedelta(seconds=timeout))
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
