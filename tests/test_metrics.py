@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import metrics
 import perceptual
-from evaluator import inception, npz_batch
+from evaluator import inception, measures, npz_batch
 
 
 def random_spd(rng, d, cond=10.0):
@@ -141,10 +141,10 @@ def test_no_tf32_turns_tf32_off_inside_and_restores_the_flags(tf32_flags):
         return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     for before in [(True, False), (False, True), (True, True)]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-        with metrics.no_tf32():
+        with measures.no_tf32():
             assert flags() == (False, False)
         assert flags() == before
-        with pytest.raises(RuntimeError, match="inside"), metrics.no_tf32():
+        with pytest.raises(RuntimeError, match="inside"), measures.no_tf32():
             raise RuntimeError("raised inside")
         assert flags() == before
 
