@@ -124,7 +124,8 @@ def test_a_checkpoints_temporary_folder_that_is_a_symlink_is_never_written_throu
     a_link(tmp_path / "o", ".tmp-step-0000001", tmp_path / "user", None)
     (tmp_path / "user" / "config.json").write_bytes(SECRET)
     save_checkpoint(tmp_path / "o", 1, {"m": torch.nn.Linear(2, 2)}, {})
-    assert os.listdir(tmp_path / "user") == ["config.json"] and (tmp_path / "user" / "config.json").read_bytes() == SECRET
+    assert os.listdir(tmp_path / "user") == ["config.json"]
+    assert (tmp_path / "user" / "config.json").read_bytes() == SECRET
     assert sorted(os.listdir(tmp_path / "o")) == ["latest", "step-0000001"]
 
 
