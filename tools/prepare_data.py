@@ -6,8 +6,8 @@
 folder: every image under SRC (recursively; hidden files and folders left out) with a same-name .txt caption beside
 it; the caption is stripped and its whitespace runs, newlines included, folded to one space. An image without a caption
 (missing or empty .txt) is refused, naming the first, unless --skip-uncaptioned; so is one that train.py would refuse
-(its header, and a PNG's chunks, checked as train.py does) or whose file name is not UTF-8. Image paths are written relative to
-OUT (the folder data.JsonlDataset resolves them from), so OUT == SRC writes captions.jsonl in place.
+(its header, and a PNG's chunks, checked as train.py does) or whose file name is not UTF-8. Image paths are written
+relative to OUT (the folder data.JsonlDataset resolves them from), so OUT == SRC writes captions.jsonl in place.
 
 idx: MNIST / Fashion-MNIST IDX files (gzipped or not): each image becomes OUT/images/NNNNN.png (greyscale as stored;
 the loader makes it RGB and resizes it), captions.jsonl gets its label and the class-name caption ("An image of a
