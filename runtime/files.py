@@ -1,5 +1,5 @@
-"""Reading and writing files safely: atomic writes (never a half file), an output folder held by one process at a time,
-JSON, UTF-8 lines, safetensors weights."""
+"""Reading and writing files safely: atomic writes (never a half file), files written in place never through a
+symbolic link (open_own), an output folder held by one process at a time, JSON, UTF-8 lines, safetensors weights."""
 import errno
 import fcntl
 import hashlib

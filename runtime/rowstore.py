@@ -188,7 +188,9 @@ def build_once(folder, arrays: dict, fill, rank: int = 0, world: int = 1, what: 
     With `chunk_rows`, the build resumes: the arrays' rows (one first axis) come in chunks of that many, and
     `fill(files, chunks)` gets this rank's share of the chunks not yet done (`Chunks`), calling `chunks.done(c)`
     after writing chunk c; a killed build's temporary folder is kept, and the next build with the same arrays and
-    chunk size computes only the chunks it had not recorded."""
+    chunk size computes only the chunks it had not recorded, and again those whose float rows are not all finite.
+    The files are never written through a symbolic link: a link where the temporary folder goes is an InputError on
+    every rank, and a killed build's folder holding one is started afresh."""
     folder = Path(folder)
     if folder.is_dir():
         open_built(folder, arrays)

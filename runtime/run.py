@@ -89,7 +89,8 @@ class Run:
     def begin(self, objects: dict) -> int:
         """The first step: with `resume`, the step of OUT/latest, into which `objects` (modules, optimizers,
         schedulers) are restored and after which the log is trimmed; else 0, after `overwrite` deleted the old run.
-        Deletes the temporary files a killed write left in OUT, writes OUT/config.json and opens the progress bar."""
+        Refuses a symbolic link where the log or the exported model goes (--overwrite deletes it, as the old run's),
+        deletes the temporary files a killed write left in OUT, writes OUT/config.json and opens the progress bar."""
         start = 0
         if self.resume:
             start = load_checkpoint(self.out, objects, self.check_config, self.device)

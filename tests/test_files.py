@@ -1,5 +1,6 @@
 """files.atomic_write: a failed write leaves the old file and no temporary behind; a new file has the usual
-permissions. Checkpoint writes that fail, and the log read back on --resume."""
+permissions. Checkpoint writes that fail, the log read back on --resume, and a symbolic link in OUT (the lock, the
+log, a checkpoint's temporary folder) never written through."""
 import errno
 import os
 import re
