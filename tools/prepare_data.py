@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from data import IMAGE_SUFFIXES, image_problem, jsonl_image_path, jsonl_line, parallel_map
 from embedded_sets import class_caption
 from runtime.errors import InputError, MissingInput, run_main
-from runtime.files import atomic_write, check_folder, read_lines, writing
+from runtime.files import atomic_write, check_folder, read_lines, remove_path, writing
 
 
 CLASS_NAMES = {  # label order of the IDX label files
@@ -211,7 +211,7 @@ def write_images(images: np.ndarray, folder: Path) -> list:
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)  # a link that stood at `folder`: the link alone
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [f"{folder.name}/{n}" for n in names]
