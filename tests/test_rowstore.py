@@ -144,6 +144,21 @@ def test_a_killed_build_of_other_arrays_or_chunks_starts_afresh(tmp_path):
     assert computed == [0, 1, 2, 3, 4]
 
 
+def test_an_encoder_giving_non_finite_embeddings_is_one_line_and_no_store(tmp_path, monkeypatch):
+    """An encoder whose output overflows fp16 (inf) for one caption: refused as the store is built, naming it."""
+    import text_encoder
+    real = text_encoder.TextEncoder.__call__
+
+    def overflowing(self, batch, *args):
+        e, m = real(self, batch, *args)
+        return e * torch.tensor([1e6 if "star" in c else 1.0 for c in batch])[:, None, None], m
+    monkeypatch.setattr(text_encoder.TextEncoder, "__call__", overflowing)
+    captions = ["a red circle", "a blue star", "a green ring"]
+    raises_one_line(r"^text encoder 'all-MiniLM-L6-v2': non-finite embeddings of caption 1 \('a blue star'\) in fp16$",
+                    cached_text_embeddings, OFFLINE_TEXT_ENCODER, 8, captions, tmp_path, batch_size=2)
+    assert not [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+
+
 @pytest.mark.parametrize("what", ["done.npy", "the folder"])
 def test_a_killed_builds_file_that_is_a_symlink_is_never_written_through(tmp_path, what):
     """A killed build's done.npy a link to a user's .npy of the right shape (the resumed build set its [0] to 1):
