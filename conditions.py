@@ -102,8 +102,11 @@ class Conditioned(Dataset):
         """Item i's condition: its label, and its caption's embeddings when they come from the store."""
         if self.emb is None:  # no text, or text encoded later (`complete`)
             return Cond(label=self.label_tensor[i])
-        return Cond(torch.from_numpy(self.emb[i].astype(np.float32)), torch.from_numpy(self.mask[i]),
-                    self.label_tensor[i])
+        emb = self.emb[i]
+        if not np.isfinite(emb).all():  # checked as read: never a pass over the whole store at launch
+            raise InputError(f"{self.emb.path}: row {i} holds non-finite values; delete {self.emb.path.parent} to "
+                             "recompute it")
+        return Cond(torch.from_numpy(emb.astype(np.float32)), torch.from_numpy(self.mask[i]), self.label_tensor[i])
 
     def __getitem__(self, i) -> dict:
         cond = self.condition(i)

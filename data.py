@@ -197,16 +197,8 @@ class JsonlDataset(Dataset):
         """Checks, in parallel, that every listed image exists and its header decodes; raises one InputError naming
         up to `show` bad files and their count, so a bad file stops a run before its first step. With `world` ranks
         (all must call it), each checks a contiguous share and all raise the same error."""
-        def problem(f):
-            try:
-                with Image.open(f) as im:
-                    im.verify()
-            except FileNotFoundError:
-                return f"{f}: image file not found"
-            except Exception as e:  # PIL raises many types for undecodable data
-                return f"{f}: cannot read image ({e})"
         share = rank_share(len(self.files), rank, world)
-        bad = [p for p in parallel_map(problem, self.files[share.start: share.stop], threads) if p]
+        bad = [p for p in parallel_map(image_problem, self.files[share.start: share.stop], threads) if p]
         if world > 1:
             parts = [None] * world
             dist.all_gather_object(parts, bad)
@@ -240,6 +232,19 @@ def check_labels(dataset, num_classes: int, needed_by: str) -> None:
         found = "no \"label\"" if label < 0 else f"label {label}"
         raise InputError(f"{where}: {found}; {needed_by} needs a label in 0..{num_classes - 1} for every image "
                          f"({len(bad)} of {len(dataset.labels)} are not; --num-classes states the count)")
+
+
+def image_problem(path) -> str | None:
+    """Why image file `path` cannot be read ("<path>: <problem>"), from its header and PIL's verify (a PNG's chunk
+    CRCs), without decoding the pixels; None for a readable image."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        return f"{path}: image file not found"
+    except Exception as e:  # PIL raises many types for undecodable data
+        return f"{path}: cannot read image ({e})"
+    return None
 
 
 def parallel_map(fn, items, threads: int = 16, chunk: int = 4096):

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from config import Range, check_flags
 from evaluator.inception import (INCEPTION_ENV, INCEPTION_FILE, INCEPTION_URL, InceptionFeatures,  # noqa: F401 (re-exported)
                        NO_LOGITS, PREPROCESS, SPATIAL_CHANNELS, inception_path, load_inception)
-from evaluator.measures import (_image_pair, compute_features, feature_statistics, frechet_distance, inception_score,
-                                precision_recall, psnr, ssim)
+from evaluator.measures import (NEIGHBOURS, _image_pair, compute_features, feature_statistics, frechet_distance,
+                                inception_score, precision_recall, psnr, ssim)
 from evaluator.npz_batch import read_npz_batch
 from perceptual import load_lpips
 from runtime.errors import InputError
@@ -59,6 +59,10 @@ def evaluate_npz(ref_path, sample_path, inception=None, batch_size: int = 64, de
     list `skipped` with why, or with `skipped=None` that is an error."""
     ref, ref_stats = read_npz_batch(ref_path)
     sample, sample_stats = read_npz_batch(sample_path)
+    for path, batch in ((ref_path, ref), (sample_path, sample)):  # what every metric needs, before Inception runs
+        if len(batch) <= NEIGHBOURS:
+            raise InputError(f"{path}: arr_0 holds {len(batch)} images; precision and recall (k={NEIGHBOURS} nearest "
+                             f"neighbours) need at least {NEIGHBOURS + 1}")
     if ref.shape[1:3] != sample.shape[1:3]:  # the evaluator compares them all the same
         print(f"warning: {ref_path} holds {ref.shape[1]}x{ref.shape[2]} images and {sample_path} "
               f"{sample.shape[1]}x{sample.shape[2]}; both are resized to 299x299 as the ADM evaluator does",

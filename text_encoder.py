@@ -142,15 +142,16 @@ def cached_text_embeddings(name: str, max_length: int, captions, cache_dir, batc
     never reads a stale store. With `world` ranks (all must call it), each encodes a contiguous share of the batches
     and writes it batch by batch: memory does not grow with M, and the store is the same whatever the number of ranks.
     The store is written in a temporary folder, renamed when every rank is done (`rowstore.build_once`); a killed
-    build resumes at the batches it had not finished (each batch is a chunk of the build)."""
+    build resumes at the batches it had not finished (each batch is a chunk of the build). A store of another shape
+    than the encoder gives (C from its config.json) is refused when opened, and a row holding NaN or inf when read
+    (`Conditioned.cond`), each in one line that says to delete the store."""
     h = hashlib.sha1(f"{name}\n{max_length}".encode())
     for c in captions:  # the sha1 of "\n".join([name, length, *captions]), without building that string
         h.update(b"\n" + c.encode())
     folder = Path(cache_dir) / f"{Path(name).name}-L{max_length}-{h.hexdigest()[:16]}"
-    M = len(captions)
+    M, C = len(captions), width(encoder_config(name, download))  # config.json alone
     if not folder.is_dir():
         check_captions(captions)  # on every rank, before anyone waits for a rank that stopped
-        C = width(encoder_config(name, download))
 
         def fill(files, batches):
             from tqdm import tqdm
@@ -158,11 +159,16 @@ def cached_text_embeddings(name: str, max_length: int, captions, cache_dir, batc
             for b in tqdm(batches, desc=f"text embeddings ({name})", disable=not progress or rank != 0):
                 rows = batches.rows(b)
                 e, m = encoder(captions[rows.start: rows.stop])
+                bad = np.flatnonzero(~torch.isfinite(e.half()).flatten(1).all(1).cpu().numpy())
+                if len(bad):
+                    i = rows.start + int(bad[0])
+                    raise InputError(f"text encoder {name!r}: non-finite embeddings of caption {i} "
+                                     f"({captions[i]!r}) in fp16")
                 files["emb"].write(rows.start, e.half().cpu().numpy())
                 files["mask"].write(rows.start, m.cpu().numpy())
                 batches.done(b)
         build_once(folder, {"emb": ((M, max_length, C), np.float16), "mask": ((M, max_length), np.bool_)}, fill,
                    rank, world, f"text embeddings ({M:,} captions x {max_length} tokens x {C} channels, fp16, + mask)",
                    advice=", or encode on the fly (--text-cache off)", chunk_rows=batch_size)
-    files = open_built(folder, {"emb": ((M, max_length, None), np.float16), "mask": ((M, max_length), np.bool_)})
+    files = open_built(folder, {"emb": ((M, max_length, C), np.float16), "mask": ((M, max_length), np.bool_)})
     return files["emb"], files["mask"]

@@ -113,7 +113,10 @@ def _knn_radii(features, k, batch):
                       for i in range(0, len(features), batch)])
 
 
-def precision_recall(real_features, fake_features, k: int = 3, batch: int = 10000, device="cpu"):
+NEIGHBOURS = 3  # k of the ADM evaluator's manifold estimator
+
+
+def precision_recall(real_features, fake_features, k: int = NEIGHBOURS, batch: int = 10000, device="cpu"):
     """Improved precision and recall (Kynkäänniemi et al. 2019) with the ADM manifold estimator: a point lies on a
     set's manifold when it is within the k-NN radius of one of its points. Returns (precision, recall): the share of
     fake points on the real manifold and of real points on the fake manifold. Distances in full float32 on `device`.

@@ -1,5 +1,6 @@
 """ADM reference and sample batches (.npz): images `arr_0` uint8 [N, H, W, 3] streamed in batches, or a reference's
 precomputed Inception statistics (mu, sigma, mu_s, sigma_s); a file the ADM evaluator could not read is one line."""
+import lzma
 import math
 import os
 import zipfile
@@ -14,7 +15,7 @@ from runtime.errors import InputError
 
 STAT_SHAPES = {"mu": (2048,), "sigma": (2048, 2048), "mu_s": (17 * 17 * SPATIAL_CHANNELS,),
                "sigma_s": (17 * 17 * SPATIAL_CHANNELS,) * 2}
-
+READABLE = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)  # zipfile's methods
 
 
 class NpzError(InputError):
@@ -87,6 +88,12 @@ def read_npz_batch(path):
         raise NpzError(f"{path}: not an .npz file (not a zip archive)")
     try:
         with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():  # what zipfile cannot read raises RuntimeError / NotImplementedError
+                if info.flag_bits & 0x1:
+                    raise NpzError(f"{path}: {info.filename!r} is encrypted; np.savez writes no password")
+                if info.compress_type not in READABLE:
+                    raise NpzError(f"{path}: {info.filename!r} uses zip compression method {info.compress_type}, "
+                                   "which is not read (np.savez stores or deflates)")
             corrupt = archive.testzip()  # reads every member once: a flipped byte fails its CRC
             if corrupt:
                 raise NpzError(f"{path}: {corrupt} is corrupt (its CRC check failed)")
@@ -95,7 +102,10 @@ def read_npz_batch(path):
                 raise NpzError(f"{path}: no 'arr_0' array (keys: {keys}); the ADM evaluator reads the images from "
                                "arr_0, as written by np.savez(path, images)")
             headers = {k: _member_header(archive, k, path) for k in ["arr_0", *STAT_SHAPES] if k in keys}
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+    except UnicodeDecodeError as e:  # a name flagged UTF-8 that is not
+        raise NpzError(f"{path}: not a readable .npz archive (a member name is not UTF-8: byte "
+                       f"0x{e.object[e.start]:02x})") from None
+    except (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError) as e:
         raise NpzError(f"{path}: not a readable .npz archive ({e})") from None
     shape, fortran, dtype = headers.pop("arr_0")
     if dtype != np.uint8:

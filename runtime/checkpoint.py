@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 
 from runtime.errors import InputError
-from runtime.files import atomic_write, load_json, load_state, load_tensors, save_json, save_tensors
+from runtime.files import atomic_write, load_json, load_state, load_tensors, remove_path, save_json, save_tensors
 
 
 def _pack(obj, tensors, prefix=""):
@@ -44,20 +44,20 @@ def save_checkpoint(out: Path, step: int, objects: dict, run_config: dict) -> Pa
     A failed write (disk full) leaves no temporary folder and raises an InputError naming the checkpoint."""
     out = Path(out)
     final, tmp = out / f"step-{step:07d}", out / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_path(tmp)  # a link there is removed, never written through
     try:
         tensors = {}
         skeleton = _pack({k: v.state_dict() for k, v in objects.items()}, tensors, "s")
         save_tensors(tensors, tmp / "state.safetensors")
         save_json({"step": step, "state": skeleton}, tmp / "state.json")
         save_json(run_config, tmp / "config.json")
-        shutil.rmtree(final, ignore_errors=True)
+        remove_path(final)
         os.replace(tmp, final)
         atomic_write(out / "latest", lambda t: Path(t).write_text(final.name + "\n"))
     except (OSError, SafetensorError) as e:
         raise InputError(f"{final}: cannot write the checkpoint ({e})") from None
     finally:  # also on Ctrl-C
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
     return final
 
 
@@ -100,7 +100,7 @@ def run_files(out: Path, export: str) -> list:
     out = Path(out)
     names = ["latest", "log.jsonl", "config.json", export]
     return [p for p in [out / n for n in names] + sorted(out.glob("step-*")) + sorted(out.glob(".tmp-step-*"))
-            + sorted(out.glob("recon-*.png")) if p.exists()]
+            + sorted(out.glob("recon-*.png")) if os.path.lexists(p)]  # a dangling link too
 
 
 def remove_run(out: Path, files: list) -> None:

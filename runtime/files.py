@@ -1,10 +1,13 @@
-"""Reading and writing files safely: atomic writes (never a half file), an output folder held by one process at a time,
-JSON, UTF-8 lines, safetensors weights."""
+"""Reading and writing files safely: atomic writes (never a half file), files written in place never through a
+symbolic link (open_own), an output folder held by one process at a time, JSON, UTF-8 lines, safetensors weights."""
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +36,45 @@ def atomic_write(path, write) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def open_own(path, flags: int, mode: int = 0o666) -> int:
+    """os.open of a file the project writes in place (a lock, an appended log, a row store's .npy), never through a
+    symbolic link (O_NOFOLLOW) and only a regular file (a FIFO neither blocks nor is used): a link, folder or other
+    kind of file at `path` is an InputError naming it. Returns the descriptor. The other files are written beside and
+    renamed over (atomic_write), which replaces a link and never writes to its target."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse_link(path)
+        if e.errno == errno.EISDIR:
+            raise InputError(f"{path}: a folder where this project keeps its own file; remove it") from None
+        raise
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISREG(kind):
+        os.close(fd)
+        what = "a folder" if stat.S_ISDIR(kind) else "a FIFO, socket or device"
+        raise InputError(f"{path}: {what} where this project keeps its own file; remove it")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def refuse_link(path) -> None:
+    """An InputError if `path` is a symbolic link where the project keeps a file of its own (open_own)."""
+    if os.path.islink(path):
+        raise InputError(f"{path}: a symbolic link where this project keeps its own file; it never writes through a "
+                         "link: remove the link")
+
+
+def remove_path(path) -> None:
+    """Deletes `path` if it is there: a folder with what it holds, a file, or a symbolic link (the link alone, never
+    what it points to)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.is_symlink() or path.exists():
+        path.unlink(missing_ok=True)
 
 
 def is_temporary(name: str) -> bool:
@@ -79,7 +121,7 @@ def lock_folder(folder, flag: str = "--out") -> int:
     check_folder(folder, flag)
     with writing(folder, f" ({flag} must be a writable folder)"):
         Path(folder).mkdir(parents=True, exist_ok=True)
-        fd = os.open(Path(folder) / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_own(Path(folder) / ".lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

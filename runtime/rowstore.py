@@ -9,7 +9,7 @@ import numpy as np
 
 from runtime.distributed import barrier, rank_share
 from runtime.errors import InputError
-from runtime.files import load_json, save_json
+from runtime.files import load_json, open_own, refuse_link, remove_path, save_json
 
 
 class NpyRows:
@@ -19,15 +19,18 @@ class NpyRows:
     def __init__(self, path, writable: bool = False):
         self.path, self.writable, self._fd, self._pid = Path(path), writable, None, None
         try:
-            with open(self.path, "rb") as f:
+            self.fd()  # never through a symbolic link (files.open_own)
+            with open(self._fd, "rb", closefd=False) as f:
                 version = np.lib.format.read_magic(f)
                 read_header = np.lib.format.read_array_header_2_0 if version == (2, 0) else \
                     np.lib.format.read_array_header_1_0  # np.save writes 1.0 (2.0 for huge headers)
                 self.shape, fortran, self.dtype = read_header(f)
                 self.offset, size = f.tell(), os.fstat(f.fileno()).st_size
+        except InputError:
+            raise
         except (OSError, ValueError) as e:
             raise InputError(f"{self.path}: not a readable .npy file ({str(e).splitlines()[0]})") from None
-        if self.dtype.hasobject or fortran or not self.shape:
+        if self.dtype.hasobject or fortran or not self.shape or min(self.shape) < 0:
             raise InputError(f"{self.path}: not an array of rows (dtype {self.dtype}, shape {self.shape}, "
                              f"{'Fortran' if fortran else 'C'} order)")
         self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
@@ -38,7 +41,11 @@ class NpyRows:
     @classmethod
     def create(cls, path, shape, dtype) -> "NpyRows":
         """A new file of `shape` and `dtype`, its rows not yet written (a sparse file: disk fills as rows arrive)."""
-        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))  # header; the map is dropped
+        with open(open_own(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC), "wb") as f:
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                      "shape": tuple(shape)}
+            np.lib.format.write_array_header_1_0(f, header)
+            f.truncate(f.tell() + math.prod(shape) * np.dtype(dtype).itemsize)
         return cls(path, writable=True)
 
     def __len__(self):
@@ -49,7 +56,7 @@ class NpyRows:
 
     def fd(self) -> int:
         if self._pid != os.getpid():  # a forked DataLoader worker opens its own
-            self._fd, self._pid = os.open(self.path, os.O_RDWR if self.writable else os.O_RDONLY), os.getpid()
+            self._fd, self._pid = open_own(self.path, os.O_RDWR if self.writable else os.O_RDONLY), os.getpid()
         return self._fd
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -131,10 +138,12 @@ def _start(tmp: Path, arrays: dict, spec: dict, chunks: int) -> int:
     if chunks and (tmp / "spec.json").is_file():
         try:
             if load_json(tmp / "spec.json") == spec:
-                return int(open_built(tmp, {**arrays, **done})["done"].read(0, chunks).astype(bool).sum())
-        except InputError:  # a leftover of another kind: started afresh
+                files = open_built(tmp, {**arrays, **done})
+                files.pop("done")
+                return _finite_chunks(files, NpyRows(tmp / "done.npy", writable=True), spec["chunk_rows"])
+        except InputError:  # a leftover of another kind (a link in it too): started afresh
             pass
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_path(tmp)
     tmp.mkdir()
     for name, (shape, dtype) in {**arrays, **done}.items():
         NpyRows.create(tmp / f"{name}.npy", shape, dtype)
@@ -142,11 +151,24 @@ def _start(tmp: Path, arrays: dict, spec: dict, chunks: int) -> int:
     return 0
 
 
+def _finite_chunks(files: dict, mask: "NpyRows", chunk_rows: int) -> int:
+    """The number of chunks a killed build recorded done, once those whose float rows are not all finite (a NaN
+    written by another program, a damaged disk) are marked to do again."""
+    done, n = np.flatnonzero(mask.read(0, len(mask))), len(next(iter(files.values())))
+    bad = [c for c in done for f in files.values() if f.dtype.kind == "f"
+           and not np.isfinite(f.read(c * chunk_rows, min((c + 1) * chunk_rows, n))).all()]
+    for c in sorted(set(bad)):
+        mask.write(c, np.zeros(1, np.uint8))
+    if bad:
+        print(f"{mask.path.parent}: {len(set(bad))} chunks recorded done hold non-finite values; computed again")
+    return len(done) - len(set(bad))
+
+
 def _check_disk(folder: Path, tmp: Path, arrays: dict, rank: int, what: str, advice: str) -> None:
     """Rank 0 prints the disk the arrays need; too little free space (a killed build's files count as free) is an
     InputError ending with `advice`."""
     need = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in arrays.values())
-    leftover = sum(f.stat().st_blocks * 512 for f in tmp.glob("*"))
+    leftover = sum(f.lstat().st_blocks * 512 for f in tmp.glob("*"))
     free = shutil.disk_usage(folder.parent).free + leftover
     if rank == 0:
         print(f"{what}: {need / 1e9:.2f} GB on disk in {folder} ({free / 1e9:.1f} GB free)")
@@ -166,12 +188,15 @@ def build_once(folder, arrays: dict, fill, rank: int = 0, world: int = 1, what: 
     With `chunk_rows`, the build resumes: the arrays' rows (one first axis) come in chunks of that many, and
     `fill(files, chunks)` gets this rank's share of the chunks not yet done (`Chunks`), calling `chunks.done(c)`
     after writing chunk c; a killed build's temporary folder is kept, and the next build with the same arrays and
-    chunk size computes only the chunks it had not recorded."""
+    chunk size computes only the chunks it had not recorded, and again those whose float rows are not all finite.
+    The files are never written through a symbolic link: a link where the temporary folder goes is an InputError on
+    every rank, and a killed build's folder holding one is started afresh."""
     folder = Path(folder)
     if folder.is_dir():
         open_built(folder, arrays)
         return folder
     tmp = folder.with_name(f".{folder.name}.tmp")
+    refuse_link(tmp)  # on every rank: a killed build's folder is resumed in place, never through a link
     folder.parent.mkdir(parents=True, exist_ok=True)
     _check_disk(folder, tmp, arrays, rank, what, advice)
     n = next(iter(arrays.values()))[0][0]  # rows (with chunk_rows, every array's first axis)

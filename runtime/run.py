@@ -24,7 +24,8 @@ from tqdm import tqdm
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, remove_run, run_files, save_checkpoint
 from runtime.distributed import global_mean
 from runtime.errors import InputError, worker_errors
-from runtime.files import atomic_write, lock_folder, remove_temporaries, save_json, writing
+from runtime.files import (atomic_write, lock_folder, open_own, refuse_link, remove_path, remove_temporaries, save_json,
+                           writing)
 
 
 class Run:
@@ -88,7 +89,8 @@ class Run:
     def begin(self, objects: dict) -> int:
         """The first step: with `resume`, the step of OUT/latest, into which `objects` (modules, optimizers,
         schedulers) are restored and after which the log is trimmed; else 0, after `overwrite` deleted the old run.
-        Deletes the temporary files a killed write left in OUT, writes OUT/config.json and opens the progress bar."""
+        Refuses a symbolic link where the log or the exported model goes (--overwrite deletes it, as the old run's),
+        deletes the temporary files a killed write left in OUT, writes OUT/config.json and opens the progress bar."""
         start = 0
         if self.resume:
             start = load_checkpoint(self.out, objects, self.check_config, self.device)
@@ -96,8 +98,10 @@ class Run:
             self.ckpts = [self.last_ckpt]
         if self.rank == 0:
             with self.writing(self.out):
-                self.remove_stale()
                 remove_run(self.out, run_files(self.out, self.export) if self.overwrite else [])
+                for own in (self.out / "log.jsonl", self.out / self.export):  # before step 0, not when first written
+                    refuse_link(own)
+                self.remove_stale()
                 if self.resume:
                     self.trim_log(start)
                 save_json(self.run_config, self.out / "config.json")
@@ -131,7 +135,8 @@ class Run:
     def write_log(self, row: dict) -> None:
         """Appends `row` to OUT/log.jsonl (rank 0)."""
         if self.rank == 0:
-            with self.writing(self.out / "log.jsonl"), open(self.out / "log.jsonl", "a") as f:
+            path = self.out / "log.jsonl"
+            with self.writing(path), open(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
     def check_finite(self, step: int, terms: dict) -> None:
@@ -162,7 +167,7 @@ class Run:
         for folder in (self.out, self.out / self.export):
             remove_temporaries(folder)
         for tmp in self.out.glob(".tmp-step-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_path(tmp)
 
     def export_model(self, model, *meta) -> None:
         """On rank 0: the EMA model in `save_pretrained` form, OUT/`export` (`meta`: DiT.save_pretrained's)."""
@@ -184,7 +189,8 @@ class Run:
         path = self.out / "log.jsonl"
         if not path.is_file():
             return
-        lines, rows = path.read_text().split("\n"), []
+        with open(open_own(path, os.O_RDONLY)) as f:
+            lines, rows = f.read().split("\n"), []
         for n, line in enumerate(lines, 1):
             try:
                 if line.strip() and json.loads(line)["step"] <= start:

@@ -132,6 +132,19 @@ def test_resume_after_a_kill_loses_at_most_one_batch(tmp_path, tiny_vlm):
     assert sorted(r["image"] for r in got) == [f"{c}/img{i}.png" for c in ("n01", "n02", "n03") for i in range(2)]
 
 
+@pytest.mark.parametrize("torn", [False, True], ids=["whole lines", "a torn last line"])
+def test_a_part_file_that_is_a_symlink_is_never_written_through(tmp_path, torn):
+    """captions.jsonl.part-00000 a link to a user's file: the rows were appended to it (or its last line cut);
+    refused in one line before any image is captioned, the file as it was."""
+    root = image_folder(tmp_path / "data")
+    user = tmp_path / "user.txt"
+    user.write_bytes(b"root:x:0:0:root:/root:/bin/bash" + (b"" if torn else b"\n"))
+    (root / "captions.jsonl.part-00000").symlink_to(user)
+    with pytest.raises(InputError, match="part-00000: a symbolic link where this project keeps its own file"):
+        run(root, lambda images, prompts: ["a caption"] * len(images))
+    assert user.read_bytes() == b"root:x:0:0:root:/root:/bin/bash" + (b"" if torn else b"\n")
+
+
 def test_ranks_caption_disjoint_shares_into_one_sorted_file(tmp_path, tiny_vlm):
     one, two = image_folder(tmp_path / "one"), image_folder(tmp_path / "two")
     run(one, tiny_vlm)

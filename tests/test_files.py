@@ -1,5 +1,6 @@
 """files.atomic_write: a failed write leaves the old file and no temporary behind; a new file has the usual
-permissions. Checkpoint writes that fail, and the log read back on --resume."""
+permissions. Checkpoint writes that fail, the log read back on --resume, and a symbolic link in OUT (the lock, the
+log, a checkpoint's temporary folder) never written through."""
 import errno
 import os
 import re
@@ -13,7 +14,7 @@ from safetensors import SafetensorError
 
 from runtime.checkpoint import save_checkpoint
 from runtime.errors import InputError
-from runtime.files import atomic_write
+from runtime.files import atomic_write, lock_folder
 from runtime.images import save_image_grid
 from runtime.run import Run
 
@@ -70,6 +71,63 @@ def test_resumed_log_drops_a_torn_last_line_and_refuses_a_bad_one(tmp_path):
     path.write_text('{"step": 1}\n[1, 2]\n{"step": 3}\n')
     with pytest.raises(InputError, match=re.escape(f"{path}:2: not a JSON log row with a \"step\"")):
         Run.trim_log(SimpleNamespace(out=tmp_path), 2)
+
+
+# ------------------------------------------------------------- a symbolic link in OUT is never written through
+SECRET = b"root:x:0:0:root:/root:/bin/bash\n"
+
+
+def a_link(out, name, target, content=SECRET):
+    """OUT/`name` a symbolic link to `target` (a file holding `content`, or with None a path where nothing is)."""
+    out.mkdir(exist_ok=True)
+    if content is not None:
+        target.write_bytes(content)
+    (out / name).symlink_to(target)
+    return target
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["to a file", "dangling"])
+def test_a_lock_that_is_a_symlink_is_one_line_and_its_target_untouched(tmp_path, dangling):
+    """OUT/.lock a link to a user's file (train.py truncated it to the pid) or to nowhere (train.py created a file
+    outside OUT): refused in one line, the target as it was."""
+    target = a_link(tmp_path / "o", ".lock", tmp_path / "v", None if dangling else SECRET)
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'o' / '.lock'}: a symbolic link where this project "
+                                                   "keeps its own file")):
+        lock_folder(tmp_path / "o")
+    assert (not target.exists()) if dangling else target.read_bytes() == SECRET
+
+
+def run_in(out, **flags) -> Run:
+    return Run(out, "tokenizer", "tokenizer", {}, None, 2, **{"resume": False, "overwrite": False, **flags},
+               log_every=1, ckpt_every=1, rank=0, world=1, device=torch.device("cpu"))
+
+
+def test_a_log_that_is_a_dangling_symlink_is_one_line_before_step_0_and_nothing_is_written_outside(tmp_path):
+    """OUT/log.jsonl a link to nowhere: the rows went to the file it names. Refused when the run begins (and by the
+    appender itself); --overwrite removes the link, never its target."""
+    target = a_link(tmp_path / "o", "log.jsonl", tmp_path / "outside.jsonl", None)
+    with run_in(tmp_path / "o") as run:
+        with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'o' / 'log.jsonl'}: a symbolic link")):
+            run.begin({})
+        with pytest.raises(InputError, match="a symbolic link"):
+            run.write_log({"step": 1})
+    assert not target.exists()
+    with run_in(tmp_path / "o", overwrite=True) as run:
+        run.begin({})
+        run.write_log({"step": 1})
+    assert not target.exists() and (tmp_path / "o" / "log.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_checkpoints_temporary_folder_that_is_a_symlink_is_never_written_through(tmp_path):
+    """OUT/.tmp-step-XXXXXXX a link to a user's folder: the checkpoint was written there (its config.json replaced);
+    the link is removed instead."""
+    (tmp_path / "user").mkdir()
+    a_link(tmp_path / "o", ".tmp-step-0000001", tmp_path / "user", None)
+    (tmp_path / "user" / "config.json").write_bytes(SECRET)
+    save_checkpoint(tmp_path / "o", 1, {"m": torch.nn.Linear(2, 2)}, {})
+    assert os.listdir(tmp_path / "user") == ["config.json"]
+    assert (tmp_path / "user" / "config.json").read_bytes() == SECRET
+    assert sorted(os.listdir(tmp_path / "o")) == ["latest", "step-0000001"]
 
 
 def test_image_grid_enlarges_small_images_with_nearest_neighbour(tmp_path):

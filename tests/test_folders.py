@@ -19,7 +19,7 @@ from test_train import base_args, log_rows
 
 import sample
 import train
-from runtime import run
+from runtime import files, run
 from runtime.errors import InputError
 from runtime.files import file_sha1, load_json
 from textok import TexTok
@@ -202,15 +202,15 @@ def test_a_full_disk_at_the_start_or_at_a_log_row_is_one_line(tmp_path, text_cac
     file and the last good checkpoint, which stays intact."""
     out, rows = tmp_path / "run", []
 
-    def open_(path, mode="r", *args, **kwargs):  # run.py's own `open`: the log's
-        if Path(path).name == "log.jsonl" and mode == "a" and len(rows) == 2:
+    def open_own(path, flags, *args):  # run.py's own: the log's, opened to append
+        if Path(path).name == "log.jsonl" and flags & os.O_APPEND and len(rows) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        rows.append(path) if mode == "a" else None
-        return open(path, mode, *args, **kwargs)
+        rows.append(path) if flags & os.O_APPEND else None
+        return files.open_own(path, flags, *args)
     if at == "config.json":
         monkeypatch.setattr(os, "open", failing(os.open, out, errno.ENOSPC, ".config.json."))  # its atomic write
     else:
-        monkeypatch.setattr(run, "open", open_, raising=False)
+        monkeypatch.setattr(run, "open_own", open_own)
     with pytest.raises(InputError) as err:
         train.main(base_args(out, text_cache, "--max-steps", "4", "--ckpt-every", "2"))
     assert str(err.value) == {

@@ -160,6 +160,33 @@ def npy_header_only(path, shape, fortran=False):
     return path
 
 
+def zip_patched(path, flag=0, method=None, old=b"", new=b""):
+    """The .npz `path` with general-purpose `flag` bits set and compression `method` given in every member's local and
+    central header, and bytes `old` replaced by `new` (as long) throughout."""
+    raw = bytearray(path.read_bytes().replace(old, new))
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # the flag's offset in each header; the method's next
+        i = raw.find(sig)
+        while i >= 0:
+            raw[i + at] |= flag
+            if method is not None:
+                raw[i + at + 2: i + at + 4] = method.to_bytes(2, "little")
+            i = raw.find(sig, i + 4)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def lzma_npz(path):
+    """arr_0 compressed with LZMA, its filter properties byte broken."""
+    np.savez(path, images())
+    data = zipfile.ZipFile(path).read("arr_0.npy")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("arr_0.npy", data, compress_type=zipfile.ZIP_LZMA)
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"arr_0.npy") + 9 + 4] = 0xFF  # after the name: 4 bytes of LZMA version and size, then lc/lp/pb
+    path.write_bytes(bytes(raw))
+    return path
+
+
 def images(n=4):
     return np.random.default_rng(0).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
 
@@ -404,6 +431,16 @@ BAD_INPUTS = [
     ("npz-huge-stats", _npz(lambda p: np.savez(p, images(), mu=np.zeros(2), sigma=np.zeros((2, 2)), mu_s=np.zeros(2),
                                                sigma_s=np.zeros((2, 2))) or npz_huge_member(p, "sigma")),
      "sigma's header claims float64 shape [1000000, 1000000]"),
+    ("npz-name-not-utf8", _npz(lambda p: zip_patched(np.savez(p, images(), **{"arr_\u00e9": np.zeros(2)}) or p,
+                                                      old="\u00e9".encode(), new=b"\xff\xfe")),
+     "not a readable .npz archive (a member name is not UTF-8: byte 0xff)"),
+    ("npz-lzma-corrupt", _npz(lzma_npz), "not a readable .npz archive (Invalid or unsupported options)"),
+    ("npz-encrypted", _npz(lambda p: zip_patched(np.savez(p, images()) or p, flag=1)),
+     "'arr_0.npy' is encrypted; np.savez writes no password"),
+    ("npz-method-99", _npz(lambda p: zip_patched(np.savez(p, images()) or p, method=99)),
+     "'arr_0.npy' uses zip compression method 99, which is not read"),
+    ("npz-3-images", _npz(lambda p: np.savez(p, images(3)) or p),
+     "arr_0 holds 3 images; precision and recall (k=3 nearest neighbours) need at least 4"),
     # --inception
     ("inception-random-bytes", _inception(_write(np.random.default_rng(0).bytes(4096))),
      "not a PyTorch weights file (torch.load: UnpicklingError)"),

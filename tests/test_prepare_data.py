@@ -1,5 +1,6 @@
 """prepare_data.py: captioned folders and MNIST-style IDX files into captions.jsonl, read back through the loader."""
 import gzip
+import os
 import struct
 import subprocess
 import sys
@@ -236,17 +237,90 @@ def missing_caption(tmp_path):
         "its caption y.txt not found"
 
 
-BAD = [bad_header, bad_magic, cut_data, trailing_data, swapped, counts_differ, corrupt_gzip, label_out_of_range, missing_caption]
+def dims_wrap_int64(tmp_path):
+    """Dimensions 2^31 x 2^31 x 4, whose product is 2^64: 0 in int64, as many bytes as the file holds."""
+    (tmp_path / "i").write_bytes(b"\0\0\x08\x03" + struct.pack(">III", 2 ** 31, 2 ** 31, 4))
+    return ["idx", tmp_path / "i", write_idx(tmp_path / "l", digits()[1])], tmp_path / "i", \
+        "0 data bytes; its dimensions (2147483648, 2147483648, 4) need 18446744073709551616"
+
+
+def idx_files(tmp_path, out, *flags):
+    images, labels = digits()
+    return ["idx", write_idx(tmp_path / "i", images), write_idx(tmp_path / "l", labels), out, "--class-names",
+            "fashion-mnist", *flags]
+
+
+def out_a_file(tmp_path):
+    (tmp_path / "notes").write_text("notes\n")
+    return idx_files(tmp_path, tmp_path / "notes"), tmp_path / "notes", "a file, not a folder (OUT)"
+
+
+def out_inside_a_file(tmp_path):
+    (tmp_path / "notes").write_text("notes\n")
+    return idx_files(tmp_path, tmp_path / "notes" / "out"), tmp_path / "notes", \
+        f"a file, not a folder (OUT); OUT {tmp_path / 'notes' / 'out'} would be inside it"
+
+
+def images_a_file_with_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "images").write_text("notes\n")
+    return idx_files(tmp_path, tmp_path / "out", "--overwrite"), tmp_path / "out" / "images", \
+        "a file where prepare_data writes a folder"
+
+
+def captioned(tmp_path, name: bytes, content=None):
+    """SRC with one image `name` (bytes, a PNG unless `content`) and its caption beside it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    image = os.path.join(os.fsencode(src), name)
+    if content is None:
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(image, format="PNG")
+    else:
+        Path(os.fsdecode(image)).write_bytes(content)
+    Path(os.fsdecode(image)).with_suffix(".txt").write_text("a caption")
+    return src, Path(os.fsdecode(image))
+
+
+def captions_a_folder_with_overwrite(tmp_path):
+    src, _ = captioned(tmp_path, b"x.png")
+    (tmp_path / "out" / "captions.jsonl").mkdir(parents=True)
+    return ["folder", src, tmp_path / "out", "--overwrite"], tmp_path / "out" / "captions.jsonl", \
+        "a folder where prepare_data writes a file"
+
+
+def image_name_not_utf8(tmp_path):
+    src, _ = captioned(tmp_path, b"caf\xe9.png")
+    return ["folder", src, tmp_path / "out"], f"{src}/caf\\xe9.png", "its name is not UTF-8 (byte 0xe9)"
+
+
+def empty_png(tmp_path):
+    src, image = captioned(tmp_path, b"x.png", b"")
+    return ["folder", src, tmp_path / "out"], image, "cannot read image (cannot identify image file"
+
+
+def text_as_png(tmp_path):
+    src, image = captioned(tmp_path, b"x.png", b"a caption, not an image\n")
+    return ["folder", src, tmp_path / "out"], image, "cannot read image (cannot identify image file"
+
+
+BAD = [bad_header, bad_magic, cut_data, trailing_data, swapped, counts_differ, corrupt_gzip, label_out_of_range,
+       missing_caption, dims_wrap_int64, out_a_file, out_inside_a_file, images_a_file_with_overwrite, captions_a_folder_with_overwrite,
+       image_name_not_utf8, empty_png, text_as_png]
+
+
+def files_under(folder: Path) -> dict:
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 @pytest.mark.parametrize("make", BAD, ids=[f.__name__ for f in BAD])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, make):
     argv, file, problem = make(tmp_path)
-    if argv[0] == "idx":
+    if argv[0] == "idx" and "--class-names" not in argv:
         argv += [tmp_path / "out", "--class-names", "fashion-mnist"]
+    before = files_under(tmp_path)
     message = error_line(argv)
     assert message.startswith(f"error: {file}: ") and problem in message, message
-    assert not (tmp_path / "out").exists()
+    assert files_under(tmp_path) == before
 
 
 def test_bad_input_process_exits_1_without_a_traceback(tmp_path):

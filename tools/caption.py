@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from data import IMAGE_SUFFIXES, jsonl_image_path, jsonl_line, load_image
 from runtime.distributed import setup_distributed
 from runtime.errors import InputError, MissingInput, run_main, worker_errors
-from runtime.files import atomic_write, read_lines
+from runtime.files import atomic_write, open_own, read_lines
 from text_encoder import refuse_remote_code
 
 
@@ -201,11 +201,11 @@ def part_files(out) -> list:
 def trim_torn_line(path) -> None:
     """Cuts a last line that a killed writer left without its newline."""
     path = Path(path)
-    if path.is_file():
-        data = path.read_bytes()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            with open(path, "r+b") as f:
+    if path.is_file() or path.is_symlink():
+        with open(open_own(path, os.O_RDWR), "r+b") as f:  # never through a symbolic link
+            data = f.read()
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):
                 f.truncate(keep)
 
 
@@ -223,8 +223,9 @@ def caption_share(root, out, files, labels, prompts, captioner, rank=0, world=1,
     loader = DataLoader(_Images(root, files, todo, size), batch_size, num_workers=workers,
                         collate_fn=_transpose)
     written = empty = 0
-    with open(part, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"caption (rank {rank})", unit="img",
-                                                      disable=not progress) as bar:
+    appended = open_own(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # never through a symbolic link
+    with open(appended, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc=f"caption (rank {rank})", unit="img",
+                                                          disable=not progress) as bar:
         for index, images in worker_errors(loader):
             captions = captioner(list(images), [prompts[0 if labels is None else labels[i]] for i in index])
             lines = [jsonl_line(jsonl_image_path(root, out, files[i]), c, None if labels is None else labels[i])

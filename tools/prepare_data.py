@@ -5,8 +5,9 @@
 
 folder: every image under SRC (recursively; hidden files and folders left out) with a same-name .txt caption beside
 it; the caption is stripped and its whitespace runs, newlines included, folded to one space. An image without a caption
-(missing or empty .txt) is refused, naming the first, unless --skip-uncaptioned. Image paths are written relative to
-OUT (the folder data.JsonlDataset resolves them from), so OUT == SRC writes captions.jsonl in place.
+(missing or empty .txt) is refused, naming the first, unless --skip-uncaptioned; so is one that train.py would refuse
+(its header, and a PNG's chunks, checked as train.py does) or whose file name is not UTF-8. Image paths are written
+relative to OUT (the folder data.JsonlDataset resolves them from), so OUT == SRC writes captions.jsonl in place.
 
 idx: MNIST / Fashion-MNIST IDX files (gzipped or not): each image becomes OUT/images/NNNNN.png (greyscale as stored;
 the loader makes it RGB and resizes it), captions.jsonl gets its label and the class-name caption ("An image of a
@@ -19,6 +20,7 @@ OUT/captions.jsonl (idx: also OUT/images/, OUT/class_captions.jsonl) is replaced
 import argparse
 import gzip
 import json
+import math
 import os
 import shutil
 import struct
@@ -31,10 +33,10 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `python tools/prepare_data.py`
-from data import IMAGE_SUFFIXES, jsonl_image_path, jsonl_line
+from data import IMAGE_SUFFIXES, image_problem, jsonl_image_path, jsonl_line, parallel_map
 from embedded_sets import class_caption
 from runtime.errors import InputError, MissingInput, run_main
-from runtime.files import atomic_write, read_lines
+from runtime.files import atomic_write, check_folder, read_lines, remove_path, writing
 
 
 CLASS_NAMES = {  # label order of the IDX label files
@@ -65,12 +67,19 @@ def main(argv=None):
         p.add_argument("--overwrite", action="store_true", help="replace what an earlier run wrote in OUT")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    check_folder(out, "OUT")
     if args.mode == "folder":
         files, captions, skipped = captioned_images(Path(args.src), args.skip_uncaptioned)
         refuse_existing([out / "captions.jsonl"], args.overwrite)
-        lines = [jsonl_line(jsonl_image_path(args.src, out / "captions.jsonl", f), c) for f, c in zip(files, captions)]
-        write_text(out / "captions.jsonl", lines)
-        print(f"{out / 'captions.jsonl'}: {len(lines)} images" + (f" ({skipped} without a caption left out)"
+        paths = [jsonl_image_path(args.src, out / "captions.jsonl", f) for f in files]
+        for f, p in zip(files, paths):
+            utf8_name(Path(args.src) / f, p)
+        bad = [p for p in parallel_map(image_problem, [Path(args.src) / f for f in files]) if p]
+        if bad:  # train.py's scan would refuse them: say so here, where the user is
+            raise InputError(bad[0] + (f" (and {len(bad) - 1} more of {len(files)} images)" if len(bad) > 1 else ""))
+        with writing(out):
+            write_text(out / "captions.jsonl", [jsonl_line(p, c) for p, c in zip(paths, captions)])
+        print(f"{out / 'captions.jsonl'}: {len(paths)} images" + (f" ({skipped} without a caption left out)"
                                                                   if skipped else ""))
     else:
         images, labels = read_idx(args.images, 3), read_idx(args.labels, 1)
@@ -85,11 +94,13 @@ def main(argv=None):
             i = int(np.argmax(labels >= len(names)))
             raise InputError(f"{args.labels}: label {labels[i]} (item {i}) but --class-names {args.class_names} "
                              f"names {len(names)} classes")
-        refuse_existing([out / "captions.jsonl", out / "class_captions.jsonl", out / "images"], args.overwrite)
-        files = write_images(images, out / "images")
+        refuse_existing([out / "captions.jsonl", out / "class_captions.jsonl"], args.overwrite, [out / "images"])
         pool = [{"label": c, "caption": class_caption(n)} for c, n in enumerate(names)]  # README's held-out captions
-        write_text(out / "class_captions.jsonl", [json.dumps(row, ensure_ascii=False) + "\n" for row in pool])
-        write_text(out / "captions.jsonl", [jsonl_line(f, class_caption(names[y]), y) for f, y in zip(files, labels)])
+        with writing(out):
+            files = write_images(images, out / "images")
+            write_text(out / "class_captions.jsonl", [json.dumps(row, ensure_ascii=False) + "\n" for row in pool])
+            write_text(out / "captions.jsonl", [jsonl_line(f, class_caption(names[y]), y)
+                                                for f, y in zip(files, labels)])
         print(f"{out / 'captions.jsonl'}: {len(files)} images of {len(names)} classes")
 
 
@@ -142,7 +153,7 @@ def read_idx(path, ndim: int) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", raw[4:head])
     if 0 in dims:
         raise InputError(f"{path}: IDX dimensions {dims}: no {what.split()[0]}")
-    size = int(np.prod(dims, dtype=np.int64))
+    size = math.prod(dims)  # a Python int: np.prod in int64 wraps (2^31 x 2^31 x 4 is 0)
     if len(raw) - head != size:
         raise InputError(f"{path}: {len(raw) - head} data bytes; its dimensions {dims} need {size}")
     return np.frombuffer(raw, np.uint8, offset=head).reshape(dims)
@@ -160,11 +171,26 @@ def class_names(spec: str) -> list:
     return names
 
 
-def refuse_existing(paths: list, overwrite: bool) -> None:
-    """Refuses to replace any of `paths` that exists, unless `overwrite`."""
-    held = [p for p in paths if p.exists()]
+def refuse_existing(files: list, overwrite: bool, folders: list = ()) -> None:
+    """Refuses to replace any of `files` and `folders` that exists, unless `overwrite`; and always one of the other
+    kind (a folder where a file is written, or a file where a folder is), which --overwrite does not replace."""
+    held = [p for p in [*files, *folders] if p.exists()]
+    for p in held:
+        if p.is_dir() != (p in folders):
+            kind = ("folder", "file") if p.is_dir() else ("file", "folder")
+            raise InputError(f"{p}: a {kind[0]} where prepare_data writes a {kind[1]}; move it away")
     if held and not overwrite:
         raise InputError(f"{held[0]}: exists; --overwrite replaces it")
+
+
+def utf8_name(path: Path, name: str) -> None:
+    """Refuses an image whose path in captions.jsonl, `name`, is not UTF-8 text (a file name in another encoding)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise InputError(f"{shown}: its name is not UTF-8 (byte 0x{ord(e.object[e.start]) - 0xDC00:02x}), and "
+                         "captions.jsonl is UTF-8 text; rename it") from None
 
 
 def write_text(path: Path, lines: list) -> None:
@@ -185,7 +211,7 @@ def write_images(images: np.ndarray, folder: Path) -> list:
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)  # a link that stood at `folder`: the link alone
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [f"{folder.name}/{n}" for n in names]
