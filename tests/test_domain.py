@@ -1,7 +1,5 @@
 """domain.py: the embedded set's classifier, its cache, and the domain FID and accuracies computed with it."""
-import ast
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
