@@ -32,7 +32,7 @@ from discriminator import LeCAM, StyleGANDiscriminator
 from dit import DIT_SIZES, build_dit
 from embedded_sets import CAPTION_STYLES, OBJECT_SETS, SHAPES
 from evaluator.measures import psnr
-from latents import encode_latents
+from latents import Latents, encode_latents, latent_stats
 from perceptual import load_lpips
 from runtime.distributed import autocast, setup_distributed
 from runtime.errors import InputError, run_main
@@ -276,16 +276,17 @@ def load_frozen_tokenizer(args, device):
 
 def stage2_latents(args, tokenizer, weights: str, train_set, device, rank, world):
     """Stage 2's training set: the tokens Z of every training image (cached, keyed by the tokenizer's `weights`
-    hash and the data's identity: never stale, never shared by two data sets), normalised per channel, with each
-    image's condition (DiT-T2I: the same caption embeddings the tokenizer read); and Z's (mean, std)."""
+    hash and the data's identity: never stale, never shared by two data sets), read a row at a time and normalised
+    per channel (`latents.Latents`), with each image's condition (DiT-T2I: the same caption embeddings the tokenizer
+    read); and Z's (mean, std)."""
     cache = Path(args.cache_dir) / "latents" / f"{weights}-{train_set.items.identity()}"
     Z = encode_latents(tokenizer, train_set, device, args.precision, cache, rank=rank, world=world,
-                       workers=args.workers)
-    mean, std = Z.mean(dim=(0, 1)), Z.std(dim=(0, 1)).clamp_min(1e-6)  # per-channel latent normalisation
-    Z.sub_(mean).div_(std)  # in place: one copy of Z in memory
+                       workers=args.workers)  # a row reader: no rank holds Z in memory
+    mean, std = latent_stats(Z, rank, world)  # per-channel latent normalisation, one streaming pass
+    std = std.clamp_min(1e-6)
     cfg = tokenizer.cfg
     text = cfg.text_encoder if args.task == "t2i" else None
-    latents = Conditioned(Z, train_set.captions, train_set.labels, text, cfg.text_len, args.cache_dir, device,
+    latents = Conditioned(Latents(Z, mean, std), train_set.captions, train_set.labels, text, cfg.text_len, args.cache_dir, device,
                           args.text_cache, args.precision, rank, world, args.download)
     return latents, mean, std
 

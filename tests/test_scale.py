@@ -81,6 +81,7 @@ def test_two_gloo_ranks_build_what_one_rank_builds(tmp_path):
     data = Conditioned.for_model(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), one)
     tok = TexTok.from_pretrained(two / "tok").eval()
     Z = latents.encode_latents(tok, data, torch.device("cpu"), "fp32", one / "Z", batch_size=4)
+    Z = torch.from_numpy(Z.read(0, len(Z)))
     for p in procs:
         output = p.communicate(timeout=300)[0]
         assert p.returncode == 0, output[-3000:]
@@ -94,6 +95,28 @@ def test_two_gloo_ranks_build_what_one_rank_builds(tmp_path):
         batch = data.batch(range(4))
         direct = tok.encode(torch.stack([data[i]["image"] for i in range(4)]), batch)
     assert torch.equal(Z[:4], direct)
+
+
+def test_stage2_latents_are_rows_read_on_demand_normalised_as_the_whole_array(tmp_path):
+    """Stage 2 holds no [M, N, d] array (issue 31): its items read rows of Z.npy and normalise each by the streamed
+    per-channel statistics, which equal the whole array's (torch's std to the bit, the mean within 1e-6 std: float64
+    against torch's float32 sum) and give the rows the old in-place normalisation gave."""
+    torch.manual_seed(0)
+    cfg = tiny_config(conditioning="none")
+    tok, data = TexTok(cfg).eval(), Conditioned.for_model(ShapesDataset("train", 32, 12), cfg, tmp_path)
+    args = SimpleNamespace(cache_dir=tmp_path, precision="fp32", workers=0, task="class", text_cache="on",
+                           download=False)
+    ds, mean, std = train.stage2_latents(args, tok, "w", data, torch.device("cpu"), 0, 1)
+    whole = 12 * cfg.num_tokens * cfg.token_dim
+    size = lambda v: v.numel() if isinstance(v, torch.Tensor) else v.size if isinstance(v, np.ndarray) else 0
+    held = [v for obj in (ds, ds.items) for v in vars(obj).values() if size(v) >= whole]
+    assert not held and isinstance(ds.items.Z, NpyRows)
+    Z = torch.from_numpy(np.load(next((tmp_path / "latents").iterdir()) / "Z.npy"))
+    old_mean, old_std = Z.mean(dim=(0, 1)), Z.std(dim=(0, 1)).clamp_min(1e-6)
+    assert torch.equal(std, old_std) and ((mean - old_mean).abs() / old_std).max() < 1e-6
+    rows = torch.stack([ds[i]["Z"] for i in range(12)])
+    assert torch.equal(rows, (Z - mean) / std)  # the old in-place sub_/div_, with these statistics
+    torch.testing.assert_close(rows, (Z - old_mean) / old_std, rtol=0, atol=1e-5)
 
 
 def test_a_failed_build_leaves_no_complete_looking_store(tmp_path, monkeypatch):
