@@ -43,13 +43,14 @@ def encode_latents(tokenizer: TexTok, dataset, device, precision, cache: Path, b
     return NpyRows(folder / "Z.npy")
 
 
-def latent_stats(Z: NpyRows, rank: int = 0, world: int = 1, chunk_rows: int = 4096):
+def latent_stats(Z: NpyRows, rank: int = 0, world: int = 1, chunk_values: int = 2 ** 20):
     """Per-channel mean and standard deviation (unbiased) of Z [M, N, d] over its M x N tokens, float32 [d] each, in
-    one streaming pass: chunks of `chunk_rows` rows (fixed, whatever the ranks), each chunk's count, mean and sum of
-    squared deviations in float64, merged in chunk order (Chan et al.'s pairwise update). With `world` ranks (all must
-    call it) each reads a contiguous share of the chunks and all gather the per-chunk results, so every rank gets the
-    same bits as one rank alone; memory: one chunk."""
+    one streaming pass: chunks of rows holding about `chunk_values` values (fixed by Z's shape, whatever the ranks),
+    each chunk's count, mean and sum of squared deviations in float64, merged in chunk order (Chan et al.'s pairwise
+    update). With `world` ranks (all must call it) each reads a contiguous share of the chunks and all gather the
+    per-chunk results, so every rank gets the same bits as one rank alone; memory: one chunk (8 MiB in float64)."""
     M, d = len(Z), Z.shape[-1]
+    chunk_rows = max(1, chunk_values // (Z.row_bytes // Z.dtype.itemsize))
     chunks = -(-M // chunk_rows)
     mine = rank_share(chunks, rank, world)
     parts = []
