@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from conditions import Conditioned, collate
 from config import (AT_LEAST_0, AT_LEAST_1, POSITIVE, ConfigError, DiTTrainConfig, MODEL_PRESETS, TexTokConfig,
                     TokenizerTrainConfig, add_flags, check_config, check_flags, get_preset, given_flags, to_dict)
-from data import check_labels, make_datasets, step_loader
+from data import check_labels, make_datasets, scan_once, step_loader
 from diffusion import Diffusion
 from discriminator import LeCAM, StyleGANDiscriminator
 from dit import DIT_SIZES, build_dit
@@ -169,8 +169,8 @@ def evaluate_tokenizer(model, batch, grid_path, rank, device, precision) -> floa
 
 def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, world: int = 1, classes=None):
     """(train, val) `Conditioned` data sets with the conditions `cfg` reads (caption embeddings, labels), after
-    checking that every image of a --data folder decodes. All ranks call it: they share the scan and the embedding
-    store's encoding. `classes` (count, who reads the labels): every training image (and in stage 1 every validation
+    checking that every image of a --data folder decodes (once per data set: `data.scan_once`). All ranks call it:
+    they share the scan, the data set's identity and the embedding store's encoding. `classes` (count, who reads the labels): every training image (and in stage 1 every validation
     image) needs a label below the count, checked first."""
     train, val = make_datasets(args.data, args.val, cfg.image_size, args.num_images, captions=args.captions,
                                family=args.set, shuffle_captions=args.shuffle_captions)
@@ -178,9 +178,9 @@ def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, world: int = 1,
         check_labels(train, *classes)
         if args.stage == "tokenizer":
             check_labels(val, *classes)
-    if args.data:
-        train.scan(rank=rank, world=world)
-        val.scan(rank=rank, world=world)
+    if args.data:  # once per data set (a record in --cache-dir), rank 0 stating the images for all
+        scan_once(train, args.cache_dir, rank, world)
+        scan_once(val, args.cache_dir, rank, world)
     return tuple(Conditioned.for_model(ds, cfg, args.cache_dir, device, args.text_cache, args.precision, rank, world,
                                        args.download)
                  for ds in (train, val))
