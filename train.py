@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--stage", choices=["tokenizer", "dit"], required=True)
     p.add_argument("--preset", default="tiny", help="tiny (embedded CPU default), imagenet256, imagenet512")
     p.add_argument("--data", default=None, help="JSONL folder (README); default: the embedded shapes set")
-    p.add_argument("--val", default=None, help="validation JSONL folder; default: a seeded 10%% of --data")
+    p.add_argument("--val", default=None, help="validation JSONL folder; default: a seeded 10%% of --data (the "
+                   "imagenet presets train on all of --data and need --val)")
     p.add_argument("--num-images", type=int, default=4096, help="size of the embedded training set")
     p.add_argument("--captions", choices=CAPTION_STYLES, default="full",
                    help="embedded set's captions (Tab. 4a): full descriptive, short, or the class-name template")
@@ -131,12 +132,16 @@ def run_configs(args):
 
 
 def check_args(args) -> None:
-    """Refuses flags outside the configs that cannot be meant, and an --out or --cache-dir that is a file; before
-    anything is read or written (the configs' own fields: `run_configs`)."""
+    """Refuses flags outside the configs that cannot be meant, an --out or --cache-dir that is a file, and a preset
+    that trains on the whole --data folder without --val; before anything is read or written (the configs' own
+    fields: `run_configs`)."""
     counts = ("max_steps", "grad_accum", "log_every", "eval_every", "ckpt_every", "num_images")
     check_flags(args, {**dict.fromkeys(counts, AT_LEAST_1), "workers": AT_LEAST_0, "dist_timeout": POSITIVE})
     check_folder(args.out or f"runs/{args.stage}", "--out")
     check_folder(args.cache_dir, "--cache-dir")
+    if args.data and args.val is None and not get_preset(args.preset).holdout:  # ImageNet: all of train is trained on
+        raise InputError(f"--preset {args.preset} trains on the whole --data folder and validates on --val; give --val "
+                         "DIR (a captioned folder held out from training: ImageNet's val set)")
 
 
 # ----------------------------------------------------------------------------- what both stages' steps share
