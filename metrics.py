@@ -92,14 +92,15 @@ def _check_logits(model, name: str, skipped: list | None):
 
 def training_data(tokenizer) -> dict:
     """`data.make_datasets`'s arguments for the data a tokenizer exported by train.py (OUT/tokenizer) was trained on,
-    from its run's OUT/config.json: the folder, or the embedded set with its caption style and the shuffle control;
-    {} for a tokenizer without one (the embedded shapes set)."""
+    from its run's OUT/config.json: the folder and its --val folder (None: a seeded 10% of the folder was held out),
+    or the embedded set with its caption style and the shuffle control; {} for a tokenizer without one (the embedded
+    shapes set)."""
     path = Path(tokenizer).parent / "config.json"
     run = load_json(path) if Path(tokenizer).is_dir() and path.is_file() else {}
     if run.get("stage") != "tokenizer":
         return {}
     if run.get("data", "embedded") != "embedded":
-        return {"data": run["data"]}
+        return {"data": run["data"], "val": run.get("val")}
     return {"family": run.get("set", "shapes"), "captions": run.get("captions", "full"),
             "shuffle_captions": run.get("shuffle_captions", False)}
 
@@ -130,8 +131,9 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     tok = TexTok.from_pretrained(tokenizer, map_location=device, download=download).eval()
     cfg = tok.cfg
     trained_on = training_data(tokenizer)
-    data = trained_on.pop("data", None) if data is None else data
-    dataset = make_datasets(data, size=cfg.image_size, num_images=num_images, **trained_on)[split == "val"]
+    recorded = trained_on.pop("data", None), trained_on.pop("val", None)  # the training folder and its --val
+    data, val = recorded if data is None else (data, None)
+    dataset = make_datasets(data, val, size=cfg.image_size, num_images=num_images, **trained_on)[split == "val"]
     dataset = Conditioned.for_model(dataset, cfg, cache_dir, device, download=download)  # the cache train.py fills
     dataset = torch.utils.data.Subset(dataset, range(min(num_images, len(dataset))))
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1),

@@ -205,6 +205,7 @@ def train_tokenizer(args, rank, world, device):
     classes = (cfg.num_classes, "--conditioning class") if cfg.conditioning == "class" else None
     train_set, val_set = datasets_for(args, cfg, device, rank, world, classes)
     run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
+                  "val": args.val,  # metrics.py reads the split: all of --data is trained on when --val is given
                   "captions": args.captions if args.data is None else "captions.jsonl",
                   "set": args.set, "shuffle_captions": args.shuffle_captions,
                   "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),

@@ -471,6 +471,31 @@ def test_tokenizer_is_scored_on_the_set_it_was_trained_on(tmp_path, monkeypatch)
     assert report["PSNR"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_tokenizer_trained_on_a_whole_folder_is_scored_on_it(tmp_path, monkeypatch):
+    """Issue 31: a tokenizer trained with --val (the imagenet presets: all of --data trained on) is scored on the
+    whole --data folder, the caption list training encoded: its text store is read, no second one is built."""
+    import json
+
+    from PIL import Image
+
+    import train
+    without_packaged_inception(monkeypatch, tmp_path / "torch_home")
+    for name, n in (("train", 10), ("val", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(tmp_path / name / f"{i}.png")
+        (tmp_path / name / "captions.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"})
+                                                                 + "\n" for i in range(n)))
+    cache = tmp_path / "cache"
+    train.main(["--stage", "tokenizer", "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                "--out", str(tmp_path / "run"), "--cache-dir", str(cache), "--batch-size", "2", "--workers", "0",
+                "--max-steps", "1", "--warmup-steps", "1"])
+    stores = sorted((cache / "text").iterdir())
+    metrics.evaluate_reconstruction(tmp_path / "run" / "tokenizer", num_images=4, batch_size=4, cache_dir=cache,
+                                    skipped=[])
+    assert sorted((cache / "text").iterdir()) == stores
+
+
 def test_tokenizer_report_with_inception_weights_without_output_layer_gives_rfid_and_skips_ris(tmp_path, monkeypatch,
                                                                                                capsys):
     """Weights like default_1.pt (no 1008-way output layer): rFID is reported, rIS named as skipped with why."""
