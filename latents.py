@@ -20,9 +20,9 @@ from textok import TexTok
 def encode_latents(tokenizer: TexTok, dataset, device, precision, cache: Path, batch_size: int = 64, rank: int = 0,
                    world: int = 1, workers: int = 0) -> NpyRows:
     """Encodes the whole data set (a `Conditioned`) once with the frozen (EMA) tokenizer: Z [M, N, d] float32, cached
-    in the folder `cache` (Z.npy), returned as its row reader (nothing read yet). Every rank (all must call it) encodes a contiguous share of the batches through a
-    DataLoader with `workers` and writes it into the one file; the batches are one rank's, so Z does not depend on
-    the number of ranks."""
+    in the folder `cache` (Z.npy), returned as its row reader (nothing read yet). Every rank (all must call it)
+    encodes a contiguous share of the batches through a DataLoader with `workers` and writes it into the one file;
+    the batches are one rank's, so Z does not depend on the number of ranks."""
     M, cfg = len(dataset), tokenizer.cfg
 
     def fill(files):

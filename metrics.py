@@ -110,10 +110,10 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
                             batch_size: int = 64, inception=None, lpips_net: str = "alex", cache_dir="cache",
                             device="cpu", preprocess: str = "tf", skipped: list | None = None,
                             download: bool = False) -> dict:
-    """Encodes and decodes `num_images` images with a TexTok checkpoint: of `data`, else of the data it was trained
-    on (`training_data`); rFID compares the Inception statistics of reconstructions and originals, rIS is the IS of
-    the reconstructions. Missing weights (Inception, the LPIPS backbone) are an error; with a list `skipped`, their
-    metrics are left out and named there with why."""
+    """Encodes and decodes `num_images` images with a TexTok checkpoint, evenly spaced over `data` (every image when
+    it holds no more), else over the data it was trained on (`training_data`); rFID compares the Inception statistics
+    of reconstructions and originals, rIS is the IS of the reconstructions. Missing weights (Inception, the LPIPS
+    backbone) are an error; with a list `skipped`, their metrics are left out and named there with why."""
     from conditions import Conditioned, collate
     from data import make_datasets
     from runtime.images import to_uint8  # the model code is imported here so metrics.py imports without it
@@ -135,7 +135,8 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     data, val = recorded if data is None else (data, None)
     dataset = make_datasets(data, val, size=cfg.image_size, num_images=num_images, **trained_on)[split == "val"]
     dataset = Conditioned.for_model(dataset, cfg, cache_dir, device, download=download)  # the cache train.py fills
-    dataset = torch.utils.data.Subset(dataset, range(min(num_images, len(dataset))))
+    k = min(num_images, len(dataset))  # spread over the set (a folder sorted by class): all of it when k = len
+    dataset = torch.utils.data.Subset(dataset, [i * len(dataset) // k for i in range(k)])
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1),
                                          collate_fn=collate)
     model = optional(lambda: load_inception(inception, device, preprocess), "rFID, rIS")

@@ -175,8 +175,9 @@ def evaluate_tokenizer(model, batch, grid_path, rank, device, precision) -> floa
 def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, world: int = 1, classes=None):
     """(train, val) `Conditioned` data sets with the conditions `cfg` reads (caption embeddings, labels), after
     checking that every image of a --data folder decodes (once per data set: `data.scan_once`). All ranks call it:
-    they share the scan, the data set's identity and the embedding store's encoding. `classes` (count, who reads the labels): every training image (and in stage 1 every validation
-    image) needs a label below the count, checked first."""
+    they share the scan, the data set's identity and the embedding store's encoding. `classes` (count, who reads the
+    labels): every training image (and in stage 1 every validation image) needs a label below the count, checked
+    first."""
     train, val = make_datasets(args.data, args.val, cfg.image_size, args.num_images, captions=args.captions,
                                family=args.set, shuffle_captions=args.shuffle_captions)
     if classes:
@@ -292,8 +293,8 @@ def stage2_latents(args, tokenizer, weights: str, train_set, device, rank, world
     std = std.clamp_min(1e-6)
     cfg = tokenizer.cfg
     text = cfg.text_encoder if args.task == "t2i" else None
-    latents = Conditioned(Latents(Z, mean, std), train_set.captions, train_set.labels, text, cfg.text_len, args.cache_dir, device,
-                          args.text_cache, args.precision, rank, world, args.download)
+    latents = Conditioned(Latents(Z, mean, std), train_set.captions, train_set.labels, text, cfg.text_len,
+                          args.cache_dir, device, args.text_cache, args.precision, rank, world, args.download)
     return latents, mean, std
 
 

@@ -473,7 +473,8 @@ def test_tokenizer_is_scored_on_the_set_it_was_trained_on(tmp_path, monkeypatch)
 
 def test_a_tokenizer_trained_on_a_whole_folder_is_scored_on_it(tmp_path, monkeypatch):
     """Issue 31: a tokenizer trained with --val (the imagenet presets: all of --data trained on) is scored on the
-    whole --data folder, the caption list training encoded: its text store is read, no second one is built."""
+    whole --data folder, the caption list training encoded: its text store is read, no second one is built; the
+    images scored are spread over the folder (§4.2's 50K of ImageNet train, which is sorted by class)."""
     import json
 
     from PIL import Image
@@ -490,10 +491,12 @@ def test_a_tokenizer_trained_on_a_whole_folder_is_scored_on_it(tmp_path, monkeyp
     train.main(["--stage", "tokenizer", "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
                 "--out", str(tmp_path / "run"), "--cache-dir", str(cache), "--batch-size", "2", "--workers", "0",
                 "--max-steps", "1", "--warmup-steps", "1"])
-    stores = sorted((cache / "text").iterdir())
+    stores, picked, subset = sorted((cache / "text").iterdir()), [], torch.utils.data.Subset
+    monkeypatch.setattr(torch.utils.data, "Subset", lambda ds, idx: picked.append(list(idx)) or subset(ds, idx))
     metrics.evaluate_reconstruction(tmp_path / "run" / "tokenizer", num_images=4, batch_size=4, cache_dir=cache,
                                     skipped=[])
     assert sorted((cache / "text").iterdir()) == stores
+    assert picked == [[0, 2, 5, 7]]  # spread over the folder (sorted by class), not its first images
 
 
 def test_tokenizer_report_with_inception_weights_without_output_layer_gives_rfid_and_skips_ris(tmp_path, monkeypatch,
