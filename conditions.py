@@ -60,8 +60,8 @@ class Conditioned(Dataset):
       - the on-disk store (text_cache "on"): `text_encoder.cached_text_embeddings`, fp16, built once by the `world`
         ranks together, read a row per item (in the loader's workers);
       - on the fly (text_cache "off"): the frozen encoder runs on each batch in this process, in `complete(batch)`.
-    Both give float32 rounded through fp16. `items`: a data set of dicts ({"image", "index"}), a tensor Z [M, N, d]
-    (stage 2's latents: items {"Z"}), or None (the conditions alone). `complete(batch)` must see every batch (a no-op
+    Both give float32 rounded through fp16. `items`: a data set of dicts ({"image", "index"}; stage 2's latent rows,
+    `latents.Latents`: {"Z", "index"}), or None (the conditions alone). `complete(batch)` must see every batch (a no-op
     with the store); `batch(indices)` is the completed `Cond` of those items."""
 
     def __init__(self, items, captions, labels, text_encoder=None, text_len: int = 128, cache_dir="cache",
@@ -112,8 +112,6 @@ class Conditioned(Dataset):
         cond = self.condition(i)
         if self.items is None:
             return {"cond": cond, "index": i}
-        if isinstance(self.items, torch.Tensor):
-            return {"Z": self.items[i], "cond": cond, "index": i}
         return {**self.items[i], "cond": cond}
 
     def complete(self, batch: dict) -> dict:

@@ -220,11 +220,14 @@ MODEL_PRESETS = {
 
 @dataclass
 class Preset:
-    """A whole run: model, stage-1 and stage-2 settings, and a note on what it changes from the paper and why."""
+    """A whole run: model, stage-1 and stage-2 settings, a note on what it changes from the paper and why, and whether
+    a --data folder without --val gives up a seeded 10% to validation (`holdout`; False: the whole --data folder is
+    trained on and --val is required)."""
     model: TexTokConfig
     train: TokenizerTrainConfig
     dit: DiTTrainConfig
     note: str
+    holdout: bool = True
 
 
 def _tiny() -> Preset:
@@ -266,7 +269,10 @@ def _imagenet(res: int) -> Preset:
                          text_encoder="google/t5-v1_1-xxl" if big else "google/t5-v1_1-xl",  # §4.1
                          text_dim=4096 if big else 2048)
     train = TokenizerTrainConfig(disc_multipliers=(0.5, 1, 2, 4, 4, 4, 4) if big else (1, 2, 4, 4, 4, 4))  # App. C
-    return Preset(model, train, DiTTrainConfig(), f"paper: ImageNet {res}x{res}, Appendix C unchanged")
+    note = (f"paper: ImageNet {res}x{res}, Appendix C unchanged; trains on the whole --data folder (ImageNet train, "
+            "§4.2) and needs --val (the captioned ImageNet val folder): the periodic validation PSNR reads it, and "
+            "T2I sampling takes its captions from it (§4.2: FID on ImageNet val)")
+    return Preset(model, train, DiTTrainConfig(), note, holdout=False)
 
 
 PRESETS = {"tiny": _tiny, "toy-mechanism": _toy_mechanism, "imagenet256": lambda: _imagenet(256),

@@ -28,7 +28,7 @@ from conditions import collate
 from embedded_sets import ObjectDataset, SPLITS, ShapesDataset, ShuffledCaptions, embedded_caption_pool
 from runtime.distributed import rank_share
 from runtime.errors import InputError, MissingInput
-from runtime.files import read_lines
+from runtime.files import read_lines, save_json, writing
 from runtime.images import to_tensor
 
 
@@ -186,6 +186,7 @@ class JsonlDataset(Dataset):
         self.lines = table.lines[self.indices]  # captions.jsonl line of each selected image
         self.files, self.captions = table.images[self.indices], table.captions[self.indices]
         self.labels = table.labels[self.indices]
+        self._identity = None  # identity(), once computed
 
     def __len__(self):
         return len(self.files)
@@ -207,15 +208,43 @@ class JsonlDataset(Dataset):
             raise InputError(f"{self.root / 'captions.jsonl'}: {len(bad)} of {len(self.files)} listed images are bad: "
                              + "; ".join(bad[:show]) + ("; ..." if len(bad) > show else ""))
 
-    def identity(self) -> str:
+    def identity(self, rank: int = 0, world: int = 1) -> str:
         """A hash of what determines the items: captions.jsonl's content, the selected rows, the resolution, and each
-        image file's size and modification time (a replaced image changes it)."""
+        image file's size and modification time (a replaced image changes it). Computed once per object (at launch):
+        with `world` ranks (all must call it), rank 0 stats the images and sends the result to the others."""
+        if self._identity is None:
+            value = [self._hash_files() if rank == 0 else None]
+            if world > 1:
+                dist.broadcast_object_list(value, 0)
+            self._identity = value[0]
+        return self._identity
+
+    def _hash_files(self) -> str:
         h = hashlib.sha1(f"{self.jsonl_sha1}|".encode())
         _hash_list(h, self.indices)
         h.update(f"|{self.size}".encode())
         for f, st in zip(self.files, parallel_map(Path.stat, self.files)):  # many stat calls in flight (NFS)
             h.update(f"|{f}|{st.st_size}|{st.st_mtime_ns}".encode())
         return f"{self.root.name}-{h.hexdigest()[:16]}"
+
+
+def scan_once(dataset, cache_dir, rank: int = 0, world: int = 1) -> None:
+    """`dataset.scan` (every listed image exists and its header decodes) once per data set: a clean scan is recorded
+    in `cache_dir`/scans/ under the data set's identity (captions.jsonl's sha1, the selected rows, the resolution,
+    each image's size and mtime: one stat per image, by rank 0 alone, shared with the other ranks), so a later launch
+    of either stage skips it unless captions.jsonl or an image's size or mtime changed. All ranks must call it; the
+    record lives where all ranks see it (the shared --cache-dir)."""
+    record = Path(cache_dir) / "scans" / dataset.identity(rank=rank, world=world)
+    done = [record.is_file() if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(done, 0)
+    if done[0]:
+        return
+    dataset.scan(rank=rank, world=world)
+    if rank == 0:
+        with writing(record.parent, " (--cache-dir must be a writable folder)"):
+            record.parent.mkdir(parents=True, exist_ok=True)
+            save_json({"images": len(dataset), "bad": 0}, record)
 
 
 def check_labels(dataset, num_classes: int, needed_by: str) -> None:

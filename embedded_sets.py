@@ -324,8 +324,8 @@ class ShuffledCaptions(Dataset):
     def __getitem__(self, i):
         return self.dataset[i]
 
-    def identity(self) -> str:
-        return f"{self.dataset.identity()}-shuffled"
+    def identity(self, **kwargs) -> str:
+        return f"{self.dataset.identity(**kwargs)}-shuffled"
 
     def scan(self, **kwargs) -> None:
         self.dataset.scan(**kwargs)

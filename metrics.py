@@ -96,14 +96,15 @@ def _check_logits(model, name: str, skipped: list | None):
 
 def training_data(tokenizer) -> dict:
     """`data.make_datasets`'s arguments for the data a tokenizer exported by train.py (OUT/tokenizer) was trained on,
-    from its run's OUT/config.json: the folder, or the embedded set with its size, caption style and the shuffle
-    control; {} for a tokenizer without one (the embedded shapes set)."""
+    from its run's OUT/config.json: the folder and its --val folder (None: a seeded 10% of the folder was held out),
+    or the embedded set with its size, caption style and the shuffle control; {} for a tokenizer without one (the
+    embedded shapes set)."""
     path = Path(tokenizer).parent / "config.json"
     run = load_json(path) if Path(tokenizer).is_dir() and path.is_file() else {}
     if run.get("stage") != "tokenizer":
         return {}
     if run.get("data", "embedded") != "embedded":
-        return {"data": run["data"]}
+        return {"data": run["data"], "val": run.get("val")}
     return {"family": run.get("set", "shapes"), "captions": run.get("captions", "full"),
             "shuffle_captions": run.get("shuffle_captions", False),
             **({"num_images": run["num_images"]} if "num_images" in run else {})}
@@ -114,10 +115,10 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
                             batch_size: int = 64, inception=None, lpips_net: str = "alex", cache_dir="cache",
                             device="cpu", preprocess: str = "tf", skipped: list | None = None,
                             download: bool = False) -> dict:
-    """Encodes and decodes `num_images` images with a TexTok checkpoint: of `data`, else of the data it was trained
-    on (`training_data`); rFID compares the Inception statistics of reconstructions and originals, rIS is the IS of
-    the reconstructions. Missing weights (Inception, the LPIPS backbone) are an error; with a list `skipped`, their
-    metrics are left out and named there with why."""
+    """Encodes and decodes `num_images` images with a TexTok checkpoint, evenly spaced over `data` (every image when
+    it holds no more), else over the data it was trained on (`training_data`); rFID compares the Inception statistics
+    of reconstructions and originals, rIS is the IS of the reconstructions. Missing weights (Inception, the LPIPS
+    backbone) are an error; with a list `skipped`, their metrics are left out and named there with why."""
     from conditions import Conditioned, collate
     from data import make_datasets
     from runtime.images import to_uint8  # the model code is imported here so metrics.py imports without it
@@ -135,11 +136,12 @@ def evaluate_reconstruction(tokenizer, data=None, split: str = "train", num_imag
     tok = TexTok.from_pretrained(tokenizer, map_location=device, download=download).eval()
     cfg = tok.cfg
     trained_on = {"num_images": num_images, **training_data(tokenizer)}  # the embedded set as large as trained
-    run_data = trained_on.pop("data", None)
-    data = run_data if data is None else data
-    dataset = make_datasets(data, size=cfg.image_size, **trained_on)[split == "val"]
+    recorded = trained_on.pop("data", None), trained_on.pop("val", None)  # the training folder and its --val
+    data, val = recorded if data is None else (data, None)
+    dataset = make_datasets(data, val, size=cfg.image_size, **trained_on)[split == "val"]
     dataset = Conditioned.for_model(dataset, cfg, cache_dir, device, download=download)  # the cache train.py fills
-    dataset = torch.utils.data.Subset(dataset, range(min(num_images, len(dataset))))
+    k = min(num_images, len(dataset))  # spread over the set (a folder sorted by class): all of it when k = len
+    dataset = torch.utils.data.Subset(dataset, [i * len(dataset) // k for i in range(k)])
     loader = torch.utils.data.DataLoader(dataset, batch_size, num_workers=min(8, os.cpu_count() or 1),
                                          collate_fn=collate)
     model = optional(lambda: load_inception(inception, device, preprocess), "rFID, rIS")

@@ -6,7 +6,9 @@
 Class-conditional: DiT generates the tokens of a class (classes in turn); the detokenizer gets a caption drawn from
 that class's held-out caption pool, as the paper does. Text-to-image: one caption drives both DiT-T2I and the
 detokenizer; captions come from --prompts or from the held-out split the DiT was trained beside (stored in its
-config, so they are never training captions). Caption embeddings come from the same on-disk cache training used.
+config, so they are never training captions): its --val folder (the imagenet presets, which train on the whole
+--data folder, require one: ImageNet val, §4.2), else the seeded 10% of --data that training held out. Caption
+embeddings come from the same on-disk cache training used.
 
 Sample i starts from noise seeded by (--seed, i) and reads caption i, so any number of ranks writes the same images:
 rank r draws samples r, r + K, ...; rank 0 gathers them into OUT/samples_NxHxWx3.npz (`arr_0` uint8 [N, H, W, 3],
@@ -87,7 +89,7 @@ def labels_and_captions(dit: DiT, tokenizer: TexTok, args, n: int):
         captions = [line.strip() for line in read_lines(args.prompts) if line.strip()]
         if not captions:
             raise InputError(f"{args.prompts}: no prompts (one caption per line)")
-    else:  # the validation split of the DiT's training data: held out from both stages
+    else:  # the validation split of the DiT's training data (its --val folder, else a seeded 10%): held out of both
         captions = make_datasets(data, split["val"], cfg.image_size, split["num_images"], captions=split["captions"],
                                  family=split.get("set", "shapes"))[1].captions
     return [0] * n, [captions[i % len(captions)] for i in range(n)]

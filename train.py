@@ -26,13 +26,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from conditions import Conditioned, collate
 from config import (AT_LEAST_0, AT_LEAST_1, POSITIVE, ConfigError, DiTTrainConfig, MODEL_PRESETS, TexTokConfig,
                     TokenizerTrainConfig, add_flags, check_config, check_flags, get_preset, given_flags, to_dict)
-from data import check_labels, make_datasets, step_loader
+from data import check_labels, make_datasets, scan_once, step_loader
 from diffusion import Diffusion
 from discriminator import LeCAM, StyleGANDiscriminator
 from dit import DIT_SIZES, build_dit
 from embedded_sets import CAPTION_STYLES, OBJECT_SETS, SHAPES
 from evaluator.measures import psnr
-from latents import encode_latents
+from latents import Latents, encode_latents, latent_stats
 from perceptual import load_lpips
 from runtime.distributed import autocast, setup_distributed
 from runtime.errors import InputError, run_main
@@ -50,7 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--stage", choices=["tokenizer", "dit"], required=True)
     p.add_argument("--preset", default="tiny", help="tiny (embedded CPU default), imagenet256, imagenet512")
     p.add_argument("--data", default=None, help="JSONL folder (README); default: the embedded shapes set")
-    p.add_argument("--val", default=None, help="validation JSONL folder; default: a seeded 10%% of --data")
+    p.add_argument("--val", default=None, help="validation JSONL folder; default: a seeded 10%% of --data (the "
+                   "imagenet presets train on all of --data and need --val)")
     p.add_argument("--num-images", type=int, default=4096, help="size of the embedded training set")
     p.add_argument("--captions", choices=CAPTION_STYLES, default="full",
                    help="embedded set's captions (Tab. 4a): full descriptive, short, or the class-name template")
@@ -131,12 +132,16 @@ def run_configs(args):
 
 
 def check_args(args) -> None:
-    """Refuses flags outside the configs that cannot be meant, and an --out or --cache-dir that is a file; before
-    anything is read or written (the configs' own fields: `run_configs`)."""
+    """Refuses flags outside the configs that cannot be meant, an --out or --cache-dir that is a file, and a preset
+    that trains on the whole --data folder without --val; before anything is read or written (the configs' own
+    fields: `run_configs`)."""
     counts = ("max_steps", "grad_accum", "log_every", "eval_every", "ckpt_every", "num_images")
     check_flags(args, {**dict.fromkeys(counts, AT_LEAST_1), "workers": AT_LEAST_0, "dist_timeout": POSITIVE})
     check_folder(args.out or f"runs/{args.stage}", "--out")
     check_folder(args.cache_dir, "--cache-dir")
+    if args.data and args.val is None and not get_preset(args.preset).holdout:  # ImageNet: all of train is trained on
+        raise InputError(f"--preset {args.preset} trains on the whole --data folder and validates on --val; give --val "
+                         "DIR (a captioned folder held out from training: ImageNet's val set)")
 
 
 # ----------------------------------------------------------------------------- what both stages' steps share
@@ -169,18 +174,19 @@ def evaluate_tokenizer(model, batch, grid_path, rank, device, precision) -> floa
 
 def datasets_for(args, cfg: TexTokConfig, device, rank: int = 0, world: int = 1, classes=None):
     """(train, val) `Conditioned` data sets with the conditions `cfg` reads (caption embeddings, labels), after
-    checking that every image of a --data folder decodes. All ranks call it: they share the scan and the embedding
-    store's encoding. `classes` (count, who reads the labels): every training image (and in stage 1 every validation
-    image) needs a label below the count, checked first."""
+    checking that every image of a --data folder decodes (once per data set: `data.scan_once`). All ranks call it:
+    they share the scan, the data set's identity and the embedding store's encoding. `classes` (count, who reads the
+    labels): every training image (and in stage 1 every validation image) needs a label below the count, checked
+    first."""
     train, val = make_datasets(args.data, args.val, cfg.image_size, args.num_images, captions=args.captions,
                                family=args.set, shuffle_captions=args.shuffle_captions)
     if classes:
         check_labels(train, *classes)
         if args.stage == "tokenizer":
             check_labels(val, *classes)
-    if args.data:
-        train.scan(rank=rank, world=world)
-        val.scan(rank=rank, world=world)
+    if args.data:  # once per data set (a record in --cache-dir), rank 0 stating the images for all
+        scan_once(train, args.cache_dir, rank, world)
+        scan_once(val, args.cache_dir, rank, world)
     return tuple(Conditioned.for_model(ds, cfg, args.cache_dir, device, args.text_cache, args.precision, rank, world,
                                        args.download)
                  for ds in (train, val))
@@ -200,6 +206,7 @@ def train_tokenizer(args, rank, world, device):
     classes = (cfg.num_classes, "--conditioning class") if cfg.conditioning == "class" else None
     train_set, val_set = datasets_for(args, cfg, device, rank, world, classes)
     run_config = {"stage": "tokenizer", "preset": args.preset, "note": note, "data": args.data or "embedded",
+                  "val": args.val,  # metrics.py reads the split: all of --data is trained on when --val is given
                   "captions": args.captions if args.data is None else "captions.jsonl",
                   "set": args.set, "shuffle_captions": args.shuffle_captions,
                   "num_images": len(train_set), "model": to_dict(cfg), "train": to_dict(tc),
@@ -276,17 +283,18 @@ def load_frozen_tokenizer(args, device):
 
 def stage2_latents(args, tokenizer, weights: str, train_set, device, rank, world):
     """Stage 2's training set: the tokens Z of every training image (cached, keyed by the tokenizer's `weights`
-    hash and the data's identity: never stale, never shared by two data sets), normalised per channel, with each
-    image's condition (DiT-T2I: the same caption embeddings the tokenizer read); and Z's (mean, std)."""
+    hash and the data's identity: never stale, never shared by two data sets), read a row at a time and normalised
+    per channel (`latents.Latents`), with each image's condition (DiT-T2I: the same caption embeddings the tokenizer
+    read); and Z's (mean, std)."""
     cache = Path(args.cache_dir) / "latents" / f"{weights}-{train_set.items.identity()}"
     Z = encode_latents(tokenizer, train_set, device, args.precision, cache, rank=rank, world=world,
-                       workers=args.workers)
-    mean, std = Z.mean(dim=(0, 1)), Z.std(dim=(0, 1)).clamp_min(1e-6)  # per-channel latent normalisation
-    Z.sub_(mean).div_(std)  # in place: one copy of Z in memory
+                       workers=args.workers)  # a row reader: no rank holds Z in memory
+    mean, std = latent_stats(Z, rank, world)  # per-channel latent normalisation, one streaming pass
+    std = std.clamp_min(1e-6)
     cfg = tokenizer.cfg
     text = cfg.text_encoder if args.task == "t2i" else None
-    latents = Conditioned(Z, train_set.captions, train_set.labels, text, cfg.text_len, args.cache_dir, device,
-                          args.text_cache, args.precision, rank, world, args.download)
+    latents = Conditioned(Latents(Z, mean, std), train_set.captions, train_set.labels, text, cfg.text_len,
+                          args.cache_dir, device, args.text_cache, args.precision, rank, world, args.download)
     return latents, mean, std
 
 

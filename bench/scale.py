@@ -19,7 +19,12 @@ reads a full pass of a captions.jsonl folder of M lines (synthetic 8 px images, 
 training loader (data.make_datasets, data.step_loader) with --workers DataLoader workers, and the rank's memory is
 the sum over its process and its workers of PSS (proportional set size: each page shared by k processes counts 1/k)
 from /proc/PID/smaps_rollup, with each worker's USS (its private pages: what copy-on-read copies). Target: flat in M
-but for the data itself (held once). Prints markdown tables.
+but for the data itself (held once). And stage 2's latent read path (--latent-rows): a synthetic Z.npy of M rows
+(N x d float32, the ImageNet preset's 128 x 8 by default) read by each rank as training reads it (latents.latent_stats,
+then its share of the rows through latents.Latents): the growth of the rank's peak RSS against the whole array
+that the old np.load held in every rank. Target: flat in M. Prints markdown tables.
+
+    python bench/scale.py --captions --no-latents --no-step-cost --latent-rows 20000 200000   # latent read memory
 """
 import argparse
 import json
@@ -62,8 +67,12 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank (loader-memory table)")
     p.add_argument("--loader-batch", type=int, default=256, help="images per batch (loader-memory table)")
     p.add_argument("--loader-steps", type=int, default=0, help="steps per row (default 0: one full pass)")
+    p.add_argument("--latent-rows", type=int, nargs="*", default=[],
+                   help="M values of the stage-2 latent read table (e.g. 20000 200000; none: skipped)")
+    p.add_argument("--latent-shape", type=int, nargs=2, default=[128, 8], help="N d of each latent row")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one, removed at the end)")
-    p.add_argument("--worker", choices=["store", "baseline", "latents", "loader"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["store", "baseline", "latents", "loader", "latents_read"], default=None,
+                   help=argparse.SUPPRESS)
     p.add_argument("--M", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -186,6 +195,52 @@ def worker_latents(args) -> dict:
     t0 = time.perf_counter()
     latents.encode_latents(tok, data, device, "fp32", Path(args.out) / f"Z-{world}", 16, rank, world, workers=1)
     return dict(rank=rank, seconds=time.perf_counter() - t0)
+
+
+def worker_latents_read(args) -> dict:
+    """One rank's stage-2 read path over `args.out`/Z.npy: the streaming statistics, then its share of the rows
+    through latents.Latents; the growth of its peak RSS over it (reset after the imports)."""
+    from latents import Latents, latent_stats
+    from runtime.distributed import rank_share, setup_distributed
+    from runtime.rowstore import NpyRows
+    rank, world, _ = setup_distributed(3600)
+    Z = NpyRows(Path(args.out) / "Z.npy")
+    reset_peak()
+    start = memory()["VmRSS"]
+    t0 = time.perf_counter()
+    mean, std = latent_stats(Z, rank, world)
+    stats_peak, stats_s = memory()["VmHWM"], time.perf_counter() - t0
+    rows = Latents(Z, mean, std.clamp_min(1e-6))
+    t0 = time.perf_counter()
+    for i in rank_share(len(rows), rank, world):  # the training read path: one row per item
+        rows[i]
+    return dict(rank=rank, stats_growth=stats_peak - start, growth=memory()["VmHWM"] - start, stats_s=stats_s,
+                read_s=time.perf_counter() - t0)
+
+
+def latent_read_table(args, work: Path) -> list:
+    from runtime.rowstore import NpyRows
+    N, d = args.latent_shape
+    lines = [f"Stage 2's latent read path: Z.npy of M rows x {N} x {d} float32 (synthetic), each rank computing the "
+             "streaming statistics (latents.latent_stats) then reading its share of the rows (latents.Latents); "
+             "growth of the rank's peak RSS over the imports (MiB):", "",
+             "| M rows | ranks | Z on disk (MiB) = the old np.load per rank | peak growth, statistics (MiB/rank) | "
+             "peak growth, statistics + rows (MiB/rank) | statistics (s) | rows (s/rank) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for M in args.latent_rows:
+        folder = work / f"latents-{M}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Z, rng = NpyRows.create(folder / "Z.npy", (M, N, d), np.float32), np.random.default_rng(0)
+        for at in range(0, M, 4096):
+            Z.write(at, rng.standard_normal((min(4096, M - at), N, d), np.float32))
+        Z.flush()
+        for world in args.ranks:
+            res = launch(args, "latents_read", M, world, folder)
+            lines.append(f"| {M:,} | {world} | {M * N * d * 4 / MiB:.0f} | "
+                         f"{max(r['stats_growth'] for r in res):.0f} | {max(r['growth'] for r in res):.0f} | "
+                         f"{max(r['stats_s'] for r in res):.1f} | {max(r['read_s'] for r in res):.1f} |")
+            print(lines[-1], flush=True)
+    return lines
 
 
 def worker_loader(args) -> dict:
@@ -366,7 +421,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         torch.set_num_threads(1)  # one device per rank
-        kinds = {"store": worker_store, "baseline": worker_baseline, "latents": worker_latents, "loader": worker_loader}
+        kinds = {"store": worker_store, "baseline": worker_baseline, "latents": worker_latents, "loader": worker_loader,
+                 "latents_read": worker_latents_read}
         print(json.dumps(kinds[args.worker](args)))
         return
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="textok-scale-"))
@@ -382,6 +438,8 @@ def main(argv=None):
         lines += [""] + step_cost_table(work)
     if args.loader_num_captions:
         lines += [""] + loader_table(args, work)
+    if args.latent_rows:
+        lines += [""] + latent_read_table(args, work)
     print("\n".join(lines))
     if not args.out:
         import shutil

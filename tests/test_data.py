@@ -281,3 +281,32 @@ def test_shuffled_captions_of_a_jsonl_set_stay_packed(tmp_path):
     assert type(shuffled.captions) is type(plain.captions)  # a view of the same buffer, no list of strings
     assert sorted(shuffled.captions) == sorted(plain.captions) and shuffled.captions != plain.captions
     assert all(shuffled.captions[i] == plain.captions[j] for i, j in enumerate(shuffled.perm))
+
+
+def test_a_second_launch_neither_scans_nor_restats_the_images(tmp_path, monkeypatch):
+    """Issue 31: the header scan runs once per data set (a record in --cache-dir under the data set's identity), and
+    a launch stats each image once (the identity, shared by the scan record and stage 2's latent cache key); an image
+    replaced in place (its size or mtime changes) is scanned again."""
+    import pathlib
+    from types import SimpleNamespace
+
+    import PIL.Image
+    import train
+    from conftest import tiny_config
+    folder = tmp_path / "data"
+    write_folder(folder, [{"image": f"img/{i % 3}.png", "caption": f"c {i}"} for i in range(3)])
+    args = SimpleNamespace(data=str(folder), val=None, num_images=0, captions="full", set="shapes", preset="tiny",
+                           shuffle_captions=False, stage="dit", cache_dir=str(tmp_path / "cache"), text_cache="on",
+                           precision="fp32", download=False)
+    cfg, cpu = tiny_config(conditioning="none", image_size=8, patch_size=4), torch.device("cpu")
+    train.datasets_for(args, cfg, cpu)  # the first launch scans
+    opened, stated, real_open, real_stat = [], [], PIL.Image.open, pathlib.Path.stat
+    monkeypatch.setattr(PIL.Image, "open", lambda f, *a, **k: opened.append(f) or real_open(f, *a, **k))
+    monkeypatch.setattr(pathlib.Path, "stat", lambda p, *a, **k: (stated.append(p) if p.suffix == ".png" else None)
+                        or real_stat(p, *a, **k))
+    train_set, _ = train.datasets_for(args, cfg, cpu)
+    train_set.items.identity()  # stage 2's latent cache key
+    assert opened == [] and len(stated) == 3  # train 2 + val 1, once each
+    (folder / "img" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match=r"1\.png: cannot read image"):
+        train.datasets_for(args, cfg, cpu)

@@ -513,6 +513,34 @@ def test_tokenizer_trained_on_a_folder_is_scored_on_the_folder_given(tmp_path, m
     assert [line.split(": ")[0] for line in lines[:2]] == ["PSNR", "SSIM"]
 
 
+def test_a_tokenizer_trained_on_a_whole_folder_is_scored_on_it(tmp_path, monkeypatch):
+    """A tokenizer trained with --val (the imagenet presets: all of --data trained on) is scored on the
+    whole --data folder, the caption list training encoded: its text store is read, no second one is built; the
+    images scored are spread over the folder (§4.2's 50K of ImageNet train, which is sorted by class)."""
+    import json
+
+    from PIL import Image
+
+    import train
+    without_packaged_inception(monkeypatch, tmp_path / "torch_home")
+    for name, n in (("train", 10), ("val", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(tmp_path / name / f"{i}.png")
+        (tmp_path / name / "captions.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"})
+                                                                 + "\n" for i in range(n)))
+    cache = tmp_path / "cache"
+    train.main(["--stage", "tokenizer", "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                "--out", str(tmp_path / "run"), "--cache-dir", str(cache), "--batch-size", "2", "--workers", "0",
+                "--max-steps", "1", "--warmup-steps", "1"])
+    stores, picked, subset = sorted((cache / "text").iterdir()), [], torch.utils.data.Subset
+    monkeypatch.setattr(torch.utils.data, "Subset", lambda ds, idx: picked.append(list(idx)) or subset(ds, idx))
+    metrics.evaluate_reconstruction(tmp_path / "run" / "tokenizer", num_images=4, batch_size=4, cache_dir=cache,
+                                    skipped=[])
+    assert sorted((cache / "text").iterdir()) == stores
+    assert picked == [[0, 2, 5, 7]]  # spread over the folder (sorted by class), not its first images
+
+
 def test_tokenizer_report_with_inception_weights_without_output_layer_gives_rfid_and_skips_ris(tmp_path, monkeypatch,
                                                                                                capsys):
     """Weights like default_1.pt (no 1008-way output layer): rFID is reported, rIS named as skipped with why."""

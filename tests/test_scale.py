@@ -18,7 +18,7 @@ import latents
 import train
 from conditions import Conditioned, collate
 from config import OFFLINE_TEXT_ENCODER
-from data import StepBatches, step_loader
+from data import JsonlDataset, StepBatches, step_loader
 from embedded_sets import ShapesDataset
 from runtime import distributed, rowstore
 from runtime.errors import InputError
@@ -31,7 +31,7 @@ CAPTIONS = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in (
             for p in ("top", "bottom")]  # 24 captions: 3 batches of 8, shared 1 + 2 by two ranks
 
 # Each rank: the text store, the stage-2 latents (a DataLoader with a worker) and the scan of a folder whose one bad
-# image is in rank 1's share; prints the scan's error.
+# image is in rank 1's share; prints the scan's error, then the folder's identity and the images it stated.
 RANK_CODE = """
 import sys
 from pathlib import Path
@@ -54,12 +54,17 @@ try:
     JsonlDataset(out + "/jsonl", 16).scan(rank=rank, world=world)
 except InputError as e:
     print("scan:", e)
+import pathlib
+stated, real_stat = [], pathlib.Path.stat
+pathlib.Path.stat = lambda p, *a, **k: (stated.append(p) if p.suffix == ".png" else None) or real_stat(p, *a, **k)
+print("identity:", JsonlDataset(out + "/jsonl", 16).identity(rank=rank, world=world), len(stated))
 """
 
 
 def test_two_gloo_ranks_build_what_one_rank_builds(tmp_path):
     """Text store and latents Z from 2 gloo ranks are bit-identical to 1 rank's; the scan is shared and both ranks
-    report the bad file that only rank 1 checked."""
+    report the bad file that only rank 1 checked; the folder's identity is rank 0's stat of each image, sent to rank 1
+    (which stats none)."""
     one, two = tmp_path / "one", tmp_path / "two"
     (two / "jsonl").mkdir(parents=True)
     for i in range(4):
@@ -81,10 +86,15 @@ def test_two_gloo_ranks_build_what_one_rank_builds(tmp_path):
     data = Conditioned.for_model(ShapesDataset("train", 32, 10), tiny_config(conditioning="none"), one)
     tok = TexTok.from_pretrained(two / "tok").eval()
     Z = latents.encode_latents(tok, data, torch.device("cpu"), "fp32", one / "Z", batch_size=4)
+    Z = torch.from_numpy(Z.read(0, len(Z)))
+    identities = []
     for p in procs:
         output = p.communicate(timeout=300)[0]
         assert p.returncode == 0, output[-3000:]
         assert "scan: " in output and "1 of 4 listed images are bad: " in output and "3.png: cannot read" in output
+        identities.append(output.split("identity: ")[1].split())
+    folder = JsonlDataset(two / "jsonl", 16).identity()
+    assert identities == [[folder, "4"], [folder, "0"]]
     emb2, mask2 = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 8, CAPTIONS, two / "text")
     assert np.array_equal(emb.read(0, 24), emb2.read(0, 24)) and np.array_equal(mask.read(0, 24), mask2.read(0, 24))
     assert np.abs(emb.read(0, 24).astype(np.float32)).sum(axis=(1, 2)).min() > 0  # every row written
@@ -94,6 +104,28 @@ def test_two_gloo_ranks_build_what_one_rank_builds(tmp_path):
         batch = data.batch(range(4))
         direct = tok.encode(torch.stack([data[i]["image"] for i in range(4)]), batch)
     assert torch.equal(Z[:4], direct)
+
+
+def test_stage2_latents_are_rows_read_on_demand_normalised_as_the_whole_array(tmp_path):
+    """Stage 2 holds no [M, N, d] array (issue 31): its items read rows of Z.npy and normalise each by the streamed
+    per-channel statistics, which equal the whole array's (torch's std to the bit, the mean within 1e-6 std: float64
+    against torch's float32 sum) and give the rows the old in-place normalisation gave."""
+    torch.manual_seed(0)
+    cfg = tiny_config(conditioning="none")
+    tok, data = TexTok(cfg).eval(), Conditioned.for_model(ShapesDataset("train", 32, 12), cfg, tmp_path)
+    args = SimpleNamespace(cache_dir=tmp_path, precision="fp32", workers=0, task="class", text_cache="on",
+                           download=False)
+    ds, mean, std = train.stage2_latents(args, tok, "w", data, torch.device("cpu"), 0, 1)
+    whole = 12 * cfg.num_tokens * cfg.token_dim
+    size = lambda v: v.numel() if isinstance(v, torch.Tensor) else v.size if isinstance(v, np.ndarray) else 0
+    held = [v for obj in (ds, ds.items) for v in vars(obj).values() if size(v) >= whole]
+    assert not held and isinstance(ds.items.Z, NpyRows)
+    Z = torch.from_numpy(np.load(next((tmp_path / "latents").iterdir()) / "Z.npy"))
+    old_mean, old_std = Z.mean(dim=(0, 1)), Z.std(dim=(0, 1)).clamp_min(1e-6)
+    assert torch.equal(std, old_std) and ((mean - old_mean).abs() / old_std).max() < 1e-6
+    rows = torch.stack([ds[i]["Z"] for i in range(12)])
+    assert torch.equal(rows, (Z - mean) / std)  # the old in-place sub_/div_, with these statistics
+    torch.testing.assert_close(rows, (Z - old_mean) / old_std, rtol=0, atol=1e-5)
 
 
 def test_a_failed_build_leaves_no_complete_looking_store(tmp_path, monkeypatch):

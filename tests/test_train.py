@@ -453,3 +453,26 @@ def test_validation_psnr_is_metrics_psnr_on_uint8_images(tmp_path):
     value = train.evaluate_tokenizer(model, batch, tmp_path / "grid.png", 0, torch.device("cpu"), "fp32")
     assert value == pytest.approx(20 * math.log10(255), abs=1e-4)
     assert (tmp_path / "grid.png").is_file()
+
+
+def test_imagenet_presets_train_on_the_whole_data_folder(tmp_path):
+    """Issue 31: the imagenet presets train on all of --data (ImageNet train, §4.2) and validate on --val: --data
+    without --val is refused in one line before anything is read or written, in both stages; with --val the training
+    set is every line of --data and validation is --val."""
+    from PIL import Image
+    from conftest import tiny_config
+    for name, n in (("train", 10), ("val", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(tmp_path / name / f"{i}.png")
+        (tmp_path / name / "captions.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"})
+                                                                 + "\n" for i in range(n)))
+    common = ["--preset", "imagenet256", "--data", str(tmp_path / "train"), "--cache-dir", str(tmp_path / "cache")]
+    for stage in ("tokenizer", "dit"):
+        with pytest.raises(InputError, match=r"^--preset imagenet256 trains on the whole --data folder .*--val DIR"):
+            train.main(["--stage", stage, *common, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    args = train.parse_args(["--stage", "tokenizer", *common, "--val", str(tmp_path / "val")])
+    train.check_args(args)
+    train_set, val_set = train.datasets_for(args, tiny_config(conditioning="none", image_size=8, patch_size=4), "cpu")
+    assert len(train_set) == 10 and len(val_set) == 2 and val_set.items.root == tmp_path / "val"
