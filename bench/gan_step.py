@@ -28,6 +28,13 @@ loss term (relative) and of any weight (tokenizer and discriminator) from the fi
     python bench/gan_step.py --preset imagenet256 --batch-size 32 --steps 32 --compare-conv-blur   # GPU (App. C sizes)
     python bench/gan_step.py --threads 1 --compare-gan-changes --r1-every 2 --steps 8   # CPU, ~1 minute
 
+--compare-compile instead times train.py's stage-1 step (the preset's TexTok with random text embeddings, batch
+--batch-size) eager and with the TexTok compiled (train.py --compile: torch.compile, inductor), in --repeats
+interleaved rounds of --steps steps each (eager, then compiled: a loaded machine slows both alike), after the
+compile and a warm-up; it prints each round's ratio, their median and range, and the first step's losses:
+
+    python bench/gan_step.py --compare-compile --batch-size 32 --steps 8 --repeats 5   # the tiny main job's step
+
 On a shared CPU, --threads 1 gives steadier times than two threads competing with other processes.
 """
 import argparse
@@ -45,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import best_seconds, sync  # noqa: E402
 
 import steps  # noqa: E402
+from conditions import Cond  # noqa: E402
 from config import PRESETS, get_preset  # noqa: E402
 from discriminator import LeCAM, ResBlock, StyleGANDiscriminator, r1_penalty, real_fake_logits  # noqa: E402
 from runtime.errors import run_main  # noqa: E402
@@ -64,6 +72,8 @@ def parse_args(argv=None):
                    help="add a row with the former depthwise-conv blur in the discriminator")
     p.add_argument("--compare-gan-changes", action="store_true",
                    help="instead: issue 31's GAN-step changes one by one, their losses against the code before")
+    p.add_argument("--compare-compile", action="store_true",
+                   help="instead: the stage-1 step eager against torch.compile'd, interleaved rounds")
     args = p.parse_args(argv)
     if args.steps % args.r1_every:
         p.error(f"--steps {args.steps} is not a multiple of --r1-every {args.r1_every}")
@@ -212,6 +222,57 @@ def compare_gan_changes(args, device) -> None:
               f"{(weights - base[3]).abs().max().item():.1e} |", flush=True)
 
 
+def compare_compile(args, device) -> None:
+    """--compare-compile: eager against compiled stage-1 steps (ℓ2 only, as the tiny main job's first 2560 steps,
+    then with the discriminator), from the same weights and batch, in interleaved rounds."""
+    preset = get_preset(args.preset)
+    cfg, tc = preset.model, dataclasses.replace(preset.train, perceptual_weight=0.0, r1_every=args.r1_every)
+    B = args.batch_size
+    images = torch.rand(B, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    lengths = torch.randint(4, cfg.text_len, (B, 1), device=device)
+    cond = Cond(torch.randn(B, cfg.text_len, cfg.text_dim, device=device),
+                torch.arange(cfg.text_len, device=device)[None] < lengths, torch.randint(cfg.num_classes, (B,)))
+    micro_batches = [({"image": images, "cond": cond}, True)]
+    for gan in (False, True):
+        runs = {}
+        for name in ("eager", "compiled"):
+            torch.manual_seed(0)
+            model = TexTok(cfg).to(device).train()
+            disc = StyleGANDiscriminator(cfg.image_size, tc.disc_channels, tc.disc_multipliers).to(device)
+            opt = torch.optim.Adam(model.parameters(), tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
+            d_opt = torch.optim.Adam(disc.parameters(), tc.lr, betas=(tc.beta1, tc.beta2), fused=True)
+            net, lecam = torch.compile(model) if name == "compiled" else model, LeCAM(tc.lecam_decay).to(device)
+
+            def step(i, net=net, model=model, disc=disc, opt=opt, d_opt=d_opt, lecam=lecam):
+                terms, fakes = generator_step(net, model, opt, disc, None, tc, micro_batches, "auto", gan)
+                if gan:
+                    terms |= discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, "auto", i, tc.lr)
+                return terms
+            start = time.perf_counter()
+            first = {k: v.item() for k, v in step(0).items()}
+            for i in range(1, 3):
+                step(i)  # warm-up
+            sync(device)
+            runs[name] = (step, first, time.perf_counter() - start, [])
+        for _ in range(args.repeats):
+            for step, _, _, times in runs.values():
+                sync(device)
+                start = time.perf_counter()
+                for i in range(args.steps):
+                    step(i)
+                sync(device)
+                times.append((time.perf_counter() - start) / args.steps)
+        eager, compiled = runs["eager"], runs["compiled"]
+        ratios = sorted(e / c for e, c in zip(eager[3], compiled[3]))
+        median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        loss = max(abs(compiled[1][k] - v) / max(abs(v), 1e-30) for k, v in eager[1].items())
+        print(f"{f'with disc + R1 (k = {args.r1_every}) + LeCAM' if gan else 'ℓ2 only'}: eager "
+              f"{1e3 * median(eager[3]):.1f} ms / step, compiled {1e3 * median(compiled[3]):.1f} ms / step "
+              f"(compile + 3 steps {compiled[2]:.0f} s); eager / compiled per round "
+              f"{', '.join(f'{r:.2f}' for r in ratios)}: median {median(ratios):.2f}x, range {ratios[0]:.2f}-"
+              f"{ratios[-1]:.2f}; the first step's losses within {loss:.1e} (relative)", flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -230,6 +291,8 @@ def main(argv=None):
           f"torch {torch.__version__}\n")
     if args.compare_gan_changes:
         return compare_gan_changes(args, device)
+    if args.compare_compile:
+        return compare_compile(args, device)
     print("| step | ms / step | vs ℓ2 only |\n|---|---|---|")
     base = None
     for name, kwargs in rows:
