@@ -36,13 +36,13 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-def compiled_and_eager(build, compile_=True):
+def compiled_and_eager(build):
     """(net, model), (eager model): two copies of `build()` with the same weights; net = train.wrap(model) as train.py
-    wraps it on several GPUs (DDP, then torch.compile), here over the one-rank group."""
+    wraps it on several GPUs (DDP, then torch.compile): world 2 makes wrap build the DDP, over the one-rank group."""
     torch.manual_seed(0)
     model, eager = build(), build()
     eager.load_state_dict(model.state_dict())
-    net = train.wrap(model, CPU, world=2, compile_=compile_)
+    net = train.wrap(model, CPU, world=2, compile_=True)
     assert isinstance(net, torch._dynamo.eval_frame.OptimizedModule) and isinstance(
         net._orig_mod, torch.nn.parallel.DistributedDataParallel)
     return (net, model), eager
