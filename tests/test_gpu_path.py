@@ -85,7 +85,6 @@ def test_compiled_ddp_generator_step_matches_eager(one_rank_group, batch):
         terms, fakes = generator_step(n, m, opt, disc, None, tc, micro_batches, "fp32", gan_on=True)
         results.append(({k: v.item() for k, v in terms.items()}, fakes[0]))
     (compiled_terms, compiled_fake), (eager_terms, eager_fake) = results
-    print('TERMS', compiled_terms, eager_terms, dict(torch._dynamo.utils.counters['stats']), dict(torch._dynamo.utils.counters['graph_break']))
     assert compiled_terms.keys() == eager_terms.keys() == {"l2", "vq", "gan", "grad_norm"}
     assert compiled_terms == pytest.approx(eager_terms, rel=1e-5)
     torch.testing.assert_close(compiled_fake, eager_fake, rtol=1e-5, atol=1e-5)
