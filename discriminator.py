@@ -176,3 +176,18 @@ def r1_penalty(discriminator, real_images, *, every=1, step=0):
     (grad,) = torch.autograd.grad(logits.sum(), images, create_graph=True)
     penalty = grad.float().pow(2).flatten(1).sum(1).mean()
     return logits, every * penalty
+
+
+def real_fake_logits(discriminator, real_images, fake_images, *, every=1, step=0):
+    """(logits_real [B], logits_fake [B], R1 penalty) of one discriminator step (`every`, `step`: r1_penalty's).
+
+    On a step without R1, one call on cat(real, fake): no layer mixes samples across the batch (no minibatch-std
+    layer), so these are the logits of two calls, up to the rounding of a larger batch. On an R1 step, two calls:
+    R1's gradient is taken w.r.t. the real images, and on cat(real, fake) its double backward would run over the
+    fakes too (1.2-1.3x the two calls' time on the CPU, bench/gan_step.py --compare-gan-changes).
+    """
+    if step % every == 0:
+        logits_real, penalty = r1_penalty(discriminator, real_images, every=every, step=step)
+        return logits_real, discriminator(fake_images), penalty
+    logits_real, logits_fake = discriminator(torch.cat([real_images, fake_images])).split(len(real_images))
+    return logits_real, logits_fake, torch.zeros((), device=real_images.device)

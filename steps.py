@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from conditions import Cond
 from config import TokenizerTrainConfig
-from discriminator import discriminator_loss, generator_loss, r1_penalty
+from discriminator import discriminator_loss, generator_loss, real_fake_logits
 from runtime.distributed import all_reduce_grads, autocast, global_mean
 from runtime.errors import InputError
 
@@ -52,7 +52,8 @@ def split_batch(batch: dict, micro: int, grad_accum: int, world: int) -> list:
 def accumulate(micro_batches: list, loss_fn, net=None):
     """Backward of loss / K for each of the K `micro_batches` [(batch, sync)], DDP's all-reduce only where sync
     (`net.no_sync()` elsewhere; `net` None: not DDP-wrapped). `loss_fn(micro-batch) -> (loss, {term: tensor},
-    output)`. Returns (each term's mean over the micro-batches, as a float; [outputs])."""
+    output)`. Returns (each term's mean over the micro-batches, a detached float64 tensor left on its device: no host
+    sync, Run.log reads the terms once per log row; [outputs])."""
     K, terms, outputs = len(micro_batches), {}, []
     for mb, sync in micro_batches:
         with nullcontext() if sync or net is None else net.no_sync():
@@ -60,8 +61,16 @@ def accumulate(micro_batches: list, loss_fn, net=None):
             (loss / K).backward()
         outputs.append(output)
         for k, v in parts.items():
-            terms[k] = terms.get(k, 0.0) + v.item() / K
+            v = v.detach().double() / K  # float64: the sum of float(term) / K that the log rows always held
+            terms[k] = terms[k] + v if k in terms else v
     return terms, outputs
+
+
+def channels_last(images: torch.Tensor) -> torch.Tensor:
+    """`images` [B, 3, H, W] in channels-last memory on CUDA (cuDNN's fast layout for the discriminator's and LPIPS'
+    convolutions, which keep it from their input on), unchanged elsewhere. The weights stay NCHW: fused Adam needs
+    a parameter and its moments in one layout, and checkpoints store them contiguous."""
+    return images.contiguous(memory_format=torch.channels_last) if images.is_cuda else images
 
 
 def sub_seed(seed: int, index: int) -> int:
@@ -79,9 +88,10 @@ def step_seed(seed: int, step: int, rank: int, world: int) -> int:
 # One tokenizer step = generator_step (ℓ2 + perceptual + GAN (+ VQ) loss, backward, Adam) then, from disc_start on,
 # discriminator_step (non-saturating loss + R1 + LeCAM, backward, Adam). train.py and the benches call these two.
 def generator_step(net, model, opt, disc, lpips_fn, tc: TokenizerTrainConfig, micro_batches: list, precision: str,
-                   gan_on: bool, check=None):
+                   gan_on: bool):
     """Updates the tokenizer and detokenizer once on App. C's generator loss, accumulated over `micro_batches`
-    [(batch, sync)]; returns (loss terms, the detached reconstructions for the discriminator step)."""
+    [(batch, sync)]; returns (loss terms, tensors: no host sync; the detached reconstructions for the discriminator
+    step)."""
     if disc is not None:
         disc.requires_grad_(False)  # the GAN loss reaches the tokenizer through a frozen disc
 
@@ -91,32 +101,30 @@ def generator_step(net, model, opt, disc, lpips_fn, tc: TokenizerTrainConfig, mi
             recon = recon.float()
             parts = {"l2": F.mse_loss(recon, mb["image"]), "vq": vq_loss.float()}   # ℓ2 reconstruction (+ VQ, App. A)
             if lpips_fn is not None:
-                parts["perceptual"] = lpips_fn(recon, mb["image"]).mean()          # perceptual loss (LPIPS-VGG)
+                parts["perceptual"] = lpips_fn(channels_last(recon), channels_last(mb["image"])).mean()  # LPIPS-VGG
             if gan_on:
-                parts["gan"] = generator_loss(disc(recon))                         # non-saturating GAN loss
+                parts["gan"] = generator_loss(disc(channels_last(recon)))          # non-saturating GAN loss
             loss = (tc.recon_weight * parts["l2"] + parts["vq"] + tc.perceptual_weight * parts.get("perceptual", 0)
                     + tc.gan_weight * parts.get("gan", 0))
         return loss, parts, recon.detach()
     terms, fakes = accumulate(micro_batches, loss_fn, net)
-    if check is not None:
-        check(terms)  # a non-finite loss stops here, before it reaches the weights
-    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+    terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return terms, fakes
 
 
 def discriminator_step(disc, d_opt, lecam, tc: TokenizerTrainConfig, micro_batches: list, fakes: list,
-                       precision: str, d_step: int, lr: float, world: int = 1, check=None) -> dict:
+                       precision: str, d_step: int, lr: float, world: int = 1) -> dict:
     """Updates the discriminator once on App. C's discriminator loss: non-saturating loss + r1_cost x R1 (every
     r1_every-th disc step `d_step`) + lecam_weight x LeCAM, over `micro_batches` and the generator's `fakes`; then
-    moves LeCAM's EMAs. Returns the loss terms."""
+    moves LeCAM's EMAs. Returns the loss terms (tensors: no host sync)."""
     disc.requires_grad_(True)
 
     def loss_fn(mb):
         with autocast(mb["image"].device, precision):
-            logits_real, r1 = r1_penalty(disc, mb["image"], every=tc.r1_every, step=d_step)  # R1 on real images
-            logits_fake = disc(mb["fake"])
+            logits_real, logits_fake, r1 = real_fake_logits(disc, channels_last(mb["image"]),  # R1 on real images
+                                                            channels_last(mb["fake"]), every=tc.r1_every, step=d_step)
         # LeCAM against the EMAs *before* this step's update, as MAGVIT / MaskGIT-style trainers (TiTok's
         # losses.py) do: the EMAs can then move once per step by the mean over all micro-batches and ranks. (The
         # LeCAM authors' code, google/lecam-gan, updates first: a difference of (1 - lecam_decay) of one step's mean.)
@@ -126,8 +134,6 @@ def discriminator_step(disc, d_opt, lecam, tc: TokenizerTrainConfig, micro_batch
         return d_loss, parts, (logits_real.detach().float().mean(), logits_fake.detach().float().mean())
     paired = [({**mb, "fake": fake}, sync) for (mb, sync), fake in zip(micro_batches, fakes)]
     terms, means = accumulate(paired, loss_fn)  # disc is not DDP-wrapped (R1's double backward)
-    if check is not None:
-        check(terms)
     K = len(micro_batches)
     mean_real, mean_fake = sum(m[0] / K for m in means), sum(m[1] / K for m in means)
     lecam.update(global_mean(mean_real, world), global_mean(mean_fake, world))  # LeCAM's EMAs: once per step

@@ -16,7 +16,6 @@ live run holds (OUT/.lock). Values that cannot be meant (--batch-size 0, ...) ar
 import argparse
 import dataclasses
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -237,11 +236,9 @@ def train_tokenizer(args, rank, world, device):
             micro_batches = split_batch(to_device(batch, device), micro, args.grad_accum, world)  # DDP: last syncs
             gan_on = step >= tc.disc_start  # App. C: the discriminator joins at 80k steps; before, ℓ2 + perceptual
             lr = sched.get_last_lr()[0]  # this step's rate (linear warm-up, then cosine), disc's too
-            check = partial(run.check_finite, step)  # a non-finite loss stops before it reaches the weights
             # 1. Tokenizer + detokenizer: recon_weight x ℓ2 + perceptual_weight x LPIPS + gan_weight x non-saturating
             #    GAN loss through the frozen disc (+ VQ), backward, grad clip, Adam.
-            terms, fakes = generator_step(net, model, opt, disc, lpips_fn, tc, micro_batches, args.precision, gan_on,
-                                          check)
+            terms, fakes = generator_step(net, model, opt, disc, lpips_fn, tc, micro_batches, args.precision, gan_on)
             sched.step()
             # 2. EMA of the weights (App. C: decay 0.999): the model evaluated below and saved at the end.
             ema_update(ema, model, tc.ema_decay)
@@ -249,8 +246,10 @@ def train_tokenizer(args, rank, world, device):
             #    counted from disc_start) + LeCAM (weight 1e-4) on the reconstructions of step 1; then LeCAM's EMAs.
             if gan_on:
                 terms |= discriminator_step(disc, d_opt, lecam, tc, micro_batches, fakes, args.precision,
-                                            step - tc.disc_start, lr, world, check)
-            # 4. Log; every --eval-every steps the EMA model's validation PSNR (uint8) and a reconstruction grid.
+                                            step - tc.disc_start, lr, world)
+            # 4. Log (the terms stay on the device until a row reads them: a non-finite one stops the run there,
+            #    before a checkpoint holds it); every --eval-every steps the EMA model's validation PSNR (uint8) and a
+            #    reconstruction grid.
             done = step + 1
             run.log(done, {**terms, "lr": lr}, tc.batch_size)
             if done % args.eval_every == 0 or done == stop:
@@ -341,8 +340,7 @@ def train_dit(args, rank, world, device):
             micro_batches = split_batch(to_device(batch, device), micro, args.grad_accum, world)  # DDP: last syncs
             # 1. v-prediction MSE (App. C) at random timesteps, backward over the micro-batches, grad clip, AdamW.
             terms, _ = accumulate(micro_batches, v_loss, net)
-            run.check_finite(step, terms)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), dc.grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), dc.grad_clip)  # no host sync (Run.log)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -369,6 +367,7 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed image sizes: the discriminator's and LPIPS' fastest convs
     try:
         return (train_tokenizer if args.stage == "tokenizer" else train_dit)(args, rank, world, device)
     except KeyboardInterrupt:  # Ctrl-C before the run folder was opened (after: `Run` says where it stopped)

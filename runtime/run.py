@@ -42,6 +42,7 @@ class Run:
         self.log_every, self.ckpt_every = log_every, ckpt_every
         self.rank, self.world, self.device = rank, world, device
         self.last_ckpt, self.ckpts, self.done, self.bar, self.seen = None, [], None, None, 0
+        self.kept = []  # (step, terms) of the steps since the last row: read once per row (`read_terms`)
         self.lock = lock_folder(self.out) if rank == 0 else None  # before looking: two runs never both see it free
         try:
             if resume:  # refused here, before anything is written: no checkpoint, or one of another config
@@ -118,14 +119,16 @@ class Run:
             raise type(e)(f"{e}; {self.last_good()}") from None
 
     def log(self, step: int, terms: dict, batch_size: int, name: str = "img_per_s") -> None:
-        """Marks `step` done; every log_every steps (and at the last) writes the mean over ranks of `terms` with
-        throughput `name` (and peak GPU memory on CUDA) to OUT/log.jsonl and the progress bar."""
+        """Marks `step` done and keeps its `terms` (numbers, or tensors left on the device: no host sync per step);
+        every log_every steps (and at the last) reads the kept terms (`read_terms`: a non-finite one stops the run)
+        and writes this step's, the mean over ranks, with throughput `name` (and peak GPU memory on CUDA) to
+        OUT/log.jsonl and the progress bar."""
         self.done, self.seen = step, self.seen + batch_size
         self.bar.update(1)
+        self.kept.append((step, terms))
         if step % self.log_every and step != self.stop:
             return
-        row = {"step": step, **{k: float(f"{global_mean(torch.tensor(v), self.world).item():.6g}")
-                                for k, v in terms.items()},
+        row = {"step": step, **{k: float(f"{v:.6g}") for k, v in self.read_terms().items()},
                name: round(self.seen / (time.perf_counter() - self.t0), 2)}
         if self.device.type == "cuda":
             row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
@@ -139,6 +142,22 @@ class Run:
             with self.writing(path), open(open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def read_terms(self) -> dict:
+        """The terms `log` kept since the last read, as floats averaged over ranks in one all-reduce and one host
+        sync; stops the run at the first of these steps with a non-finite term (`check_finite`: NaN on any rank is
+        NaN in the mean, so every rank stops). Returns the last step's terms. Every rank calls it at the same steps."""
+        kept, self.kept = self.kept, []
+        if not kept:
+            return {}
+        flat = [v.detach().reshape(()).to(self.device, torch.float32) if torch.is_tensor(v)
+                else torch.full((), v, dtype=torch.float32, device=self.device)
+                for _, terms in kept for v in terms.values()]
+        values, at = global_mean(torch.stack(flat), self.world).tolist(), 0
+        for step, terms in kept:
+            read, at = dict(zip(terms, values[at:at + len(terms)])), at + len(terms)
+            self.check_finite(step - 1, read)  # step - 1: the step's index, as the error has always named it
+        return read
+
     def check_finite(self, step: int, terms: dict) -> None:
         """Stops the run at a non-finite loss, naming the terms and the last good checkpoint."""
         bad = [k for k, v in terms.items() if not math.isfinite(float(v))]
@@ -148,9 +167,13 @@ class Run:
                 + f"; {self.last_good()}")
 
     def checkpoint(self, step: int, objects: dict) -> None:
-        """On rank 0, every ckpt_every steps and at the last: writes checkpoint `step` of `objects`, then removes this
-        run's checkpoints (or the resumed one) but the newest 2, never a checkpoint some other run left."""
-        if self.rank != 0 or (step % self.ckpt_every and step != self.stop):
+        """Every ckpt_every steps and at the last: reads the kept terms (every rank), then on rank 0 writes checkpoint
+        `step` of `objects` and removes this run's checkpoints (or the resumed one) but the newest 2, never a
+        checkpoint some other run left."""
+        if step % self.ckpt_every and step != self.stop:
+            return
+        self.read_terms()  # every rank: no checkpoint holds weights that a non-finite step reached
+        if self.rank != 0:
             return
         try:
             self.last_ckpt = save_checkpoint(self.out, step, objects, self.run_config)

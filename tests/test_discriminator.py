@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from discriminator import BlurPool2d, LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty
+from discriminator import (BlurPool2d, LeCAM, StyleGANDiscriminator, discriminator_loss, generator_loss, r1_penalty,
+                           real_fake_logits)
 
 
 def _num_params(module):
@@ -160,3 +161,24 @@ def test_lazy_r1_is_k_times_the_penalty_every_kth_step_and_zero_between():
         logits, lazy = r1_penalty(d, x, every=4, step=step)
         torch.testing.assert_close(logits, d(x))
         torch.testing.assert_close(lazy, 4 * penalty if step % 4 == 0 else torch.tensor(0.0))
+
+
+def test_one_call_on_cat_real_fake_gives_the_two_calls_logits_and_gradients():
+    """Without R1, one discriminator call on cat(real, fake) (no layer mixes samples) gives the logits and disc
+    gradients of a call on each half, up to the rounding of a larger batch; an R1 step is r1_penalty's two calls."""
+    torch.manual_seed(0)
+    d = StyleGANDiscriminator(image_size=16, base_channels=8, channel_multipliers=(1, 2))
+    real, fake = torch.rand(2, 4, 3, 16, 16) * 2 - 1
+
+    def loss_and_grads(logits_real, logits_fake, penalty):
+        d.zero_grad()
+        (discriminator_loss(logits_real, logits_fake) + 10 * penalty).backward()
+        return logits_real, logits_fake, penalty, [p.grad.clone() for p in d.parameters()]
+    for step in range(2):  # every=2: step 0 takes R1, step 1 does not
+        ours = loss_and_grads(*real_fake_logits(d, real, fake, every=2, step=step))
+        logits_real, penalty = r1_penalty(d, real, every=2, step=step)
+        two_calls = loss_and_grads(logits_real, d(fake), penalty)
+        for a, b in zip(ours[:3], two_calls[:3]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for a, b in zip(ours[3], two_calls[3]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -67,6 +67,24 @@ def test_training_is_seeded_and_leaves_the_callers_random_state_alone():
         torch.testing.assert_close(trained[1][key], value, rtol=0, atol=0)
 
 
+def test_classifier_trains_in_fp32_on_the_cpu_unless_bf16_is_asked(monkeypatch):
+    """bf16 autocast on a CPU without native bf16 is 7x slower: fp32 unless settings.precision says "bf16" (which
+    then gives another cached file)."""
+    dtypes, encode = [], domain.ShapesClassifier.encode
+
+    def spy(self, images):
+        features = encode(self, images)
+        dtypes.append(features.dtype)
+        return features
+    monkeypatch.setattr(domain.ShapesClassifier, "encode", spy)
+    fp32, bf16 = (domain.DomainSettings(num_images=16, steps=1, batch_size=4, precision=p) for p in ("auto", "bf16"))
+    domain.train_classifier(fp32)
+    domain.train_classifier(bf16)
+    assert dtypes == [torch.float32, torch.bfloat16]
+    assert fp32.path("cache") != bf16.path("cache") and fp32 == domain.DomainSettings(num_images=16, steps=1,
+                                                                                       batch_size=4)
+
+
 def test_read_caption_gives_shape_colour_and_cell_of_the_first_object():
     cells = set()
     for seed in range(40):

@@ -18,6 +18,7 @@ import steps
 import train
 from runtime.errors import InputError
 from runtime.files import load_tensors
+from runtime.run import Run
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,11 +177,25 @@ def test_ctrl_c_is_one_line_naming_the_last_checkpoint(tmp_path, text_cache, mon
 
 
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path, text_cache, monkeypatch):
+    """The terms are read once per log row: a NaN at a step between rows stops the run at the next row or
+    checkpoint, whichever comes first, naming that step, before a checkpoint holds the weights it reached."""
     out = tmp_path / "run"
-    real = steps.F.mse_loss
+    real, calls = steps.F.mse_loss, []
     monkeypatch.setattr(steps.F, "mse_loss", lambda a, b: real(a, b) * float("nan"))
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0: l2=nan.*last good checkpoint: none"):
         train.main(base_args(out, text_cache, "--max-steps", "2"))
+
+    def nan_at_step_2(a, b):
+        calls.append(1)
+        return real(a, b) * (float("nan") if len(calls) == 3 else 1.0)
+    monkeypatch.setattr(steps.F, "mse_loss", nan_at_step_2)
+    for log_every, ckpt_every in ((4, 4), (5, 3)):
+        calls.clear()
+        out = tmp_path / f"run-{log_every}-{ckpt_every}"
+        with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2: l2=nan.*checkpoint: none"):
+            train.main(base_args(out, text_cache, "--max-steps", "8", "--log-every", str(log_every), "--ckpt-every",
+                                 str(ckpt_every)))
+        assert not list(out.glob("step-*"))
 
 
 def test_perceptual_loss_needs_vgg_weights(tmp_path, text_cache, monkeypatch):
@@ -456,7 +471,7 @@ def test_validation_psnr_is_metrics_psnr_on_uint8_images(tmp_path):
 
 
 def test_imagenet_presets_train_on_the_whole_data_folder(tmp_path):
-    """Issue 31: the imagenet presets train on all of --data (ImageNet train, §4.2) and validate on --val: --data
+    """The imagenet presets train on all of --data (ImageNet train, §4.2) and validate on --val: --data
     without --val is refused in one line before anything is read or written, in both stages; with --val the training
     set is every line of --data and validation is --val."""
     from PIL import Image
@@ -476,3 +491,52 @@ def test_imagenet_presets_train_on_the_whole_data_folder(tmp_path):
     train.check_args(args)
     train_set, val_set = train.datasets_for(args, tiny_config(conditioning="none", image_size=8, patch_size=4), "cpu")
     assert len(train_set) == 10 and len(val_set) == 2 and val_set.items.root == tmp_path / "val"
+
+
+class HostReads:
+    """Counts, from Run.begin on (the training loop, after the set-up), the calls that read a floating-point or bool
+    tensor on the host: each a device sync on CUDA. (The loader's integer index tensors never leave the host.)"""
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch):
+        self.count, self.counting, self.monkeypatch = 0, False, monkeypatch
+
+    def __enter__(self):
+        for name in self.NAMES:
+            self.monkeypatch.setattr(torch.Tensor, name, self.counted(getattr(torch.Tensor, name)))
+        begin = Run.begin
+
+        def counting_begin(run, objects):
+            self.counting = True
+            return begin(run, objects)
+        self.monkeypatch.setattr(Run, "begin", counting_begin)
+        return self
+
+    def counted(self, real):
+        def f(tensor, *args, **kwargs):
+            self.count += self.counting and (tensor.is_floating_point() or tensor.dtype == torch.bool)
+            return real(tensor, *args, **kwargs)
+        return f
+
+    def __exit__(self, *exc):
+        self.monkeypatch.undo()
+
+
+def test_training_steps_read_nothing_on_the_host_and_a_log_row_reads_once(tmp_path, text_cache, monkeypatch):
+    """Both stages' loops (GAN steps with and without R1 in stage 1): 2 more steps in one more log row cost one host
+    read, the row's (Run.read_terms); loss terms, grad norms and the non-finite check stay on the device."""
+    tok = ("--disc-start", "0", "--r1-every", "2", "--log-every", "2", "--ckpt-every", "100", "--eval-every", "100")
+    dit = ["--stage", "dit", "--tokenizer", str(tmp_path / "tok2" / "tokenizer"), "--cache-dir", str(text_cache),
+           "--num-images", "32", "--batch-size", "8", "--workers", "0", "--log-every", "2", "--warmup-steps", "1"]
+    reads = {}
+    for steps_ in (2, 4):
+        with HostReads(monkeypatch) as host:
+            train.main(base_args(tmp_path / f"tok{steps_}", text_cache, *tok, "--max-steps", str(steps_)))
+        reads["tokenizer", steps_] = host.count
+    for steps_ in (2, 4):
+        with HostReads(monkeypatch) as host:
+            train.main([*dit, "--out", str(tmp_path / f"dit{steps_}"), "--max-steps", str(steps_)])
+        reads["dit", steps_] = host.count
+    assert reads["tokenizer", 4] - reads["tokenizer", 2] == 1, reads
+    assert reads["dit", 4] - reads["dit", 2] == 1, reads
+    assert [r["step"] for r in log_rows(tmp_path / "tok4") if "r1" in r] == [2, 4]
