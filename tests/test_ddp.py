@@ -87,7 +87,7 @@ def test_two_ranks_both_stages_dit_t2i_without_dropout_resume_and_sampling(tmp_p
     torchrun("train.py", *tiny_run("dit", dit, cache, *t2i, "--max-steps", "2"))  # DDP checks at the second step
     torchrun("train.py", *tiny_run("dit", dit, cache, *t2i, "--max-steps", "3", "--resume"))
     assert steps_logged(dit, "loss") == [1, 2, 3] and (dit / "latest").read_text().strip() == "step-0000003"
-    torchrun("sample.py", "--dit", dit / "dit", "--num-samples", "3", "--batch-size", "2", "--steps", "2",
+    torchrun("sample.py", "--dit", dit / "dit", "--num-samples", "3", "--batch-size", "2", "--sampling-steps", "2",
              "--cfg-scale", "1.5", "--out", tmp_path / "samples", "--cache-dir", cache)
     assert np.load(tmp_path / "samples" / "samples_3x32x32x3.npz")["arr_0"].shape == (3, 32, 32, 3)
     assert not (tmp_path / "samples" / ".parts").exists()

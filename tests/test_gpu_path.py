@@ -145,7 +145,7 @@ def test_bf16_autocast_runs_both_stages_and_sampling(tmp_path, text_cache, monke
                     *common])
         assert seen == {"Linear": {torch.bfloat16}}, seen  # the latent cache's tokenizer pass and the DiT
         seen.clear()
-        npz = sample.main(["--dit", str(dit / "dit"), "--num-samples", "2", "--batch-size", "2", "--steps", "2",
+        npz = sample.main(["--dit", str(dit / "dit"), "--num-samples", "2", "--batch-size", "2", "--sampling-steps", "2",
                            "--cfg-scale", "2", "--out", str(tmp_path / "samples"), "--precision", "bf16",
                            "--no-compile"])
         assert seen == {"Linear": {torch.bfloat16}}, seen

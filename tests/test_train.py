@@ -331,11 +331,11 @@ def test_sample_refuses_bad_values_and_missing_class_captions(tmp_path, monkeypa
     from types import SimpleNamespace
 
     import sample
-    args = SimpleNamespace(num_samples=4, batch_size=2, steps=0, cfg_scale=None, cfg_power=None, seed=0,
+    args = SimpleNamespace(num_samples=4, batch_size=2, sampling_steps=0, cfg_scale=None, cfg_power=None, seed=0,
                            out=str(tmp_path / "samples"))
-    with pytest.raises(InputError, match="--steps: DDIM needs 1 to 1000 steps, got 0"):
+    with pytest.raises(InputError, match="--sampling-steps: DDIM needs 1 to 1000 steps, got 0"):
         sample.check_args(args, 1000)
-    args.steps, args.cfg_power = None, 0.0
+    args.sampling_steps, args.cfg_power = None, 0.0
     with pytest.raises(InputError, match=r"--cfg-power: must be > 0, got 0.0"):
         sample.check_args(args, 1000)
     (tmp_path / "class_captions.jsonl").write_text('{"label": 0, "caption": "a dog"}\n')
