@@ -71,9 +71,9 @@ def test_a_text_store_row_that_is_not_finite_is_one_line_when_read(tmp_path):
     emb, _ = cached_text_embeddings(OFFLINE_TEXT_ENCODER, 8, captions, tmp_path / "text", batch_size=2)
     NpyRows(emb.path, writable=True).write(1, np.full((1, 8, 384), np.nan))
     data = Conditioned(None, captions, [0, 0, 0], OFFLINE_TEXT_ENCODER, 8, tmp_path)
-    assert data.cond(0).text.isfinite().all()
+    assert data.condition(0).text.isfinite().all()
     raises_one_line(rf"^{emb.path}: row 1 holds non-finite values; delete {emb.path.parent} to recompute it$",
-                    data.cond, 1)
+                    data.condition, 1)
 
 
 def test_a_file_that_is_not_npy_is_one_line_and_nothing_ignored(tmp_path):
