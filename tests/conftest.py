@@ -1,6 +1,9 @@
 """Shared fixtures: tiny configs and a cached batch of embedded images with real MiniLM text embeddings."""
+import json
+
 import pytest
 import torch
+from PIL import Image
 
 from conditions import Conditioned, collate
 from config import OFFLINE_TEXT_ENCODER, TexTokConfig
@@ -28,3 +31,13 @@ def batch(text_cache):
     (32 tokens), as {"image", "index", "cond"}."""
     ds = Conditioned.for_model(ShapesDataset("train", 32, 8), tiny_config(), text_cache)
     return collate([ds[i] for i in range(8)])
+
+
+def train_and_val_folders(root) -> None:
+    """ROOT/train (10 images) and ROOT/val (2 images): tiny 8 px captioned --data and --val folders."""
+    for name, n in (("train", 10), ("val", 2)):
+        (root / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(root / name / f"{i}.png")
+        (root / name / "captions.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"})
+                                                            + "\n" for i in range(n)))

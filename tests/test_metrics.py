@@ -517,18 +517,11 @@ def test_a_tokenizer_trained_on_a_whole_folder_is_scored_on_it(tmp_path, monkeyp
     """A tokenizer trained with --val (the imagenet presets: all of --data trained on) is scored on the
     whole --data folder, the caption list training encoded: its text store is read, no second one is built; the
     images scored are spread over the folder (§4.2's 50K of ImageNet train, which is sorted by class)."""
-    import json
-
-    from PIL import Image
+    from conftest import train_and_val_folders
 
     import train
     without_packaged_inception(monkeypatch, tmp_path / "torch_home")
-    for name, n in (("train", 10), ("val", 2)):
-        (tmp_path / name).mkdir()
-        for i in range(n):
-            Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(tmp_path / name / f"{i}.png")
-        (tmp_path / name / "captions.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"})
-                                                                 + "\n" for i in range(n)))
+    train_and_val_folders(tmp_path)
     cache = tmp_path / "cache"
     train.main(["--stage", "tokenizer", "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
                 "--out", str(tmp_path / "run"), "--cache-dir", str(cache), "--batch-size", "2", "--workers", "0",

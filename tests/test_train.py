@@ -474,14 +474,8 @@ def test_imagenet_presets_train_on_the_whole_data_folder(tmp_path):
     """The imagenet presets train on all of --data (ImageNet train, §4.2) and validate on --val: --data
     without --val is refused in one line before anything is read or written, in both stages; with --val the training
     set is every line of --data and validation is --val."""
-    from PIL import Image
-    from conftest import tiny_config
-    for name, n in (("train", 10), ("val", 2)):
-        (tmp_path / name).mkdir()
-        for i in range(n):
-            Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(tmp_path / name / f"{i}.png")
-        (tmp_path / name / "captions.jsonl").write_text("".join(json.dumps({"image": f"{i}.png", "caption": f"c{i}"})
-                                                                 + "\n" for i in range(n)))
+    from conftest import tiny_config, train_and_val_folders
+    train_and_val_folders(tmp_path)
     common = ["--preset", "imagenet256", "--data", str(tmp_path / "train"), "--cache-dir", str(tmp_path / "cache")]
     for stage in ("tokenizer", "dit"):
         with pytest.raises(InputError, match=r"^--preset imagenet256 trains on the whole --data folder .*--val DIR"):
