@@ -144,7 +144,7 @@ def cached_text_embeddings(name: str, max_length: int, captions, cache_dir, batc
     The store is written in a temporary folder, renamed when every rank is done (`rowstore.build_once`); a killed
     build resumes at the batches it had not finished (each batch is a chunk of the build). A store of another shape
     than the encoder gives (C from its config.json) is refused when opened, and a row holding NaN or inf when read
-    (`Conditioned.cond`), each in one line that says to delete the store."""
+    (`Conditioned.condition`), each in one line that says to delete the store."""
     h = hashlib.sha1(f"{name}\n{max_length}".encode())
     for c in captions:  # the sha1 of "\n".join([name, length, *captions]), without building that string
         h.update(b"\n" + c.encode())

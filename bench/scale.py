@@ -24,7 +24,7 @@ but for the data itself (held once). And stage 2's latent read path (--latent-ro
 then its share of the rows through latents.Latents): the growth of the rank's peak RSS against the whole array
 that the old np.load held in every rank. Target: flat in M. Prints markdown tables.
 
-    python bench/scale.py --captions --no-latents --no-step-cost --latent-rows 20000 200000   # latent read memory
+    python bench/scale.py --num-captions --no-latents --no-step-cost --latent-rows 20000 200000   # latent read memory
 """
 import argparse
 import json
