@@ -143,15 +143,20 @@ def tokenizer_argv(args, extra, variant: str, tokens: int, epochs: int, seed: in
     batch_size, num_images, cache_dir); the variants differ only by --no-text (Baseline) or --shuffle-captions
     (TexTok with captions shuffled across images, the control)."""
     data_set = getattr(args, "set", "shapes")
-    name = f"{Path(args.data).name if args.data else data_set}-{variant}-{tokens}-seed{seed}"
     argv = ["--stage", "tokenizer", "--preset", args.preset, "--set", data_set, "--num-tokens", str(tokens),
-            "--out", str(Path(args.out) / "runs" / name), "--max-steps", str(args.train_steps),
+            "--out", str(run_dir(args, variant, tokens, seed)), "--max-steps", str(args.train_steps),
             "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--num-images", str(args.num_images),
             "--seed", str(seed), "--cache-dir", args.cache_dir, "--eval-every", str(max(1, args.train_steps // 12))]
     argv += ["--data", args.data] if args.data else []
     argv += ["--val", args.val] if args.val else []
     argv += {"baseline": ["--no-text"], "textok": [], "shuffled": ["--shuffle-captions"]}[variant]
     return argv + list(extra)
+
+
+def run_dir(args, variant: str, tokens: int, seed: int) -> Path:
+    """The folder of one tokenizer run of a benchmark: OUT/runs/<set or --data folder>-<variant>-<N>-seed<k>."""
+    name = Path(args.data).name if args.data else getattr(args, "set", "shapes")
+    return Path(args.out) / "runs" / f"{name}-{variant}-{tokens}-seed{seed}"
 
 
 def train_run(argv: list, script: str = "train.py") -> float:

@@ -39,7 +39,7 @@ import harness  # noqa: E402
 import metrics  # noqa: E402
 import perceptual  # noqa: E402
 from data import make_datasets  # noqa: E402
-from runtime.errors import run_main  # noqa: E402
+from runtime.errors import InputError, run_main  # noqa: E402
 from runtime.files import atomic_write, save_json  # noqa: E402
 from runtime.images import save_image_grid  # noqa: E402
 
@@ -183,6 +183,8 @@ def train_or_reuse(args, plan: list, argvs: list):
     seconds = [harness.finished(argv, code) for argv in argvs]
     print("not finished, skipped: " + (", ".join(f"{v}-{n}-seed{s}" for (n, s, v), secs in zip(plan, seconds)
                                                  if secs is None) or "none"))
+    if all(secs is None for secs in seconds):
+        raise InputError(f"{Path(args.out) / 'runs'}: no finished run of these settings to evaluate (--no-train)")
     plan, argvs, seconds = zip(*[x for x in zip(plan, argvs, seconds) if x[2] is not None])
     return plan, argvs, seconds
 

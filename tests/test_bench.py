@@ -138,7 +138,7 @@ def test_object_sample_report_scores_class_caption_and_distance(monkeypatch):
     assert report["Object FID"] > 0
 
 
-@pytest.mark.parametrize("bench", ["text_conditioning", "ablations", "generation", "plot_run"])
+@pytest.mark.parametrize("bench", ["text_conditioning", "ablations", "generation", "plot_run", "schedules"])
 def test_a_bench_without_matplotlib_stops_in_one_line_before_its_first_run(bench, monkeypatch, tmp_path):
     """A bench that plots checks for matplotlib first: one InputError, no training run started, no data built."""
     import importlib
@@ -207,3 +207,43 @@ def test_generation_scores_against_the_held_out_real_images(tmp_path, monkeypatc
     darker = score(real // 2, (real[:, 0, 0, 0] // 2 + 1) % 36)  # every sample of another class than asked
     assert darker["gFID"] > 100 and darker["Class accuracy"] == 0.0
     assert score(real, None)["Class accuracy"] is None  # T2I samples have no class to ask for
+
+
+def test_schedules_runs_each_length_in_its_folder_and_pairs_the_differences_by_seed(tmp_path, monkeypatch):
+    """bench/schedules.py: one text_conditioning.py call per length (its --train-steps, OUT/s<steps>), then per N and
+    length the PSNR over seeds, variant − Baseline paired by seed, the gain over the half length (plateau under
+    0.1 dB) and the training l2 of the last 10% of the log rows."""
+    import json
+
+    import schedules
+    psnr = {("baseline", 1024, 0): 20.0, ("baseline", 1024, 1): 20.2, ("textok", 1024, 0): 20.1,
+            ("textok", 1024, 1): 20.5, ("baseline", 2048, 0): 20.05, ("baseline", 2048, 1): 20.25,
+            ("textok", 2048, 0): 21.0, ("textok", 2048, 1): 21.4}
+    calls = []
+
+    def fake_text_conditioning(argv):  # what text_conditioning.main leaves in OUT/s<steps>/glyphs and runs/
+        steps, out = int(argv[argv.index("--train-steps") + 1]), Path(argv[argv.index("--out") + 1])
+        calls.append((steps, out))
+        rows = [{"variant": "thumbnail", "tokens": 4, "seed": None, "psnr": 17.0}]
+        for (variant, length, seed), value in psnr.items():
+            if length == steps:
+                rows.append({"variant": variant, "tokens": 4, "seed": seed, "psnr": value, "seconds": 60.0})
+                log = [{"step": i, "l2": 1.0 if i <= 90 else 0.5 + 0.2 * seed} for i in range(1, 101)]
+                log += [{"step": 100, "val_psnr_uint8": value}]
+                run = out / "runs" / f"glyphs-{variant}-4-seed{seed}"
+                run.mkdir(parents=True)
+                (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        (out / "glyphs").mkdir(parents=True)
+        (out / "glyphs" / "results.json").write_text(json.dumps(rows))
+
+    monkeypatch.setattr(schedules.text_conditioning, "main", fake_text_conditioning)
+    monkeypatch.setattr(harness, "require", lambda *a: None)
+    monkeypatch.setattr(schedules, "figure", lambda path, runs: calls.append((path.name, len(runs))))
+    schedules.main(["--train-steps", "2048", "1024", "--num-tokens", "4", "--seeds", "0", "1", "--out", str(tmp_path)])
+    assert calls == [(1024, tmp_path / "s1024"), (2048, tmp_path / "s2048"), ("schedules_N4.png", 8)]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
+            (tmp_path / "schedules.md").read_text().splitlines() if line.startswith("| 1024") or line.startswith("| 2048")}
+    assert rows["1024"][1:4] == ["20.10 ± 0.10 (2)", "20.30 ± 0.20 (2)", "+0.20 ± 0.10 (2)"]
+    assert rows["2048"][3] == "+1.05 ± 0.10 (2)"  # TexTok − Baseline, seed by seed: +0.95, +1.15
+    assert rows["2048"][5:7] == ["+0.05 ± 0.00 (2) plateau", "+0.90 ± 0.00 (2)"]  # gain over 1024: Baseline, TexTok
+    assert rows["2048"][7] == "0.6000 / 0.6000"  # training l2: the seeds' mean over the last 10 rows (0.5, 0.7)
