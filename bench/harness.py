@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,15 +230,19 @@ def recon_class_accuracy(classifier, images: np.ndarray, labels, batch_size: int
 def evaluate(run_dir: Path, args, device, batch_size: int, lpips_model, inception, reference: dict,
              captions: str = "full", classifier=None):
     """Metrics of one trained tokenizer on the held-out split (shapes set: captions of style `captions`; a
-    --shuffle-captions run is evaluated with the same shuffled captions it trained with), and its uint8
+    --shuffle-captions run is evaluated with the same shuffled captions it trained with), `train_psnr` on as many
+    of its training images (held-out minus training PSNR: what it memorised), and its uint8
     reconstructions for the grids. `reference` keeps the Inception statistics of the originals between calls (rFID);
     `classifier` gives the class accuracy of the reconstructions; a one-object set adds the object region's PSNR."""
     model = TexTok.from_pretrained(run_dir / "tokenizer", map_location=device).eval()
     config = load_json(run_dir / "config.json")
-    val = make_datasets(args.data, args.val, model.cfg.image_size, args.num_images, captions=captions,
-                        family=config.get("set", "shapes"), shuffle_captions=config.get("shuffle_captions", False))[1]
+    train, val = make_datasets(args.data, args.val, model.cfg.image_size, args.num_images, captions=captions,
+                               family=config.get("set", "shapes"),
+                               shuffle_captions=config.get("shuffle_captions", False))
     real, rec, swap = reconstruct(model, Conditioned.for_model(val, model.cfg, args.cache_dir, device), device, batch_size)
+    seen = Subset(Conditioned.for_model(train, model.cfg, args.cache_dir, device), range(min(len(train), len(val))))
     row = {"psnr": metrics.psnr(real, rec), "ssim": metrics.ssim(real, rec), "lpips": None, "rfid": None,
+           "train_psnr": metrics.psnr(*reconstruct(model, seen, device, batch_size)[:2]),
            "object_psnr": region_psnr(real, rec, val.masks) if getattr(val, "masks", None) is not None else None,
            "psnr_swapped": metrics.psnr(real, swap) if swap is not None else None,
            "class_acc": recon_class_accuracy(classifier, rec, val.labels, batch_size)}

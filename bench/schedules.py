@@ -15,7 +15,8 @@ over every finished run a third (--no-train evaluates the finished runs and skip
 Writes in OUT/:
     schedules.md        per N and length: each variant's held-out PSNR (mean ± std over its seeds), TexTok − Baseline
                         and shuffled − Baseline (paired by seed), the gain over the half-length schedule (under 0.1 dB:
-                        plateaued), the training l2 at the end and the train time of each run
+                        plateaued), held-out minus training-image PSNR (memorised?), the training l2 at the end and
+                        the train time of each run
     schedules_N<n>.png  validation PSNR and training l2 against the step (a line per variant and length, first seed),
                         and the two differences against the length
 """
@@ -114,8 +115,9 @@ def markdown(runs: list) -> str:
     for n in sorted({r["tokens"] for r in runs}):
         lengths = sorted({r["length"] for r in runs if r["tokens"] == n})
         head = ["steps"] + [f"{NAMES[v]} PSNR" for v in variants] + ["TexTok − Baseline", "shuffled − Baseline"]
-        head += [f"{NAMES[v]}: gain over half" for v in variants] + ["training l2 (" + " / ".join(
-            NAMES[v] for v in variants) + ")", "train time, s (" + " / ".join(NAMES[v] for v in variants) + ")"]
+        each = " (" + " / ".join(NAMES[v] for v in variants) + ")"
+        head += [f"{NAMES[v]}: gain over half" for v in variants]
+        head += ["held-out − training PSNR" + each, "training l2" + each, "train time, s" + each]
         lines = [f"## N = {n}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for length in lengths:
             cells = [str(length)]
@@ -128,6 +130,9 @@ def markdown(runs: list) -> str:
                 cells.append("–" if not gains else spread(gains) + (" plateau" if np.mean(gains) < PLATEAU_DB else ""))
             mine = {v: [r for r in runs if (r["variant"], r["tokens"], r["length"]) == (v, n, length)]
                     for v in variants}
+            cells.append(" / ".join(f"{np.mean([r['psnr'] - r['train_psnr'] for r in mine[v]]):+.2f}"
+                                    if mine[v] and all(r.get("train_psnr") for r in mine[v]) else "–"
+                                    for v in variants))
             cells.append(" / ".join(f"{np.mean([r['train_l2'] for r in mine[v]]):.4f}" if mine[v] else "–"
                                     for v in variants))
             cells.append(" / ".join(",".join(f"{r['seconds']:.0f}" for r in mine[v]) or "–" for v in variants))
@@ -136,7 +141,9 @@ def markdown(runs: list) -> str:
     return "\n\n".join(parts) + (
         "\n\nPSNR on the held-out images (EMA weights), mean ± std over seeds (their count in brackets); differences "
         "paired by seed. \"gain over half\": final PSNR minus the same variant's at half the steps (same seeds); "
-        f"under {PLATEAU_DB} dB it has plateaued. Training l2: mean of the last 10% of the log rows. Train time: each "
+        f"under {PLATEAU_DB} dB it has plateaued. Held-out − training PSNR: the final tokenizer on as many training "
+        "images as held-out ones (well below 0: memorised). Training l2: mean of the last 10% of the log rows "
+        "(the training weights, not the EMA). Train time: each "
         "run's seconds as text_conditioning.py measured them (runs trained side by side share the CPU).\n")
 
 

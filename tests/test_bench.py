@@ -227,7 +227,8 @@ def test_schedules_runs_each_length_in_its_folder_and_pairs_the_differences_by_s
         rows = [{"variant": "thumbnail", "tokens": 4, "seed": None, "psnr": 17.0}]
         for (variant, length, seed), value in psnr.items():
             if length == steps:
-                rows.append({"variant": variant, "tokens": 4, "seed": seed, "psnr": value, "seconds": 60.0})
+                rows.append({"variant": variant, "tokens": 4, "seed": seed, "psnr": value, "seconds": 60.0,
+                             "train_psnr": value + 0.1 * seed})
                 log = [{"step": i, "l2": 1.0 if i <= 90 else 0.5 + 0.2 * seed} for i in range(1, 101)]
                 log += [{"step": 100, "val_psnr_uint8": value}]
                 run = out / "runs" / f"glyphs-{variant}-4-seed{seed}"
@@ -246,4 +247,28 @@ def test_schedules_runs_each_length_in_its_folder_and_pairs_the_differences_by_s
     assert rows["1024"][1:4] == ["20.10 ± 0.10 (2)", "20.30 ± 0.20 (2)", "+0.20 ± 0.10 (2)"]
     assert rows["2048"][3] == "+1.05 ± 0.10 (2)"  # TexTok − Baseline, seed by seed: +0.95, +1.15
     assert rows["2048"][5:7] == ["+0.05 ± 0.00 (2) plateau", "+0.90 ± 0.00 (2)"]  # gain over 1024: Baseline, TexTok
-    assert rows["2048"][7] == "0.6000 / 0.6000"  # training l2: the seeds' mean over the last 10 rows (0.5, 0.7)
+    assert rows["2048"][7] == "-0.05 / -0.05"  # held-out − training PSNR, mean over the seeds (0, -0.1)
+    assert rows["2048"][8] == "0.6000 / 0.6000"  # training l2: the seeds' mean over the last 10 rows (0.5, 0.7)
+
+
+def test_evaluate_measures_the_training_images_beside_the_held_out_ones(tmp_path):
+    """harness.evaluate's train_psnr: the tokenizer on the first len(held-out) images of the split it trained on."""
+    import argparse
+
+    import metrics
+    from conditions import Conditioned
+    from data import make_datasets
+    from runtime.files import save_json
+    from conftest import tiny_config
+    from textok import TexTok
+    torch.manual_seed(0)
+    model = TexTok(tiny_config(conditioning="none")).eval()
+    model.save_pretrained(tmp_path / "run" / "tokenizer")
+    save_json({"set": "glyphs"}, tmp_path / "run" / "config.json")
+    args = argparse.Namespace(data=None, val=None, num_images=128, cache_dir=str(tmp_path / "cache"))
+    row, real, _, _ = harness.evaluate(tmp_path / "run", args, torch.device("cpu"), 32, None, None, {})
+    train, val = make_datasets(None, None, 32, 128, family="glyphs")
+    seen = torch.utils.data.Subset(Conditioned.for_model(train, model.cfg, args.cache_dir), range(len(val)))
+    expected = metrics.psnr(*harness.reconstruct(model, seen, torch.device("cpu"), 32)[:2])
+    assert len(real) == len(val) == 64 and row["train_psnr"] == pytest.approx(expected)
+    assert abs(row["train_psnr"] - row["psnr"]) > 1e-3  # other images than the held-out ones
