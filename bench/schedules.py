@@ -5,7 +5,8 @@ schedule gains under 0.1 dB of final held-out PSNR.
 Each length is one text_conditioning.py invocation in OUT/s<steps>/ (its runs cached there, its own results.md); every
 other flag goes to text_conditioning.py unchanged (and from there to train.py: `--patch-size 4` trains every run at
 patch 4). Seeds and variants apply to every length, so three seeds at one length are a second command, and the report
-over every finished run a third (--no-train evaluates the finished runs and skips the rest):
+over every finished run a third (--no-train evaluates the finished runs and skips the rest; --report-only reads the
+results.json each length's last evaluation wrote):
 
     python bench/schedules.py --num-tokens 4 16 --train-steps 2048 4096 8192 16384 --num-images 16384
     python bench/schedules.py --num-tokens 4 --train-steps 8192 --num-images 16384 --seeds 0 1 2 --variants baseline textok
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, nargs="+", default=[2048, 4096, 8192],
                    help="schedule lengths, each run's cosine schedule ending there")
     p.add_argument("--out", default="runs/bench/schedules")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: report each length's results.json as text_conditioning.py last "
+                        "wrote it")
     args, rest = p.parse_known_args(argv)
     if min(args.train_steps) < 1:
         p.error("--train-steps must be positive")
@@ -54,7 +58,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args, rest = parse_args(argv)
     harness.require("matplotlib", "bench/schedules.py plots its curves with it")  # before the first run
-    for steps in args.train_steps:
+    for steps in [] if args.report_only else args.train_steps:
         print(f"=== {steps} steps")
         text_conditioning.main([*rest, "--train-steps", str(steps), "--out", str(Path(args.out) / f"s{steps}")])
     tc_args, _ = text_conditioning.parse_args(rest)

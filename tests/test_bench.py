@@ -249,6 +249,9 @@ def test_schedules_runs_each_length_in_its_folder_and_pairs_the_differences_by_s
     assert rows["2048"][5:7] == ["+0.05 ± 0.00 (2) plateau", "+0.90 ± 0.00 (2)"]  # gain over 1024: Baseline, TexTok
     assert rows["2048"][7] == "-0.05 / -0.05"  # held-out − training PSNR, mean over the seeds (0, -0.1)
     assert rows["2048"][8] == "0.6000 / 0.6000"  # training l2: the seeds' mean over the last 10 rows (0.5, 0.7)
+    calls.clear()
+    schedules.main(["--train-steps", "1024", "2048", "--out", str(tmp_path), "--report-only"])
+    assert calls == [("schedules_N4.png", 8)]  # no text_conditioning.py call: the results.json already there
 
 
 def test_evaluate_measures_the_training_images_beside_the_held_out_ones(tmp_path):
