@@ -51,6 +51,29 @@ def test_cuda_process_group_serves_the_host_tensors_of_a_log_row(tmp_path, monke
             dist.destroy_process_group()
 
 
+def test_grads_outside_ddp_are_averaged_in_one_collective(monkeypatch):
+    """all_reduce_grads (the discriminator's): one all-reduce over the concatenated gradients, not one per parameter,
+    each gradient then the mean over the ranks in its own shape; parameters without a gradient are left alone."""
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Conv2d(4, 2, 3), torch.nn.Linear(2, 2))
+    for p in module[:2].parameters():
+        p.grad = torch.randn_like(p)
+    mine = [p.grad.clone() for p in module[:2].parameters()]
+    other = [torch.randn_like(g) for g in mine]  # the other rank's gradients
+    sizes = []
+
+    def all_reduce(t):  # the sum over two ranks
+        sizes.append(t.numel())
+        t += torch.cat([g.reshape(-1) for g in other])
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    distributed.all_reduce_grads(module, 2)
+    assert sizes == [sum(g.numel() for g in mine)]
+    for p, a, b in zip(module[:2].parameters(), mine, other):
+        torch.testing.assert_close(p.grad, (a + b) / 2)
+    assert all(p.grad is None for p in module[2].parameters())
+
+
 def torchrun(script: str, *args) -> str:
     """`torchrun --nproc_per_node 2 script args` (gloo ranks on the CPU, one thread each); its output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
