@@ -41,21 +41,28 @@ def atomic_write(path, write) -> Path:
 def open_own(path, flags: int, mode: int = 0o666) -> int:
     """os.open of a file the project writes in place (a lock, an appended log, a row store's .npy), never through a
     symbolic link (O_NOFOLLOW) and only a regular file (a FIFO neither blocks nor is used): a link, folder or other
-    kind of file at `path` is an InputError naming it. Returns the descriptor. The other files are written beside and
-    renamed over (atomic_write), which replaces a link and never writes to its target."""
+    kind of file at `path` is an InputError naming it; so is, when opened for writing, a file with another name
+    (a hard link: O_NOFOLLOW does not see it), checked before O_TRUNC empties it. Returns the descriptor. The other
+    files are written beside and renamed over (atomic_write), which replaces a link and never writes to its target."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+        fd = os.open(path, (flags & ~os.O_TRUNC) | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     except OSError as e:
         if e.errno == errno.ELOOP:
             refuse_link(path)
         if e.errno == errno.EISDIR:
             raise InputError(f"{path}: a folder where this project keeps its own file; remove it") from None
         raise
-    kind = os.fstat(fd).st_mode
-    if not stat.S_ISREG(kind):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        what = "a folder" if stat.S_ISDIR(kind) else "a FIFO, socket or device"
+        what = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, socket or device"
         raise InputError(f"{path}: {what} where this project keeps its own file; remove it")
+    if flags & (os.O_WRONLY | os.O_RDWR) and info.st_nlink > 1:
+        os.close(fd)
+        raise InputError(f"{path}: a hard link (the file has {info.st_nlink} names) where this project keeps its own "
+                         "file; it never writes through a link: remove the link")
+    if flags & os.O_TRUNC:
+        os.ftruncate(fd, 0)
     os.set_blocking(fd, True)
     return fd
 

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 
 from runtime.checkpoint import save_checkpoint
 from runtime.errors import InputError
-from runtime.files import atomic_write, lock_folder
+from runtime.files import atomic_write, lock_folder, open_own
 from runtime.images import save_image_grid
 from runtime.run import Run
 
@@ -95,6 +95,25 @@ def test_a_lock_that_is_a_symlink_is_one_line_and_its_target_untouched(tmp_path,
                                                    "keeps its own file")):
         lock_folder(tmp_path / "o")
     assert (not target.exists()) if dangling else target.read_bytes() == SECRET
+
+
+def test_a_lock_or_log_that_is_a_hard_link_is_one_line_and_the_other_name_untouched(tmp_path):
+    """A hard link is no symbolic link (O_NOFOLLOW opens it): OUT/.lock or OUT/log.jsonl another name of a user's
+    file is refused before a byte is written (the lock is truncated to the pid, the log appended to); reading one is
+    harmless and allowed."""
+    (tmp_path / "o").mkdir()
+    target = tmp_path / "notes.txt"
+    target.write_bytes(SECRET)
+    os.link(target, tmp_path / "o" / ".lock")
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'o' / '.lock'}: a hard link (the file has 2 names)")):
+        lock_folder(tmp_path / "o")
+    os.link(target, tmp_path / "o" / "log.jsonl")
+    with pytest.raises(InputError, match="log.jsonl: a hard link"):
+        open_own(tmp_path / "o" / "log.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)  # Run.write_log's open
+    assert target.read_bytes() == SECRET
+    fd = open_own(tmp_path / "o" / "log.jsonl", os.O_RDONLY)
+    assert os.read(fd, 100) == SECRET
+    os.close(fd)
 
 
 def run_in(out, **flags) -> Run:
