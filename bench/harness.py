@@ -240,7 +240,8 @@ def evaluate(run_dir: Path, args, device, batch_size: int, lpips_model, inceptio
                                family=config.get("set", "shapes"),
                                shuffle_captions=config.get("shuffle_captions", False))
     real, rec, swap = reconstruct(model, Conditioned.for_model(val, model.cfg, args.cache_dir, device), device, batch_size)
-    seen = Subset(Conditioned.for_model(train, model.cfg, args.cache_dir, device), range(min(len(train), len(val))))
+    seen = Subset(Conditioned.for_model(train, model.cfg, args.cache_dir, device),
+                  range(min(len(train), len(val))))  # as many training images as held-out ones
     row = {"psnr": metrics.psnr(real, rec), "ssim": metrics.ssim(real, rec), "lpips": None, "rfid": None,
            "train_psnr": metrics.psnr(*reconstruct(model, seen, device, batch_size)[:2]),
            "object_psnr": region_psnr(real, rec, val.masks) if getattr(val, "masks", None) is not None else None,

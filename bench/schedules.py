@@ -9,15 +9,16 @@ over every finished run a third (--no-train evaluates the finished runs and skip
 results.json each length's last evaluation wrote):
 
     python bench/schedules.py --num-tokens 4 16 --train-steps 2048 4096 8192 16384 --num-images 16384
-    python bench/schedules.py --num-tokens 4 --train-steps 8192 --num-images 16384 --seeds 0 1 2 --variants baseline textok
+    python bench/schedules.py --num-tokens 4 --train-steps 8192 --num-images 16384 --seeds 0 1 2 \\
+        --variants baseline textok
     python bench/schedules.py --num-tokens 4 16 --train-steps 2048 4096 8192 16384 --num-images 16384 --seeds 0 1 2 \\
         --no-train
 
 Writes in OUT/:
-    schedules.md        per N and length: each variant's held-out PSNR (mean ± std over its seeds), TexTok − Baseline
-                        and shuffled − Baseline (paired by seed), the gain over the half-length schedule (under 0.1 dB:
-                        plateaued), held-out minus training-image PSNR (memorised?), the training l2 at the end and
-                        the train time of each run
+    schedules.md        per N and length: each variant's held-out PSNR (mean ± std over its seeds), TexTok −
+                        Baseline and shuffled − Baseline (paired by seed), the gain over the half-length schedule
+                        (under 0.1 dB: plateaued), held-out minus training-image PSNR (memorised?), the training l2 at
+                        the end and the train time of each run
     schedules_N<n>.png  validation PSNR and training l2 against the step (a line per variant and length, first seed),
                         and the two differences against the length
 """
@@ -131,7 +132,8 @@ def markdown(runs: list) -> str:
             for v in variants:  # the plateau: final PSNR gained by doubling the schedule (seeds both lengths have)
                 now, half = psnr_of(runs, v, n, length), psnr_of(runs, v, n, length // 2)
                 gains = [now[s] - half[s] for s in now if s in half]
-                cells.append("–" if not gains else spread(gains) + (" plateau" if np.mean(gains) < PLATEAU_DB else ""))
+                plateau = " plateau" if gains and np.mean(gains) < PLATEAU_DB else ""
+                cells.append(spread(gains) + plateau)
             mine = {v: [r for r in runs if (r["variant"], r["tokens"], r["length"]) == (v, n, length)]
                     for v in variants}
             cells.append(" / ".join(f"{np.mean([r['psnr'] - r['train_psnr'] for r in mine[v]]):+.2f}"
@@ -164,7 +166,7 @@ def figure(path: Path, runs: list) -> None:
     for r in sorted(runs, key=lambda r: r["seed"]):
         first.setdefault((r["variant"], r["length"]), r)
     for (v, length), r in sorted(first.items()):
-        style = dict(ls=styles[length], color=harness.COLOURS[v], label=f"{NAMES[v]}, {length} steps")
+        style = {"ls": styles[length], "color": harness.COLOURS[v], "label": f"{NAMES[v]}, {length} steps"}
         ax[0].plot(*r["val"], **style)
         steps, l2 = r["l2"]
         k = max(1, min(20, len(l2) // 5))  # a running mean over k log rows

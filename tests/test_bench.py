@@ -243,7 +243,7 @@ def test_schedules_runs_each_length_in_its_folder_and_pairs_the_differences_by_s
     schedules.main(["--train-steps", "2048", "1024", "--num-tokens", "4", "--seeds", "0", "1", "--out", str(tmp_path)])
     assert calls == [(1024, tmp_path / "s1024"), (2048, tmp_path / "s2048"), ("schedules_N4.png", 8)]
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
-            (tmp_path / "schedules.md").read_text().splitlines() if line.startswith("| 1024") or line.startswith("| 2048")}
+            (tmp_path / "schedules.md").read_text().splitlines() if line.startswith(("| 1024", "| 2048"))}
     assert rows["1024"][1:4] == ["20.10 ± 0.10 (2)", "20.30 ± 0.20 (2)", "+0.20 ± 0.10 (2)"]
     assert rows["2048"][3] == "+1.05 ± 0.10 (2)"  # TexTok − Baseline, seed by seed: +0.95, +1.15
     assert rows["2048"][5:7] == ["+0.05 ± 0.00 (2) plateau", "+0.90 ± 0.00 (2)"]  # gain over 1024: Baseline, TexTok
