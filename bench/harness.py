@@ -175,22 +175,22 @@ def load_optional(loader, what: str):
 
 
 @torch.no_grad()
-def reconstruct(model: TexTok, dataset, device, batch_size: int):
+def reconstruct(model: TexTok, dataset, device, batch_size: int, swap: bool = True):
     """(originals, reconstructions, caption-swapped reconstructions or None), uint8 [M, H, W, 3], EMA weights.
 
-    The swap decodes each image's tokens (encoded with its own caption) with the caption of the next image in the
+    The swap (skipped with swap=False) decodes each image's tokens (encoded with its own caption) with the caption of the next image in the
     batch (the last takes the first's): how far the result moves shows what the text carries and what the tokens
     carry."""
-    real, rec, swap = [], [], []
-    text = model.cfg.conditioning == "text"
+    real, rec, swapped = [], [], []
+    text = swap and model.cfg.conditioning == "text"
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=collate):
         x, cond = batch["image"].to(device), batch["cond"].to(device)
         Z = model.encode(x, cond)
         real.append(to_uint8(x))
         rec.append(to_uint8(model.decode(Z, cond)))
         if text:
-            swap.append(to_uint8(model.decode(Z, type(cond)(*(v.roll(-1, 0) for v in cond)))))
-    return np.concatenate(real), np.concatenate(rec), np.concatenate(swap) if text else None
+            swapped.append(to_uint8(model.decode(Z, type(cond)(*(v.roll(-1, 0) for v in cond)))))
+    return np.concatenate(real), np.concatenate(rec), np.concatenate(swapped) if text else None
 
 
 def region_psnr(real: np.ndarray, rec: np.ndarray, masks: np.ndarray, threshold: float = 0.5) -> float:
@@ -243,7 +243,7 @@ def evaluate(run_dir: Path, args, device, batch_size: int, lpips_model, inceptio
     seen = Subset(Conditioned.for_model(train, model.cfg, args.cache_dir, device),
                   range(min(len(train), len(val))))  # as many training images as held-out ones
     row = {"psnr": metrics.psnr(real, rec), "ssim": metrics.ssim(real, rec), "lpips": None, "rfid": None,
-           "train_psnr": metrics.psnr(*reconstruct(model, seen, device, batch_size)[:2]),
+           "train_psnr": metrics.psnr(*reconstruct(model, seen, device, batch_size, swap=False)[:2]),
            "object_psnr": region_psnr(real, rec, val.masks) if getattr(val, "masks", None) is not None else None,
            "psnr_swapped": metrics.psnr(real, swap) if swap is not None else None,
            "class_acc": recon_class_accuracy(classifier, rec, val.labels, batch_size)}

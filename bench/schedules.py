@@ -94,9 +94,14 @@ def read_runs(out: Path, lengths: list, tc_args) -> list:
     return runs
 
 
+def runs_of(runs: list, variant: str, n: int, length: int) -> list:
+    """The runs (one per seed) of one variant at N tokens and one length."""
+    return [r for r in runs if (r["variant"], r["tokens"], r["length"]) == (variant, n, length)]
+
+
 def psnr_of(runs: list, variant: str, n: int, length: int) -> dict:
     """{seed: final held-out PSNR} of one variant at N tokens and one length."""
-    return {r["seed"]: r["psnr"] for r in runs if (r["variant"], r["tokens"], r["length"]) == (variant, n, length)}
+    return {r["seed"]: r["psnr"] for r in runs_of(runs, variant, n, length)}
 
 
 def spread(values: list, sign: str = "+") -> str:
@@ -134,8 +139,7 @@ def markdown(runs: list) -> str:
                 gains = [now[s] - half[s] for s in now if s in half]
                 plateau = " plateau" if gains and np.mean(gains) < PLATEAU_DB else ""
                 cells.append(spread(gains) + plateau)
-            mine = {v: [r for r in runs if (r["variant"], r["tokens"], r["length"]) == (v, n, length)]
-                    for v in variants}
+            mine = {v: runs_of(runs, v, n, length) for v in variants}
             cells.append(" / ".join(f"{np.mean([r['psnr'] - r['train_psnr'] for r in mine[v]]):+.2f}"
                                     if mine[v] and all(r.get("train_psnr") for r in mine[v]) else "–"
                                     for v in variants))

@@ -58,8 +58,6 @@ def all_reduce_grads(module: torch.nn.Module, world: int) -> None:
     backward) in one collective over their concatenation, not one per parameter (the discriminator has ~100)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if world > 1 and grads:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world
+        flat = global_mean(torch.cat([g.reshape(-1) for g in grads]), world)
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
